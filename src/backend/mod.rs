@@ -1,0 +1,378 @@
+//! The `Backend` contract: the few fused operations one Mamba step needs, and
+//! nothing else. Not a tensor library.
+//!
+//! A backend owns device memory (`Vec` of f32 activations or states, `Ids` of
+//! u32 indices, `Mat` of weights in their stored dtype) and runs the ops on
+//! it. Every op that touches recurrent state takes the state pool buffer, the
+//! layer index and the slot index of each sequence, so states are read and
+//! written in place; no op gathers states into a temporary batch.
+//!
+//! This module knows no Mamba checkpoint and no request: the model layer
+//! (`crate::model`) composes these ops into a forward pass, and the engine
+//! never sees them. Every op has a CPU implementation (`cpu/`), which is the
+//! oracle for the CUDA one (`cuda/`).
+
+pub mod cpu;
+
+
+use std::fmt;
+
+/// Element type of a checkpoint tensor as stored on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+/// A 2-D weight matrix borrowed from a checkpoint, row-major `[rows, cols]`,
+/// little-endian bytes in its stored dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct HostMatrix<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: &'a [u8],
+}
+
+/// The pointwise nonlinearity named by a checkpoint's `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    Relu,
+    /// GELU with the exact erf form.
+    Gelu,
+    /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Identity,
+}
+
+impl Activation {
+    /// Parses a Hugging Face `hidden_act` name.
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "silu" | "swish" => Activation::Silu,
+            "relu" => Activation::Relu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "linear" | "identity" => Activation::Identity,
+            _ => return None,
+        })
+    }
+
+    /// The code the CUDA kernels switch on.
+    pub fn code(self) -> u32 {
+        match self {
+            Activation::Identity => 0,
+            Activation::Silu => 1,
+            Activation::Relu => 2,
+            Activation::Gelu => 3,
+            Activation::GeluTanh => 4,
+        }
+    }
+}
+
+/// A strided row-major view `[rows, cols]` into a buffer: element `(r, c)`
+/// lives at `offset + r * stride + c`.
+pub struct View<'a, T> {
+    pub buf: &'a T,
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+}
+
+impl<T> Clone for View<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for View<'_, T> {}
+
+impl<'a, T> View<'a, T> {
+    /// The whole buffer seen as a dense `[rows, cols]` matrix.
+    pub fn dense(buf: &'a T, rows: usize, cols: usize) -> Self {
+        View { buf, offset: 0, rows, cols, stride: cols }
+    }
+
+    /// Columns `[start, start + len)` of this view.
+    pub fn columns(self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.cols, "column range {start}+{len} outside {} columns", self.cols);
+        View { offset: self.offset + start, cols: len, ..self }
+    }
+}
+
+/// The mutable counterpart of [`View`].
+pub struct ViewMut<'a, T> {
+    pub buf: &'a mut T,
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+}
+
+impl<'a, T> ViewMut<'a, T> {
+    pub fn dense(buf: &'a mut T, rows: usize, cols: usize) -> Self {
+        ViewMut { buf, offset: 0, rows, cols, stride: cols }
+    }
+
+    pub fn columns(self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.cols, "column range {start}+{len} outside {} columns", self.cols);
+        ViewMut { offset: self.offset + start, cols: len, ..self }
+    }
+}
+
+/// A packed batch of token segments, one per sequence, as the device sees it.
+///
+/// Tokens of all sequences are concatenated (`n_tokens` rows in every
+/// activation); sequence `s` owns rows `cu_seqlens[s] .. cu_seqlens[s + 1]`
+/// and state slot `slots[s]`. A decode step is the case where every segment
+/// has length one. `prompt[s]` is 1 when the segment holds prompt tokens and 0
+/// when it holds a generated token fed back (the reference applies
+/// Mamba-2's `time_step_limit` to the former only).
+pub struct Packed<'a, B: Backend + ?Sized> {
+    pub n_tokens: usize,
+    pub n_seqs: usize,
+    /// `[n_seqs + 1]` row offsets.
+    pub cu_seqlens: &'a B::Ids,
+    /// `[n_seqs]` state-slot indices, all distinct.
+    pub slots: &'a B::Ids,
+    /// `[n_seqs]` 1 for prompt segments, 0 for generated-token segments.
+    pub prompt: &'a B::Ids,
+    /// True when every segment has exactly one token.
+    pub single_token: bool,
+}
+
+/// Shape of the per-slot, per-layer recurrent state in a pool buffer.
+///
+/// Pools are slot-major: the state of slot `s`, layer `l` starts at
+/// `(s * n_layers + l) * per_layer` elements, so one slot's whole state is
+/// one contiguous block (cheap to snapshot, copy or export).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLayout {
+    pub n_slots: usize,
+    pub n_layers: usize,
+    /// Elements per (slot, layer).
+    pub per_layer: usize,
+}
+
+impl PoolLayout {
+    pub fn per_slot(&self) -> usize {
+        self.n_layers * self.per_layer
+    }
+    pub fn len(&self) -> usize {
+        self.n_slots * self.per_slot()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn offset(&self, slot: usize, layer: usize) -> usize {
+        (slot * self.n_layers + layer) * self.per_layer
+    }
+}
+
+/// Arguments of the causal depthwise conv1d over a packed batch.
+///
+/// `x` is `[n_tokens, channels]`; the conv state of each (slot, layer) holds
+/// the previous `k - 1` inputs per channel as `[channels, k - 1]` (oldest
+/// first). Output row t is `act(bias + sum_j w[c, j] * x_{t - k + 1 + j})`
+/// where inputs before the segment come from the state; afterwards the state
+/// holds the last `k - 1` inputs.
+pub struct ConvArgs<'a, B: Backend + ?Sized> {
+    pub x: View<'a, B::Vec>,
+    /// `[channels, k]` taps.
+    pub weight: &'a B::Vec,
+    /// `[channels]`, when the checkpoint has a conv bias.
+    pub bias: Option<&'a B::Vec>,
+    pub kernel: usize,
+    pub activation: Activation,
+    pub state: &'a mut B::Vec,
+    pub layout: PoolLayout,
+    pub layer: usize,
+}
+
+/// Arguments of the Mamba-1 selective scan over a packed batch.
+///
+/// For each token t and channel d (state size n):
+/// `dt = softplus(dt_in[t, d] + dt_bias[d])`,
+/// `h[d, :] = exp(dt * a[d, :]) * h[d, :] + dt * b[t, :] * x[t, d]`,
+/// `y[t, d] = (sum_n h[d, n] * c[t, n] + skip[d] * x[t, d]) * silu(z[t, d])`.
+/// The state `h` of each (slot, layer) is `[channels, n]`, read at the start
+/// and written back at the end of each segment.
+pub struct Mamba1ScanArgs<'a, B: Backend + ?Sized> {
+    pub x: View<'a, B::Vec>,
+    /// Time steps before bias and softplus, `[n_tokens, channels]`.
+    pub dt: View<'a, B::Vec>,
+    pub dt_bias: &'a B::Vec,
+    /// `a = -exp(A_log)`, `[channels, n]`.
+    pub a: &'a B::Vec,
+    pub b: View<'a, B::Vec>,
+    pub c: View<'a, B::Vec>,
+    /// The `D` skip weights, `[channels]`.
+    pub skip: &'a B::Vec,
+    pub z: View<'a, B::Vec>,
+    pub state: &'a mut B::Vec,
+    pub layout: PoolLayout,
+    pub layer: usize,
+    pub d_state: usize,
+}
+
+/// Arguments of the Mamba-2 (SSD) scan over a packed batch.
+///
+/// Heads `h` of `head_dim` channels share the scalar `a[h]`, `dt_bias[h]`
+/// and `skip[h]`; head h reads B and C of group `h / (n_heads / n_groups)`.
+/// `dt = softplus(dt_in[t, h] + dt_bias[h])`, clamped to `dt_limit` for
+/// prompt segments; `h[p, :] = exp(dt * a) * h[p, :] + dt * b[t, g, :] * x`;
+/// `y[t, h, p] = sum_n h[p, n] * c[t, g, n] + skip[h] * x[t, h, p]`.
+/// The state of each (slot, layer) is `[n_heads, head_dim, n]`.
+pub struct Mamba2ScanArgs<'a, B: Backend + ?Sized> {
+    pub x: View<'a, B::Vec>,
+    pub dt: View<'a, B::Vec>,
+    pub dt_bias: &'a B::Vec,
+    pub a: &'a B::Vec,
+    pub b: View<'a, B::Vec>,
+    pub c: View<'a, B::Vec>,
+    pub skip: &'a B::Vec,
+    pub dt_limit: (f32, f32),
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub n_groups: usize,
+    pub d_state: usize,
+    pub state: &'a mut B::Vec,
+    pub layout: PoolLayout,
+    pub layer: usize,
+}
+
+/// Errors a backend reports. Messages name the op and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("unsupported weight dtype {dtype} for {name}")]
+    UnsupportedDType { name: String, dtype: DType },
+    #[error("device error in {op}: {detail}")]
+    Device { op: &'static str, detail: String },
+    #[error("kernel {kernel} failed to compile:\n{log}")]
+    KernelCompile { kernel: String, log: String },
+    #[error("out of device memory allocating {bytes} bytes for {what}")]
+    OutOfMemory { what: &'static str, bytes: usize },
+    #[error("backend {0} is not available: {1}")]
+    Unavailable(&'static str, String),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// The operations a Mamba forward pass needs. All activations are f32
+/// row-major; all weights are uploaded once.
+pub trait Backend: Send + 'static {
+    /// A device buffer of f32.
+    type Vec: Send;
+    /// A device buffer of u32 (token ids, offsets, slot indices).
+    type Ids: Send;
+    /// A weight matrix `[rows, cols]` on the device, in the dtype the
+    /// backend's GEMM wants (the CUDA backend keeps the stored dtype).
+    type Mat: Send;
+
+    /// One line for logs: which device, which precision.
+    fn describe(&self) -> String;
+
+    fn alloc(&self, len: usize) -> Result<Self::Vec>;
+    fn alloc_ids(&self, len: usize) -> Result<Self::Ids>;
+    fn upload(&self, data: &[f32]) -> Result<Self::Vec>;
+    fn upload_matrix(&self, m: &HostMatrix<'_>) -> Result<Self::Mat>;
+    fn write_ids(&self, dst: &mut Self::Ids, src: &[u32]) -> Result<()>;
+    fn write(&self, dst: &mut Self::Vec, offset: usize, src: &[f32]) -> Result<()>;
+    fn read(&self, src: &Self::Vec, offset: usize, len: usize) -> Result<Vec<f32>>;
+    /// Sets `dst[offset .. offset + len]` to `value`.
+    fn fill(&self, dst: &mut Self::Vec, offset: usize, len: usize, value: f32) -> Result<()>;
+    /// Copies `len` elements within one buffer (non-overlapping ranges).
+    fn copy_within(&self, buf: &mut Self::Vec, src: usize, dst: usize, len: usize) -> Result<()>;
+    /// Waits for all queued work; reports any asynchronous device error.
+    fn synchronize(&self) -> Result<()>;
+
+    /// `out[t, :] = f32(table[ids[t], :])` for t < n.
+    fn embed(&self, table: &Self::Mat, ids: &Self::Ids, n: usize, out: &mut Self::Vec) -> Result<()>;
+
+    /// Fused residual add and RMSNorm over `rows` rows of width `dim`:
+    /// `residual += delta` (when given), then
+    /// `out = residual / sqrt(mean(residual^2) + eps) * weight`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm(
+        &self,
+        residual: &mut Self::Vec,
+        delta: Option<&Self::Vec>,
+        weight: &Self::Vec,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut Self::Vec,
+    ) -> Result<()>;
+
+    /// `out = x · wᵀ (+ bias)`, x `[m, k]`, w `[n, k]`, out `[m, n]`;
+    /// fp32 accumulation.
+    fn linear(
+        &self,
+        x: View<'_, Self::Vec>,
+        w: &Self::Mat,
+        bias: Option<&Self::Vec>,
+        out: ViewMut<'_, Self::Vec>,
+    ) -> Result<()>;
+
+    /// Causal depthwise conv1d over a packed batch; see [`ConvArgs`].
+    fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
+
+    /// In-place weightless RMSNorm of column groups `[start, start + len)`
+    /// of each row (Falcon-Mamba's norms of dt, B and C).
+    fn rms_norm_columns(&self, x: ViewMut<'_, Self::Vec>, groups: &[(usize, usize)], eps: f32) -> Result<()>;
+
+    /// Mamba-1 selective scan; see [`Mamba1ScanArgs`].
+    fn mamba1_scan(
+        &self,
+        args: Mamba1ScanArgs<'_, Self>,
+        batch: &Packed<'_, Self>,
+        out: ViewMut<'_, Self::Vec>,
+    ) -> Result<()>;
+
+    /// Mamba-2 SSD scan; see [`Mamba2ScanArgs`].
+    fn mamba2_scan(
+        &self,
+        args: Mamba2ScanArgs<'_, Self>,
+        batch: &Packed<'_, Self>,
+        out: ViewMut<'_, Self::Vec>,
+    ) -> Result<()>;
+
+    /// Mamba-2 gated RMSNorm: `g = y * silu(z)`, normalised per group of
+    /// `group_size` channels, times `weight`.
+    fn gated_rmsnorm(
+        &self,
+        y: View<'_, Self::Vec>,
+        z: View<'_, Self::Vec>,
+        weight: &Self::Vec,
+        eps: f32,
+        group_size: usize,
+        out: ViewMut<'_, Self::Vec>,
+    ) -> Result<()>;
+
+    /// `out[i, :] = src[rows[i], :]` for i < n.
+    fn gather_rows(&self, src: View<'_, Self::Vec>, rows: &Self::Ids, n: usize, out: ViewMut<'_, Self::Vec>) -> Result<()>;
+}

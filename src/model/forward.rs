@@ -1,0 +1,416 @@
+//! The forward pass over a packed batch, the state pool and the workspace.
+//!
+//! One step takes any mix of sequences: prompt chunks (of any length,
+//! continuing from whatever state the slot holds) and single generated
+//! tokens. Every sequence's tokens are concatenated into one packed batch,
+//! each layer runs once over all of them, and the logits of each sequence's
+//! last token come back. A slot's state is reset by the caller when a new
+//! sequence takes it.
+
+use super::checkpoint::TensorSource;
+use super::config::{Arch, ModelConfig};
+use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
+use super::ModelError;
+use crate::backend::{
+    Backend, ConvArgs, Mamba1ScanArgs, Mamba2ScanArgs, Packed, PoolLayout, View, ViewMut,
+};
+
+/// Sizes fixed at load time: nothing is allocated per step.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelOptions {
+    /// State slots (concurrent sequences) in the pool.
+    pub n_slots: usize,
+    /// Most tokens one step may carry (decode tokens plus prompt chunks).
+    pub max_batch_tokens: usize,
+    /// Most sequences one step may carry.
+    pub max_batch_seqs: usize,
+}
+
+/// One sequence's share of a step: its slot and the tokens to run.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+    /// Prompt tokens (true) or one generated token fed back (false).
+    pub is_prompt: bool,
+}
+
+/// Recurrent states of all slots: conv windows and SSM states, f32.
+struct StatePool<B: Backend> {
+    conv: B::Vec,
+    ssm: B::Vec,
+    conv_layout: PoolLayout,
+    ssm_layout: PoolLayout,
+}
+
+/// Activation buffers for the largest step.
+struct Workspace<B: Backend> {
+    ids: B::Ids,
+    cu: B::Ids,
+    slots: B::Ids,
+    prompt: B::Ids,
+    last_rows: B::Ids,
+    residual: B::Vec,
+    normed: B::Vec,
+    mixed: B::Vec,
+    proj: B::Vec,
+    conv_out: B::Vec,
+    xdbl: B::Vec,
+    dt: B::Vec,
+    y: B::Vec,
+    gated: B::Vec,
+    last: B::Vec,
+    logits: B::Vec,
+}
+
+/// A loaded model on a backend, with its state pool.
+pub struct Model<B: Backend> {
+    backend: B,
+    cfg: ModelConfig,
+    weights: Weights<B>,
+    pool: StatePool<B>,
+    ws: Workspace<B>,
+    opts: ModelOptions,
+}
+
+impl<B: Backend> Model<B> {
+    /// Settles dimensions from the tensors, uploads the weights and
+    /// allocates the state pool and workspace.
+    pub fn load(
+        backend: B,
+        cfg: ModelConfig,
+        src: &dyn TensorSource,
+        opts: ModelOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self, ModelError> {
+        if opts.n_slots == 0 || opts.max_batch_tokens == 0 || opts.max_batch_seqs == 0 {
+            return Err(ModelError::Batch(format!("slots, batch tokens and batch sequences must be positive: {opts:?}")));
+        }
+        let cfg = weights::resolve_dims(cfg, src)?;
+        let weights = weights::upload(&backend, &cfg, src, progress)?;
+        let conv_layout = PoolLayout { n_slots: opts.n_slots, n_layers: cfg.n_layers, per_layer: cfg.conv_state_len() };
+        let ssm_layout = PoolLayout { n_slots: opts.n_slots, n_layers: cfg.n_layers, per_layer: cfg.ssm_state_len() };
+        let pool = StatePool { conv: backend.alloc(conv_layout.len())?, ssm: backend.alloc(ssm_layout.len())?, conv_layout, ssm_layout };
+        let (t, s) = (opts.max_batch_tokens, opts.max_batch_seqs);
+        let d = cfg.hidden_size;
+        let di = cfg.d_inner;
+        let xdbl = match cfg.arch {
+            Arch::Mamba2 => 0,
+            _ => cfg.dt_rank + 2 * cfg.d_state,
+        };
+        let ws = Workspace {
+            ids: backend.alloc_ids(t)?,
+            cu: backend.alloc_ids(s + 1)?,
+            slots: backend.alloc_ids(s)?,
+            prompt: backend.alloc_ids(s)?,
+            last_rows: backend.alloc_ids(s)?,
+            residual: backend.alloc(t * d)?,
+            normed: backend.alloc(t * d)?,
+            mixed: backend.alloc(t * d)?,
+            proj: backend.alloc(t * cfg.in_proj_dim())?,
+            conv_out: backend.alloc(t * cfg.conv_dim())?,
+            xdbl: backend.alloc(t * xdbl)?,
+            dt: backend.alloc(if cfg.arch == Arch::Mamba2 { 0 } else { t * di })?,
+            y: backend.alloc(t * di)?,
+            gated: backend.alloc(if cfg.arch == Arch::Mamba2 { t * di } else { 0 })?,
+            last: backend.alloc(s * d)?,
+            logits: backend.alloc(s * cfg.vocab_size)?,
+        };
+        Ok(Model { backend, cfg, weights, pool, ws, opts })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn options(&self) -> ModelOptions {
+        self.opts
+    }
+
+    /// f32 elements of one slot's state (conv part first, then SSM).
+    pub fn slot_len(&self) -> usize {
+        self.pool.conv_layout.per_slot() + self.pool.ssm_layout.per_slot()
+    }
+
+    fn check_slot(&self, slot: usize) -> Result<(), ModelError> {
+        if slot < self.opts.n_slots {
+            Ok(())
+        } else {
+            Err(ModelError::Batch(format!("slot {slot} outside the pool of {}", self.opts.n_slots)))
+        }
+    }
+
+    /// Zeroes a slot's state: what a new sequence starts from.
+    pub fn reset_slot(&mut self, slot: usize) -> Result<(), ModelError> {
+        self.check_slot(slot)?;
+        let (c, s) = (self.pool.conv_layout, self.pool.ssm_layout);
+        self.backend.fill(&mut self.pool.conv, c.offset(slot, 0), c.per_slot(), 0.0)?;
+        self.backend.fill(&mut self.pool.ssm, s.offset(slot, 0), s.per_slot(), 0.0)?;
+        Ok(())
+    }
+
+    /// Copies the whole state of slot `from` into slot `to`.
+    pub fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
+        self.check_slot(from)?;
+        self.check_slot(to)?;
+        if from == to {
+            return Ok(());
+        }
+        let (c, s) = (self.pool.conv_layout, self.pool.ssm_layout);
+        self.backend.copy_within(&mut self.pool.conv, c.offset(from, 0), c.offset(to, 0), c.per_slot())?;
+        self.backend.copy_within(&mut self.pool.ssm, s.offset(from, 0), s.offset(to, 0), s.per_slot())?;
+        Ok(())
+    }
+
+    /// A host copy of a slot's state (conv part, then SSM part).
+    pub fn read_slot(&self, slot: usize) -> Result<Vec<f32>, ModelError> {
+        self.check_slot(slot)?;
+        let (c, s) = (self.pool.conv_layout, self.pool.ssm_layout);
+        let mut v = self.backend.read(&self.pool.conv, c.offset(slot, 0), c.per_slot())?;
+        v.extend(self.backend.read(&self.pool.ssm, s.offset(slot, 0), s.per_slot())?);
+        Ok(v)
+    }
+
+    /// Overwrites a slot's state with a copy made by [`Model::read_slot`].
+    pub fn write_slot(&mut self, slot: usize, data: &[f32]) -> Result<(), ModelError> {
+        self.check_slot(slot)?;
+        if data.len() != self.slot_len() {
+            return Err(ModelError::Batch(format!("state of {} values for slots of {}", data.len(), self.slot_len())));
+        }
+        let (c, s) = (self.pool.conv_layout, self.pool.ssm_layout);
+        let (conv, ssm) = data.split_at(c.per_slot());
+        self.backend.write(&mut self.pool.conv, c.offset(slot, 0), conv)?;
+        self.backend.write(&mut self.pool.ssm, s.offset(slot, 0), ssm)?;
+        Ok(())
+    }
+
+    /// Runs one step over `chunks` and returns the logits of each chunk's
+    /// last token, `[chunks.len(), vocab_size]` row-major.
+    pub fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, ModelError> {
+        let n_seqs = chunks.len();
+        let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        if n_seqs == 0 {
+            return Ok(vec![]);
+        }
+        if n_seqs > self.opts.max_batch_seqs || n_tokens > self.opts.max_batch_tokens {
+            return Err(ModelError::Batch(format!(
+                "{n_seqs} sequences / {n_tokens} tokens exceed the step limits {} / {}",
+                self.opts.max_batch_seqs, self.opts.max_batch_tokens
+            )));
+        }
+        let mut ids = Vec::with_capacity(n_tokens);
+        let mut cu = Vec::with_capacity(n_seqs + 1);
+        let mut slots = Vec::with_capacity(n_seqs);
+        let mut seen = vec![false; self.opts.n_slots];
+        cu.push(0u32);
+        for c in chunks {
+            if c.tokens.is_empty() {
+                return Err(ModelError::Batch(format!("empty chunk for slot {}", c.slot)));
+            }
+            self.check_slot(c.slot)?;
+            if std::mem::replace(&mut seen[c.slot], true) {
+                return Err(ModelError::Batch(format!("slot {} appears twice in one step", c.slot)));
+            }
+            if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::Batch(format!("token id {bad} outside the vocabulary of {}", self.cfg.vocab_size)));
+            }
+            ids.extend_from_slice(c.tokens);
+            cu.push(ids.len() as u32);
+            slots.push(c.slot as u32);
+        }
+        let prompt: Vec<u32> = chunks.iter().map(|c| c.is_prompt as u32).collect();
+        let last_rows: Vec<u32> = cu[1..].iter().map(|&e| e - 1).collect();
+        let single_token = n_tokens == n_seqs;
+
+        let Model { backend: b, cfg, weights: w, pool, ws, .. } = self;
+        b.write_ids(&mut ws.ids, &ids)?;
+        b.write_ids(&mut ws.cu, &cu)?;
+        b.write_ids(&mut ws.slots, &slots)?;
+        b.write_ids(&mut ws.prompt, &prompt)?;
+        b.write_ids(&mut ws.last_rows, &last_rows)?;
+
+        let d = cfg.hidden_size;
+        b.embed(&w.embed, &ws.ids, n_tokens, &mut ws.residual)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            let delta = if l == 0 { None } else { Some(&ws.mixed) };
+            b.add_rmsnorm(&mut ws.residual, delta, &lw.norm, cfg.norm_eps, n_tokens, d, &mut ws.normed)?;
+            let batch = Packed {
+                n_tokens,
+                n_seqs,
+                cu_seqlens: &ws.cu,
+                slots: &ws.slots,
+                prompt: &ws.prompt,
+                single_token,
+            };
+            let bufs = MixerBuffers {
+                normed: &ws.normed,
+                proj: &mut ws.proj,
+                conv_out: &mut ws.conv_out,
+                xdbl: &mut ws.xdbl,
+                dt: &mut ws.dt,
+                y: &mut ws.y,
+                gated: &mut ws.gated,
+                out: &mut ws.mixed,
+            };
+            mixer(b, cfg, lw, l, pool, &batch, bufs)?;
+        }
+        b.add_rmsnorm(&mut ws.residual, Some(&ws.mixed), &w.norm_f, cfg.norm_eps, n_tokens, d, &mut ws.normed)?;
+        b.gather_rows(View::dense(&ws.normed, n_tokens, d), &ws.last_rows, n_seqs, ViewMut::dense(&mut ws.last, n_seqs, d))?;
+        let head = w.lm_head.as_ref().unwrap_or(&w.embed);
+        let v = cfg.vocab_size;
+        b.linear(View::dense(&ws.last, n_seqs, d), head, None, ViewMut::dense(&mut ws.logits, n_seqs, v))?;
+        Ok(b.read(&ws.logits, 0, n_seqs * v)?)
+    }
+}
+
+/// The workspace buffers one mixer reads and writes.
+struct MixerBuffers<'a, B: Backend> {
+    normed: &'a B::Vec,
+    proj: &'a mut B::Vec,
+    conv_out: &'a mut B::Vec,
+    xdbl: &'a mut B::Vec,
+    dt: &'a mut B::Vec,
+    y: &'a mut B::Vec,
+    gated: &'a mut B::Vec,
+    out: &'a mut B::Vec,
+}
+
+/// One mixer (the block minus its norm and residual add).
+fn mixer<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    lw: &LayerWeights<B>,
+    layer: usize,
+    pool: &mut StatePool<B>,
+    batch: &Packed<'_, B>,
+    m: MixerBuffers<'_, B>,
+) -> Result<(), ModelError> {
+    let t = batch.n_tokens;
+    let (d, di, n) = (cfg.hidden_size, cfg.d_inner, cfg.d_state);
+    let p = cfg.in_proj_dim();
+    let cd = cfg.conv_dim();
+    b.linear(View::dense(m.normed, t, d), &lw.in_proj, lw.in_proj_bias.as_ref(), ViewMut::dense(m.proj, t, p))?;
+    let proj = View::dense(&*m.proj, t, p);
+    // Mamba-1 splits in_proj into x | z, Mamba-2 into z | xBC | dt.
+    let (conv_in, z) = match cfg.arch {
+        Arch::Mamba2 => (proj.columns(di, cd), proj.columns(0, di)),
+        _ => (proj.columns(0, di), proj.columns(di, di)),
+    };
+    let conv = ConvArgs {
+        x: conv_in,
+        weight: &lw.conv_w,
+        bias: lw.conv_b.as_ref(),
+        kernel: cfg.d_conv,
+        activation: cfg.activation,
+        state: &mut pool.conv,
+        layout: pool.conv_layout,
+        layer,
+    };
+    b.conv1d(conv, batch, ViewMut::dense(m.conv_out, t, cd))?;
+    let xc = View::dense(&*m.conv_out, t, cd);
+
+    match &lw.mixer {
+        MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } => {
+            let r = cfg.dt_rank;
+            let w = r + 2 * n;
+            b.linear(xc, x_proj, None, ViewMut::dense(m.xdbl, t, w))?;
+            if cfg.arch == Arch::FalconMamba {
+                b.rms_norm_columns(ViewMut::dense(m.xdbl, t, w), &[(0, r), (r, n), (r + n, n)], cfg.mixer_rms_eps)?;
+            }
+            let xdbl = View::dense(&*m.xdbl, t, w);
+            b.linear(xdbl.columns(0, r), dt_proj, None, ViewMut::dense(m.dt, t, di))?;
+            let args = Mamba1ScanArgs {
+                x: xc,
+                dt: View::dense(&*m.dt, t, di),
+                dt_bias,
+                a,
+                b: xdbl.columns(r, n),
+                c: xdbl.columns(r + n, n),
+                skip,
+                z,
+                state: &mut pool.ssm,
+                layout: pool.ssm_layout,
+                layer,
+                d_state: n,
+            };
+            b.mamba1_scan(args, batch, ViewMut::dense(m.y, t, di))?;
+            b.linear(View::dense(&*m.y, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.out, t, d))?;
+        }
+        MixerWeights::Ssd { dt_bias, a, d: skip, norm } => {
+            let gn = cfg.n_groups * n;
+            let args = Mamba2ScanArgs {
+                x: xc.columns(0, di),
+                dt: proj.columns(di + cd, cfg.n_heads),
+                dt_bias,
+                a,
+                b: xc.columns(di, gn),
+                c: xc.columns(di + gn, gn),
+                skip,
+                dt_limit: cfg.time_step_limit,
+                n_heads: cfg.n_heads,
+                head_dim: cfg.head_dim,
+                n_groups: cfg.n_groups,
+                d_state: n,
+                state: &mut pool.ssm,
+                layout: pool.ssm_layout,
+                layer,
+            };
+            b.mamba2_scan(args, batch, ViewMut::dense(m.y, t, di))?;
+            // Normalised per group, as the original Mamba-2 (see DESIGN §4).
+            let group = di / cfg.n_groups;
+            b.gated_rmsnorm(View::dense(&*m.y, t, di), z, norm, cfg.norm_eps, group, ViewMut::dense(m.gated, t, di))?;
+            b.linear(View::dense(&*m.gated, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.out, t, d))?;
+        }
+    }
+    Ok(())
+}
+
+/// A loaded model behind a backend chosen at run time: what the engine and
+/// the CLI hold. Object-safe, so one binary serves on any backend.
+pub trait Runner: Send {
+    fn config(&self) -> &ModelConfig;
+    fn options(&self) -> ModelOptions;
+    /// One line naming the backend and device.
+    fn backend_name(&self) -> String;
+    /// f32 values in one slot's state.
+    fn slot_len(&self) -> usize;
+    fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, ModelError>;
+    fn reset_slot(&mut self, slot: usize) -> Result<(), ModelError>;
+    fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), ModelError>;
+    fn read_slot(&self, slot: usize) -> Result<Vec<f32>, ModelError>;
+    fn write_slot(&mut self, slot: usize, data: &[f32]) -> Result<(), ModelError>;
+}
+
+impl<B: Backend> Runner for Model<B> {
+    fn config(&self) -> &ModelConfig {
+        Model::config(self)
+    }
+    fn options(&self) -> ModelOptions {
+        Model::options(self)
+    }
+    fn backend_name(&self) -> String {
+        self.backend.describe()
+    }
+    fn slot_len(&self) -> usize {
+        Model::slot_len(self)
+    }
+    fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, ModelError> {
+        Model::forward(self, chunks)
+    }
+    fn reset_slot(&mut self, slot: usize) -> Result<(), ModelError> {
+        Model::reset_slot(self, slot)
+    }
+    fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
+        Model::copy_slot(self, from, to)
+    }
+    fn read_slot(&self, slot: usize) -> Result<Vec<f32>, ModelError> {
+        Model::read_slot(self, slot)
+    }
+    fn write_slot(&mut self, slot: usize, data: &[f32]) -> Result<(), ModelError> {
+        Model::write_slot(self, slot, data)
+    }
+}

@@ -1,0 +1,7 @@
+//! The integration test binary: one binary for all integration tests, to
+//! save link time. Modules by area.
+
+mod common;
+mod golden;
+mod invariance;
+mod loader;
