@@ -596,7 +596,9 @@ def assess(model, spec, prompt_ids: list[list[int]]):
 def f32_list(t: torch.Tensor) -> list[float]:
     """Floats in the shortest decimal form that round-trips to the same float32."""
     arr = t.detach().to(torch.float32).cpu().numpy().astype(np.float32).ravel()
-    return [float(np.format_float_positional(v, unique=True, trim="-")) for v in arr]
+    out = [float(np.format_float_positional(v, unique=True, trim="-")) for v in arr]
+    assert np.array_equal(np.array(out, dtype=np.float64).astype(np.float32), arr)
+    return out
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ pub struct BenchReport {
 
 /// Pseudo-random token ids below `vocab` (no tokenizer needed).
 fn tokens(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
-    let mut rng = crate::sampling::rng::SplitMix64::new(salt);
+    let mut rng = crate::backend::rng::SplitMix64::new(salt);
     (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
 }
 

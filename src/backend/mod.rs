@@ -13,6 +13,7 @@
 //! oracle for the CUDA one (`cuda/`).
 
 pub mod cpu;
+pub mod rng;
 
 
 use std::fmt;
@@ -263,6 +264,49 @@ pub struct Mamba2ScanArgs<'a, B: Backend + ?Sized> {
     pub layer: usize,
 }
 
+/// How one row of logits is turned into a token (plain data, so every
+/// backend can take it; `crate::sampling` builds it from a request).
+///
+/// Order: logit bias → repetition penalty (every id in `seen`) → presence
+/// and frequency penalties (ids with an output count) → ids at or above
+/// `valid_vocab` masked → temperature (0 = greedy, ties to the lowest id) →
+/// top-k → top-p → min-p → inverse-CDF draw over the survivors sorted by
+/// probability (ties by id) with the uniform `rng::uniform(seed, step)`.
+/// Logprobs are those after the penalties and mask, before temperature.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRow {
+    pub temperature: f32,
+    /// 0 is off.
+    pub top_k: u32,
+    /// 1 is off.
+    pub top_p: f32,
+    /// 0 is off.
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: u64,
+    /// Index of the token being drawn (0 for a sequence's first).
+    pub step: u64,
+    /// Alternatives to return with their logprobs (0: none).
+    pub top_logprobs: u32,
+    /// Ids at or above this are never chosen (padded embedding rows).
+    pub valid_vocab: u32,
+    /// (id, times it was generated) for every id seen in the prompt or the
+    /// output; prompt-only ids have count 0. Empty when no penalty is on.
+    pub seen: Vec<(u32, u32)>,
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+/// One sampled token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top_logprobs` most likely ids with their logprobs, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// Errors a backend reports. Messages name the op and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -372,6 +416,10 @@ pub trait Backend: Send + 'static {
         group_size: usize,
         out: ViewMut<'_, Self::Vec>,
     ) -> Result<()>;
+
+    /// Samples one token from each row of `logits` (`[rows.len(), vocab]`);
+    /// only ids and logprobs leave the device.
+    fn sample(&self, logits: View<'_, Self::Vec>, rows: &[SampleRow]) -> Result<Vec<SampledToken>>;
 
     /// `out[i, :] = src[rows[i], :]` for i < n.
     fn gather_rows(&self, src: View<'_, Self::Vec>, rows: &Self::Ids, n: usize, out: ViewMut<'_, Self::Vec>) -> Result<()>;

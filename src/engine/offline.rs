@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use crate::model::{ModelError, Runner, SeqChunk};
-use crate::sampling::{self, SamplingParams, TokenHistory};
+use crate::sampling::{SamplingParams, TokenHistory};
 
 /// Output of [`generate`].
 #[derive(Debug, Clone)]
@@ -34,30 +34,32 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(ModelError::Batch("the prompt has no tokens".into()));
     }
-    let vocab = runner.config().vocab_size;
     let chunk = runner.options().max_batch_tokens;
     runner.reset_slot(0)?;
+    let mut history = TokenHistory::new(prompt);
     let start = Instant::now();
-    let mut logits = vec![];
-    for piece in prompt.chunks(chunk) {
-        logits = runner.forward(&[SeqChunk { slot: 0, tokens: piece, is_prompt: true }])?;
+    let pieces: Vec<&[u32]> = prompt.chunks(chunk).collect();
+    let mut next = None;
+    for (i, piece) in pieces.iter().enumerate() {
+        let row = (i + 1 == pieces.len() && max_tokens > 0).then(|| history.row(params, 0, valid_vocab));
+        next = runner.forward_sample(&[SeqChunk { slot: 0, tokens: piece, is_prompt: true }], &[row])?.pop().flatten();
     }
     let prefill_seconds = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let mut history = TokenHistory::new(prompt);
     let mut generated = Vec::with_capacity(max_tokens);
     let mut stopped_by_eos = false;
     for step in 0..max_tokens {
-        let s = sampling::sample(&mut logits[..vocab], valid_vocab, params, &history, step as u64);
-        if eos.contains(&s.token) {
+        let token = next.take().ok_or_else(|| ModelError::Batch("the runner returned no token".into()))?.token;
+        if eos.contains(&token) {
             stopped_by_eos = true;
             break;
         }
-        generated.push(s.token);
-        history.push(s.token);
-        on_token(s.token);
+        generated.push(token);
+        history.push(token);
+        on_token(token);
         if step + 1 < max_tokens {
-            logits = runner.forward(&[SeqChunk { slot: 0, tokens: &[s.token], is_prompt: false }])?;
+            let row = history.row(params, step as u64 + 1, valid_vocab);
+            next = runner.forward_sample(&[SeqChunk { slot: 0, tokens: &[token], is_prompt: false }], &[Some(row)])?.pop().flatten();
         }
     }
     Ok(Generation { generated, stopped_by_eos, prefill_seconds, decode_seconds: start.elapsed().as_secs_f64() })

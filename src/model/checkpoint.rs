@@ -183,7 +183,7 @@ impl RandomWeights {
         for b in name.bytes() {
             h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
         }
-        let mut rng = crate::sampling::rng::SplitMix64::new(h);
+        let mut rng = crate::backend::rng::SplitMix64::new(h);
         if name.ends_with("A_log") {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             return (0..n).map(|i| if cols > 1 { ((i % cols) + 1) as f32 } else { (i + 1) as f32 }.ln()).collect();

@@ -12,7 +12,7 @@ use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use super::ModelError;
 use crate::backend::{
-    Backend, ConvArgs, Mamba1ScanArgs, Mamba2ScanArgs, Packed, PoolLayout, View, ViewMut,
+    Backend, ConvArgs, Mamba1ScanArgs, Mamba2ScanArgs, Packed, PoolLayout, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
@@ -189,13 +189,53 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs one step over `chunks` and returns the logits of each chunk's
-    /// last token, `[chunks.len(), vocab_size]` row-major.
+    /// last token, `[chunks.len(), vocab_size]` row-major, on the host.
     pub fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, ModelError> {
-        let n_seqs = chunks.len();
-        let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        if n_seqs == 0 {
+        if chunks.is_empty() {
             return Ok(vec![]);
         }
+        self.run(chunks)?;
+        Ok(self.backend.read(&self.ws.logits, 0, chunks.len() * self.cfg.vocab_size)?)
+    }
+
+    /// Runs one step and samples a token for every chunk whose entry in
+    /// `rows` is `Some` (the chunks that end a prompt or decode a token);
+    /// the logits stay on the device.
+    pub fn forward_sample(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<Vec<Option<SampledToken>>, ModelError> {
+        if chunks.len() != rows.len() {
+            return Err(ModelError::Batch(format!("{} chunks but {} sampling rows", chunks.len(), rows.len())));
+        }
+        if chunks.is_empty() {
+            return Ok(vec![]);
+        }
+        self.run(chunks)?;
+        let v = self.cfg.vocab_size;
+        let mut out = vec![None; rows.len()];
+        // Consecutive runs of chunks that want a token share one call.
+        let mut i = 0;
+        while i < rows.len() {
+            if rows[i].is_none() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < rows.len() && rows[i].is_some() {
+                i += 1;
+            }
+            let batch: Vec<SampleRow> = rows[start..i].iter().map(|r| r.clone().expect("checked Some")).collect();
+            let logits = View { buf: &self.ws.logits, offset: start * v, rows: i - start, cols: v, stride: v };
+            for (j, t) in self.backend.sample(logits, &batch)?.into_iter().enumerate() {
+                out[start + j] = Some(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The forward pass proper: leaves `[chunks.len(), vocab]` logits in
+    /// the workspace.
+    fn run(&mut self, chunks: &[SeqChunk<'_>]) -> Result<(), ModelError> {
+        let n_seqs = chunks.len();
+        let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n_seqs > self.opts.max_batch_seqs || n_tokens > self.opts.max_batch_tokens {
             return Err(ModelError::Batch(format!(
                 "{n_seqs} sequences / {n_tokens} tokens exceed the step limits {} / {}",
@@ -263,7 +303,7 @@ impl<B: Backend> Model<B> {
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
         let v = cfg.vocab_size;
         b.linear(View::dense(&ws.last, n_seqs, d), head, None, ViewMut::dense(&mut ws.logits, n_seqs, v))?;
-        Ok(b.read(&ws.logits, 0, n_seqs * v)?)
+        Ok(())
     }
 }
 
@@ -378,7 +418,10 @@ pub trait Runner: Send {
     fn backend_name(&self) -> String;
     /// f32 values in one slot's state.
     fn slot_len(&self) -> usize;
+    /// Host logits of each chunk's last token (tests and tools).
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, ModelError>;
+    /// One step, sampling on the device where `rows[i]` is `Some`.
+    fn forward_sample(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<Vec<Option<SampledToken>>, ModelError>;
     fn reset_slot(&mut self, slot: usize) -> Result<(), ModelError>;
     fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), ModelError>;
     fn read_slot(&self, slot: usize) -> Result<Vec<f32>, ModelError>;
@@ -400,6 +443,9 @@ impl<B: Backend> Runner for Model<B> {
     }
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, ModelError> {
         Model::forward(self, chunks)
+    }
+    fn forward_sample(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<Vec<Option<SampledToken>>, ModelError> {
+        Model::forward_sample(self, chunks, rows)
     }
     fn reset_slot(&mut self, slot: usize) -> Result<(), ModelError> {
         Model::reset_slot(self, slot)

@@ -1,24 +1,22 @@
-//! Turning logits into the next token: logit processors and samplers.
+//! Turning logits into the next token: what a request asks for
+//! ([`SamplingParams`]), what the penalties need to remember
+//! ([`TokenHistory`]), and the per-step [`SampleRow`] a backend samples from.
 //!
-//! The processors run in a fixed order on one sequence's logits row:
-//! logit bias → repetition penalty (prompt and output tokens) → presence and
-//! frequency penalties (output tokens) → vocabulary mask (ids the tokenizer
-//! does not know are never sampled) → temperature → top-k → top-p → min-p →
-//! a draw with the counter-based uniform of [`rng::uniform`]. Temperature 0
-//! is greedy (ties go to the lowest id). Logprobs are those of the model's
-//! distribution after the penalties and mask, before temperature and
-//! truncation.
-//!
-//! The same function is written for the device later; the draw depends only
+//! The arithmetic is a backend op (`Backend::sample`): the CPU backend's is
+//! the reference, the CUDA backend's runs over the whole batch on the device
+//! so only token ids and requested logprobs come back. The draw depends only
 //! on (seed, step), so a seeded sequence gives the same tokens whatever else
 //! is in the batch.
 
-pub mod rng;
+pub use crate::backend::rng;
 
 use std::collections::HashMap;
 
-/// How one sequence samples. Fields hold only valid values (`validate`
-/// checks the wire request before one is built).
+pub use crate::backend::cpu::sample::argmax;
+pub use crate::backend::{SampleRow, SampledToken};
+
+/// How one sequence samples. Built by `validate`, so fields hold valid
+/// values only.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -36,7 +34,7 @@ pub struct SamplingParams {
     /// Added to the logits of these ids.
     pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
-    /// Alternatives to report with each token's logprob (`None`: no logprobs).
+    /// Alternatives to report with each token's logprob (`None`: none).
     pub logprobs: Option<u32>,
 }
 
@@ -70,153 +68,45 @@ impl SamplingParams {
 /// The tokens a sequence has seen, as the penalties need them.
 #[derive(Debug, Clone, Default)]
 pub struct TokenHistory {
-    /// Output token → count.
-    output: HashMap<u32, u32>,
-    /// Distinct prompt tokens.
-    prompt: std::collections::HashSet<u32>,
+    /// Id → times generated; prompt ids enter with 0.
+    counts: HashMap<u32, u32>,
 }
 
 impl TokenHistory {
     pub fn new(prompt: &[u32]) -> Self {
-        TokenHistory { output: HashMap::new(), prompt: prompt.iter().copied().collect() }
+        TokenHistory { counts: prompt.iter().map(|&t| (t, 0)).collect() }
     }
 
     pub fn push(&mut self, token: u32) {
-        *self.output.entry(token).or_insert(0) += 1;
+        *self.counts.entry(token).or_insert(0) += 1;
     }
-}
 
-/// One sampled token with the logprobs asked for.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampled {
-    pub token: u32,
-    /// Logprob of `token` (always computed; cheap next to the model).
-    pub logprob: f32,
-    /// The `n` most likely tokens and their logprobs, best first.
-    pub top: Vec<(u32, f32)>,
-}
-
-/// Applies logit bias and penalties and masks ids at or above `valid_vocab`,
-/// in place.
-fn process(logits: &mut [f32], valid_vocab: usize, params: &SamplingParams, history: &TokenHistory) {
-    for &(id, bias) in &params.logit_bias {
-        if let Some(l) = logits.get_mut(id as usize) {
-            *l += bias;
+    /// The row a backend samples the token at `step` from.
+    pub fn row(&self, params: &SamplingParams, step: u64, valid_vocab: usize) -> SampleRow {
+        let mut seen: Vec<(u32, u32)> = if params.needs_history() { self.counts.iter().map(|(&t, &c)| (t, c)).collect() } else { vec![] };
+        seen.sort_unstable();
+        SampleRow {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            presence_penalty: params.presence_penalty,
+            frequency_penalty: params.frequency_penalty,
+            seed: params.seed,
+            step,
+            top_logprobs: params.logprobs.unwrap_or(0),
+            valid_vocab: valid_vocab as u32,
+            seen,
+            logit_bias: params.logit_bias.clone(),
         }
     }
-    if params.needs_history() {
-        let rep = params.repetition_penalty;
-        if rep != 1.0 {
-            let seen = history.prompt.iter().chain(history.output.keys());
-            let mut done = std::collections::HashSet::new();
-            for &id in seen {
-                if done.insert(id) {
-                    if let Some(l) = logits.get_mut(id as usize) {
-                        *l = if *l > 0.0 { *l / rep } else { *l * rep };
-                    }
-                }
-            }
-        }
-        for (&id, &count) in &history.output {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l -= params.frequency_penalty * count as f32 + params.presence_penalty;
-            }
-        }
-    }
-    for l in logits.iter_mut().skip(valid_vocab) {
-        *l = f32::NEG_INFINITY;
-    }
 }
 
-/// Log-softmax of `logits` into a new vector (f64 accumulation).
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
-    logits.iter().map(|&l| (l as f64 - lse) as f32).collect()
-}
-
-/// Index of the largest value; the lowest index wins ties.
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// Samples one token from a row of logits (modified in place).
-///
-/// `step` is the index of the token being generated (0 for the first), the
-/// counter of the seeded draw.
-pub fn sample(logits: &mut [f32], valid_vocab: usize, params: &SamplingParams, history: &TokenHistory, step: u64) -> Sampled {
-    process(logits, valid_vocab, params, history);
-    let logprobs = log_softmax(logits);
-    let token = if params.temperature == 0.0 { argmax(logits) } else { draw(logits, params, step) };
-    let top = match params.logprobs {
-        Some(n) if n > 0 => top_n(&logprobs, n as usize),
-        _ => vec![],
-    };
-    Sampled { token: token as u32, logprob: logprobs[token], top }
-}
-
-fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<usize> = (0..logprobs.len()).filter(|&i| logprobs[i].is_finite()).collect();
-    let n = n.min(idx.len());
-    if n == 0 {
-        return vec![];
-    }
-    idx.select_nth_unstable_by(n - 1, |&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
-    idx.truncate(n);
-    idx.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
-    idx.into_iter().map(|i| (i as u32, logprobs[i])).collect()
-}
-
-/// Temperature, top-k, top-p, min-p, then an inverse-CDF draw over the
-/// surviving candidates sorted by probability (ties by id).
-fn draw(logits: &[f32], params: &SamplingParams, step: u64) -> usize {
-    let t = params.temperature;
-    let mut cand: Vec<(usize, f32)> =
-        logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i, l / t)).collect();
-    if cand.is_empty() {
-        return argmax(logits);
-    }
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if params.top_k > 0 {
-        cand.truncate(params.top_k as usize);
-    }
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    let mut keep = probs.len();
-    if params.top_p < 1.0 {
-        let mut cum = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            cum += p;
-            if cum >= params.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
-        }
-    }
-    if params.min_p > 0.0 {
-        let floor = params.min_p as f64 * probs[0];
-        keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
-    }
-    let kept = &probs[..keep];
-    let total: f64 = kept.iter().sum();
-    let target = rng::uniform(params.seed, step) * total;
-    let mut cum = 0.0;
-    for (i, p) in kept.iter().enumerate() {
-        cum += p;
-        if target < cum {
-            return cand[i].0;
-        }
-    }
-    cand[keep - 1].0
+/// Samples from one row of host logits (modified in place) with the
+/// reference sampler.
+pub fn sample(logits: &mut [f32], valid_vocab: usize, params: &SamplingParams, history: &TokenHistory, step: u64) -> SampledToken {
+    crate::backend::cpu::sample::sample_row(logits, &history.row(params, step, valid_vocab))
 }
 
 #[cfg(test)]
@@ -261,7 +151,7 @@ mod tests {
     }
 
     #[test]
-    fn top_k_one_is_greedy_and_top_p_truncates() {
+    fn top_k_one_is_greedy_and_top_p_and_min_p_truncate() {
         for step in 0..100 {
             let mut l = vec![1.0, 2.0, 1.5];
             let p = SamplingParams { top_k: 1, ..params(1.0) };
@@ -282,8 +172,8 @@ mod tests {
         let mut h = TokenHistory::new(&[0]);
         h.push(1);
         h.push(1);
-        // Repetition penalty on a positive logit divides it.
-        let mut l = vec![2.0, 1.9, 0.0];
+        // Repetition penalty on a positive logit divides it (prompt ids too).
+        let mut l = vec![0.5, 0.4, 0.3];
         let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() };
         assert_eq!(sample(&mut l, 3, &p, &h, 0).token, 2);
         // Frequency penalty scales with the count; presence does not.
@@ -293,6 +183,10 @@ mod tests {
         let mut l = vec![0.0, 1.0, 0.5];
         let p = SamplingParams { presence_penalty: 0.3, ..SamplingParams::greedy() };
         assert_eq!(sample(&mut l, 3, &p, &h, 0).token, 1);
+        // Prompt-only ids get no presence penalty.
+        let mut l = vec![1.0, 0.0, 0.9];
+        let p = SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy() };
+        assert_eq!(sample(&mut l, 3, &p, &h, 0).token, 0);
         let mut l = vec![0.0, 1.0, 0.5];
         let p = SamplingParams { logit_bias: vec![(0, 5.0)], ..SamplingParams::greedy() };
         assert_eq!(sample(&mut l, 3, &p, &TokenHistory::default(), 0).token, 0);

@@ -66,7 +66,7 @@ fn a_sequence_decodes_the_same_alone_and_in_a_mixed_batch() -> TestResult {
         let r = reference(&dir);
         let prompts: Vec<Vec<u32>> = r.prompts.iter().map(|p| p.ids.clone()).collect();
         let n_new = 12;
-        let mut m = load_cpu(&dir, opts(8, 64))?;
+        let mut m = load_cpu(&dir, opts(8, 256))?;
         let vocab = r.prompts[0].last_logits.len().min(m.config().vocab_size);
         let alone: Vec<Vec<u32>> = prompts.iter().map(|p| greedy_in_slot(&mut m, 0, p, n_new, vocab)).collect::<Result<_, _>>()?;
 

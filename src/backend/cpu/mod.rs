@@ -9,12 +9,13 @@
 
 mod math;
 mod parallel;
+pub mod sample;
 
 use half::{bf16, f16};
 
 use super::{
-    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba2ScanArgs, Packed, Result, View,
-    ViewMut,
+    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba2ScanArgs, Packed, Result, SampleRow, SampledToken,
+    View, ViewMut,
 };
 
 pub use math::{gelu, gelu_tanh, silu, softplus};
@@ -286,6 +287,23 @@ impl Backend for CpuBackend {
         check_view("gated_rmsnorm", "out", out.buf.len(), view_mut_dims(&out))?;
         math::gated_rmsnorm(y, z, weight, eps, group_size, out);
         Ok(())
+    }
+
+    fn sample(&self, logits: View<'_, Vec<f32>>, rows: &[SampleRow]) -> Result<Vec<SampledToken>> {
+        check("sample", logits.rows == rows.len(), || format!("{} logit rows for {} samples", logits.rows, rows.len()))?;
+        check_view("sample", "logits", logits.buf.len(), view_dims(&logits))?;
+        check("sample", rows.iter().all(|r| r.valid_vocab as usize <= logits.cols && r.valid_vocab > 0), || {
+            format!("valid_vocab outside 1..={}", logits.cols)
+        })?;
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let start = logits.offset + i * logits.stride;
+                let mut l = logits.buf[start..start + logits.cols].to_vec();
+                sample::sample_row(&mut l, row)
+            })
+            .collect())
     }
 
     fn gather_rows(&self, src: View<'_, Vec<f32>>, rows: &Vec<u32>, n: usize, out: ViewMut<'_, Vec<f32>>) -> Result<()> {
