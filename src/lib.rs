@@ -14,7 +14,9 @@
 
 pub mod backend;
 pub mod bench;
+pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;
