@@ -12,6 +12,7 @@
 //! - [`backend`]: the fused ops a Mamba step needs, on CPU and CUDA.
 //! - [`tokenizer`], [`config`]: leaves.
 
+pub mod api;
 pub mod backend;
 pub mod bench;
 pub mod config;
@@ -20,3 +21,4 @@ pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;
+pub mod validate;

@@ -18,6 +18,17 @@ pub enum TokenizerError {
     Load { path: PathBuf, detail: String },
     #[error("tokenization failed: {0}")]
     Encode(String),
+    #[error("the chat template does not compile: {0}")]
+    Template(String),
+    #[error("the chat template failed: {0}")]
+    Render(String),
+}
+
+/// One chat message as the template sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
 /// A checkpoint's tokenizer and the parts of `tokenizer_config.json` that
@@ -29,6 +40,9 @@ pub struct Tokenizer {
     eos_ids: Vec<u32>,
     bos_id: Option<u32>,
     chat_template: Option<String>,
+    /// The compiled template, rendered as Hugging Face does (Jinja with
+    /// trim_blocks and lstrip_blocks, Python string methods, raise_exception).
+    chat_env: Option<minijinja::Environment<'static>>,
     eos_token: Option<String>,
     bos_token: Option<String>,
     model_max_length: Option<usize>,
@@ -73,7 +87,44 @@ impl Tokenizer {
         let eos_ids = eos_token.as_deref().and_then(|t| inner.token_to_id(t)).into_iter().collect();
         let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
         let vocab_size = inner.get_vocab_size(true);
-        Ok(Tokenizer { inner, vocab_size, eos_ids, bos_id, chat_template, eos_token, bos_token, model_max_length })
+        let chat_env = match &chat_template {
+            Some(t) => Some(Self::compile_template(t).map_err(|e| TokenizerError::Load { path: cfg_path.clone(), detail: e.to_string() })?),
+            None => None,
+        };
+        Ok(Tokenizer { inner, vocab_size, eos_ids, bos_id, chat_template, chat_env, eos_token, bos_token, model_max_length })
+    }
+
+    fn compile_template(template: &str) -> Result<minijinja::Environment<'static>, TokenizerError> {
+        let mut env = minijinja::Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        env.set_syntax(syntax);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", template.to_string()).map_err(|e| TokenizerError::Template(e.to_string()))?;
+        Ok(env)
+    }
+
+    /// Renders messages with the checkpoint's chat template; `None` when the
+    /// checkpoint has none.
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Option<Result<String, TokenizerError>> {
+        let env = self.chat_env.as_ref()?;
+        let render = || -> Result<String, minijinja::Error> {
+            let t = env.get_template("chat")?;
+            t.render(minijinja::context! {
+                messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            })
+        };
+        Some(render().map_err(|e| TokenizerError::Render(e.to_string())))
     }
 
     /// Number of ids the tokenizer knows (including added tokens).

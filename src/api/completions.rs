@@ -1,0 +1,213 @@
+//! `POST /v1/completions`: OpenAI's text completions, streamed or not.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Json, Response};
+use futures_util::StreamExt;
+
+use super::error::ApiError;
+use super::extract::JsonBody;
+use super::generation::{self, Piece, TokenOut};
+use super::sse::{self, Formatter};
+use super::wire::{self, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage};
+use super::{AppState, response_id, unix_now};
+use crate::validate::{GenerationInput, Validated};
+
+pub async fn handle(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
+    run(state, req).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Token-level logprobs in the completions shape; offsets start at `base`.
+fn logprobs(tokens: &[TokenOut], base: usize) -> CompletionLogprobs {
+    let mut lp = CompletionLogprobs::default();
+    let mut offset = base;
+    for t in tokens {
+        lp.tokens.push(t.text.clone());
+        lp.token_logprobs.push(t.logprob);
+        lp.top_logprobs.push(t.top.iter().map(|(_, text, l)| (text.clone(), *l)).collect::<BTreeMap<_, _>>());
+        lp.text_offset.push(offset);
+        offset += t.text.len();
+    }
+    lp
+}
+
+/// Validation off the async threads (tokenizing a long prompt is CPU work).
+pub(super) async fn validate_blocking(
+    state: &Arc<AppState>,
+    prompt: crate::validate::PromptInput,
+    g: GenerationInput,
+) -> Result<Validated, ApiError> {
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.validator.generation(&prompt, &g))
+        .await
+        .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let model = state.check_model(req.model.as_deref())?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request("`suffix` is not supported").with_param("suffix"));
+    }
+    if req.best_of.is_some_and(|b| b != 1 && Some(b) != req.n) {
+        return Err(ApiError::bad_request("`best_of` other than 1 (or equal to `n`) is not supported").with_param("best_of"));
+    }
+    let echo = req.echo.unwrap_or(false);
+    if echo && req.logprobs.is_some() {
+        return Err(ApiError::bad_request("`echo` together with `logprobs` (prompt logprobs) is not supported").with_param("echo"));
+    }
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    if req.stream_options.is_some() && !stream {
+        return Err(ApiError::bad_request("`stream_options` is only allowed with `stream: true`").with_param("stream_options"));
+    }
+    let prompt = wire::prompt_input(req.prompt.as_ref())?;
+    let g = GenerationInput {
+        max_tokens: req.max_tokens.or(req.max_completion_tokens),
+        max_tokens_param: if req.max_tokens.is_some() { "max_tokens" } else { "max_completion_tokens" },
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        repetition_penalty: req.repetition_penalty,
+        logit_bias: req.logit_bias.map(|m| m.into_iter().collect()),
+        seed: req.seed,
+        n: req.n,
+        stop: req.stop.map(wire::StopInput::into_vec).unwrap_or_default(),
+        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+        logprobs: req.logprobs,
+        logprobs_cap: 5,
+    };
+    let v = validate_blocking(&state, prompt, g).await?;
+    let want_tokens = v.params.logprobs.is_some();
+    // Echo text: the prompt as sent, or its ids decoded.
+    let echoes: Vec<String> = if echo {
+        v.prompts
+            .iter()
+            .map(|p| p.text.clone().map_or_else(|| state.tokenizer.decode(&p.ids, false), Ok))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::internal(format!("cannot decode the prompt: {e}")))?
+    } else {
+        vec![]
+    };
+    let streams = generation::start(&state.engine, &state.tokenizer, &v, want_tokens, arrived).await?;
+    let id = response_id("cmpl");
+    let created = unix_now();
+    let n = v.n;
+    if stream {
+        let pieces = futures_util::stream::select_all(streams.into_iter().map(|s| s.into_stream().boxed()));
+        let f = CompletionStream { id, created, model, n, include_usage, want_tokens, echoes, echoed: vec![false; v.prompts.len() * n], usage: (0, 0), offsets: vec![0; v.prompts.len() * n] };
+        let keepalive = Duration::from_secs(state.server.sse_keepalive_secs);
+        return Ok(sse::response(sse::events(pieces, f), keepalive));
+    }
+    let results = futures_util::future::try_join_all(streams.into_iter().map(generation::collect)).await?;
+    let mut usage = Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
+    let choices = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if i % n == 0 {
+                usage.prompt_tokens += r.prompt_tokens;
+            }
+            usage.completion_tokens += r.completion_tokens;
+            let prefix = echoes.get(i / n).cloned().unwrap_or_default();
+            let lp = want_tokens.then(|| logprobs(&r.tokens, prefix.len()));
+            CompletionChoice { index: i, text: prefix + &r.text, logprobs: lp, finish_reason: Some(r.finish.openai()) }
+        })
+        .collect();
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    Ok(Json(CompletionResponse { id, object: "text_completion", created, model, choices, usage: Some(usage) }).into_response())
+}
+
+/// Formats completion chunks.
+struct CompletionStream {
+    id: String,
+    created: u64,
+    model: String,
+    n: usize,
+    include_usage: bool,
+    want_tokens: bool,
+    echoes: Vec<String>,
+    echoed: Vec<bool>,
+    /// (prompt tokens, completion tokens).
+    usage: (usize, usize),
+    /// Characters sent so far per choice (logprob text offsets).
+    offsets: Vec<usize>,
+}
+
+impl CompletionStream {
+    fn chunk(&self, choice: CompletionChoice) -> Event {
+        sse::json_event(&CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![choice],
+            usage: None,
+        })
+    }
+}
+
+impl Formatter for CompletionStream {
+    fn piece(&mut self, piece: Piece) -> (Vec<Event>, bool) {
+        let mut out = vec![];
+        let choice = match &piece {
+            Piece::Text { choice, .. } | Piece::End { choice, .. } | Piece::Error { choice, .. } => *choice,
+        };
+        if !self.echoes.is_empty() && !self.echoed[choice] {
+            self.echoed[choice] = true;
+            let text = self.echoes[choice / self.n].clone();
+            self.offsets[choice] += text.len();
+            out.push(self.chunk(CompletionChoice { index: choice, text, logprobs: None, finish_reason: None }));
+        }
+        match piece {
+            Piece::Text { text, tokens, .. } => {
+                if text.is_empty() && tokens.is_empty() {
+                    return (out, false);
+                }
+                let lp = self.want_tokens.then(|| logprobs(&tokens, self.offsets[choice]));
+                self.offsets[choice] += text.len();
+                out.push(self.chunk(CompletionChoice { index: choice, text, logprobs: lp, finish_reason: None }));
+                (out, false)
+            }
+            Piece::End { finish, prompt_tokens, completion_tokens, .. } => {
+                if choice % self.n == 0 {
+                    self.usage.0 += prompt_tokens;
+                }
+                self.usage.1 += completion_tokens;
+                out.push(self.chunk(CompletionChoice { index: choice, text: String::new(), logprobs: None, finish_reason: Some(finish.openai()) }));
+                (out, false)
+            }
+            Piece::Error { error, .. } => {
+                out.push(error.sse_event());
+                out.push(sse::done_event());
+                (out, true)
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Vec<Event> {
+        let mut out = vec![];
+        if self.include_usage {
+            let (p, c) = self.usage;
+            out.push(sse::json_event(&CompletionResponse {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![],
+                usage: Some(Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c }),
+            }));
+        }
+        out.push(sse::done_event());
+        out
+    }
+}
