@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use mamba_serve::backend::DType;
+use mamba_serve::config::Settings;
 use mamba_serve::engine::offline;
 use mamba_serve::model::{
     self, Checkpoint, DeviceChoice, LoadProgress, ModelConfig, ModelOptions, RandomWeights, Runner, shapes,
@@ -19,16 +20,77 @@ use mamba_serve::tokenizer::{DecodeStream, Tokenizer};
 #[derive(Parser)]
 #[command(name = "mamba-serve", version, about = "A text-generation server for Mamba state-space language models")]
 struct Cli {
+    /// What to run; with none, `serve` with its defaults (the bundled model
+    /// on 127.0.0.1:8080).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Generate text for one prompt, streaming it to stdout.
     Generate(GenerateArgs),
     /// Measure prefill and decode speed of the model alone.
     Bench(BenchArgs),
+    /// Load a running server with concurrent completion requests.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// Hugging Face model folder; default: the bundled model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A TOML settings file (see config/default.toml for every key).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// State slots (concurrent sequences); 0 chooses.
+    #[arg(long)]
+    slots: Option<usize>,
+    /// Name served in /v1/models.
+    #[arg(long)]
+    served_name: Option<String>,
+    /// Require this Bearer key (repeat for several).
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+}
+
+#[derive(Args)]
+struct LoadtestArgs {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Words per prompt.
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    #[arg(long)]
+    stream: bool,
+    /// Model name to send (default: the server's).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Print the report as JSON only.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -81,11 +143,21 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     batch: Vec<usize>,
     /// Timed decode steps per batch size.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// Timed prefill runs per prompt length (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    prefill_runs: usize,
     /// Tokens per forward during prefill.
     #[arg(long, default_value_t = 512)]
     chunk: usize,
+    /// Run decode steps one op at a time instead of replaying recorded graphs.
+    #[arg(long)]
+    no_graphs: bool,
+    /// Skip measuring the GPU's copy bandwidth and bf16 matrix rate (the
+    /// limits every figure is set against).
+    #[arg(long)]
+    no_ceilings: bool,
     /// Print the report as JSON only.
     #[arg(long)]
     json: bool,
@@ -97,8 +169,89 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Generate(a) => generate(a),
-        Command::Bench(a) => bench(a),
+        None => serve(ServeArgs::default()),
+        Some(Command::Serve(a)) => serve(a),
+        Some(Command::Generate(a)) => generate(a),
+        Some(Command::Bench(a)) => bench(a),
+        Some(Command::Loadtest(a)) => loadtest(a),
+    }
+}
+
+fn loadtest(a: LoadtestArgs) -> Result<()> {
+    let spec = mamba_serve::loadtest::LoadSpec {
+        url: a.url,
+        model: a.model,
+        api_key: a.api_key,
+        concurrency: a.concurrency,
+        requests: a.requests,
+        prompt_len: a.prompt_len,
+        max_tokens: a.max_tokens,
+        stream: a.stream,
+        timeout: std::time::Duration::from_secs(a.timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(mamba_serve::loadtest::run(spec));
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", mamba_serve::loadtest::table(&report));
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if report.completed == 0 {
+        bail!("no request completed");
+    }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    use toml::Value;
+    let mut flags: Vec<(&str, Value)> = vec![];
+    if let Some(m) = &a.model {
+        flags.push(("model.path", Value::String(m.display().to_string())));
+    }
+    if let Some(h) = a.host {
+        flags.push(("server.host", Value::String(h)));
+    }
+    if let Some(p) = a.port {
+        flags.push(("server.port", Value::Integer(p as i64)));
+    }
+    if let Some(d) = a.device {
+        flags.push(("model.device", Value::String(d)));
+    }
+    if let Some(s) = a.slots {
+        flags.push(("engine.slots", Value::Integer(s as i64)));
+    }
+    if let Some(n) = a.served_name {
+        flags.push(("model.served_name", Value::String(n)));
+    }
+    if !a.api_keys.is_empty() {
+        flags.push(("server.api_keys", Value::Array(a.api_keys.into_iter().map(Value::String).collect())));
+    }
+    let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("MAMBA_SERVE_")).collect();
+    let settings = Settings::load(a.config.as_deref(), &env, &flags)?;
+    let server = mamba_serve::build(&settings)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let stopped = runtime.block_on(async {
+        let addr = format!("{}:{}", settings.server.host, settings.server.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        let name = &server.state.model_name;
+        let shown_host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
+        let auth = if settings.server.api_keys.is_empty() { String::new() } else { " -H 'Authorization: Bearer <key>'".to_string() };
+        eprintln!("mamba-serve is listening on http://{local}");
+        eprintln!("try it:");
+        eprintln!(
+            "  curl -s http://{shown_host}:{}/v1/completions -H 'Content-Type: application/json'{auth} -d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 48}}'",
+            local.port()
+        );
+        anyhow::Ok(mamba_serve::api::server::serve(listener, server.router.clone(), server.state.clone()).await?)
+    })?;
+    match stopped {
+        mamba_serve::api::server::Stopped::Drained => {
+            tracing::info!("drained; exiting");
+            Ok(())
+        }
+        mamba_serve::api::server::Stopped::EngineDied => bail!("the engine stopped unexpectedly"),
     }
 }
 
@@ -195,7 +348,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn bench(a: BenchArgs) -> Result<()> {
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
     let opts = ModelOptions { n_slots: max_batch, max_batch_tokens: a.chunk.max(max_batch), max_batch_seqs: max_batch };
-    let (mut runner, name, params) = if let Some(name) = &a.random_shape {
+    let dev = model::DeviceOptions { graphs: !a.no_graphs, ..Default::default() };
+    // The ceilings are measured first, while the GPU's memory is free.
+    let ceilings = match a.device {
+        _ if a.no_ceilings => None,
+        DeviceChoice::Cpu => None,
+        DeviceChoice::Cuda(n) => Some(mamba_serve::backend::cuda::ceilings::measure(n)?),
+        DeviceChoice::Auto => mamba_serve::backend::cuda::ceilings::measure(0).ok(),
+    };
+    if let Some(c) = &ceilings {
+        tracing::info!(device = %c.device, copy_gb_per_s = c.copy_gb_per_s, bf16_tflop_per_s = c.bf16_tflop_per_s, "ceilings measured");
+    }
+    let (mut runner, name, params, width) = if let Some(name) = &a.random_shape {
         let cfg = shapes::public_shape(name).with_context(|| format!("unknown shape {name}; known: {}", shapes::NAMES.join(", ")))?;
         let dtype = match a.dtype.as_str() {
             "bf16" => DType::BF16,
@@ -205,20 +369,31 @@ fn bench(a: BenchArgs) -> Result<()> {
         };
         let params = shapes::param_count(&cfg);
         let src = RandomWeights::new(dtype, model::weights::expected_tensors(&cfg), 1);
-        let (runner, why) = model::load(a.device, cfg, &src, opts, &mut progress_logger())?;
+        let (runner, why) = model::load_with(a.device, dev, cfg, &src, opts, &mut progress_logger())?;
         tracing::info!(backend = %runner.backend_name(), "{why}");
-        (runner, format!("{name} (random {dtype})"), params)
+        (runner, format!("{name} (random {dtype})"), params, dtype.size())
     } else {
         let dir = a.model.as_ref().context("--model or --random-shape is required")?;
-        let runner = load_dir(dir, a.device, opts)?;
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let (runner, why) = model::load_with(a.device, dev, cfg, &ckpt, opts, &mut progress_logger())?;
+        tracing::info!(backend = %runner.backend_name(), "{why}");
         let params = shapes::param_count(runner.config());
-        (runner, dir.display().to_string(), params)
+        (runner, dir.display().to_string(), params, 2)
     };
     // What a decode step reads: every weight once, at the width the backend
-    // computes with (f32 on the CPU backend).
-    let width = if runner.backend_name().starts_with("cpu") { 4 } else { 2 };
+    // computes with (f32 on the CPU backend, the stored dtype on a GPU).
+    let width = if runner.backend_name().starts_with("cpu") { 4 } else { width };
     let weight_bytes = (params * width) as u64;
-    let report = mamba_serve::bench::run(runner.as_mut(), name, params, weight_bytes, &a.prompt_len, &a.batch, a.steps)?;
+    let plan = mamba_serve::bench::BenchPlan {
+        prompt_lens: &a.prompt_len,
+        batches: &a.batch,
+        steps: a.steps,
+        prefill_runs: a.prefill_runs,
+        graphs: !a.no_graphs && !runner.backend_name().starts_with("cpu"),
+        ceilings: ceilings.map(|c| mamba_serve::bench::Ceilings { copy_gb_per_s: c.copy_gb_per_s, bf16_tflop_per_s: c.bf16_tflop_per_s }),
+    };
+    let report = mamba_serve::bench::run(runner.as_mut(), name, params, weight_bytes, &plan)?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -28,7 +28,13 @@ fn logprobs(tokens: &[TokenOut], base: usize) -> CompletionLogprobs {
     for t in tokens {
         lp.tokens.push(t.text.clone());
         lp.token_logprobs.push(t.logprob);
-        lp.top_logprobs.push(t.top.iter().map(|(_, text, l)| (text.clone(), *l)).collect::<BTreeMap<_, _>>());
+        // Distinct ids can share a text (partial UTF-8 decodes to U+FFFD);
+        // the map keeps the likeliest, which comes first.
+        let mut top = BTreeMap::new();
+        for (_, text, l) in &t.top {
+            top.entry(text.clone()).or_insert(*l);
+        }
+        lp.top_logprobs.push(top);
         lp.text_offset.push(offset);
         offset += t.text.len();
     }

@@ -78,6 +78,15 @@ where
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
+            // A body that did not arrive in time surfaces as a buffering
+            // error whose cause is the timeout layer's.
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let mut timed_out = false;
+            while let Some(c) = cause {
+                timed_out |= c.is::<tower_http::timeout::TimeoutError>();
+                cause = c.source();
+            }
+            let status = if timed_out { StatusCode::REQUEST_TIMEOUT } else { status };
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(status, "invalid_request_error", Some("request_too_large"), "the request body is larger than this server accepts")
             } else if status == StatusCode::REQUEST_TIMEOUT {

@@ -48,10 +48,23 @@ fn new_request_id() -> String {
     super::response_id("req")
 }
 
+/// Largest total size of request headers accepted (431 above it).
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+
 /// Request id in and out, replica header, request metrics and one log line
 /// per request (no prompt text).
 pub async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request_error",
+            Some("headers_too_large"),
+            format!("request headers are larger than {MAX_HEADER_BYTES} bytes"),
+        )
+        .into_response();
+    }
     let id = req
         .headers()
         .get(&REQUEST_ID)

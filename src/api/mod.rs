@@ -10,6 +10,7 @@ pub mod generation;
 mod middleware;
 mod native;
 mod ops;
+pub mod server;
 mod sse;
 pub mod wire;
 

@@ -71,6 +71,7 @@ pub(super) fn run(runner: Box<dyn Runner>, queue: Receiver<Submission>, shared: 
             queue_open = l.admit(&queue);
         }
         l.drop_cancelled();
+        l.publish();
         if l.running.is_empty() {
             if !queue_open {
                 break;

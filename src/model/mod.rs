@@ -16,10 +16,10 @@ use std::path::PathBuf;
 
 pub use checkpoint::{Checkpoint, RandomWeights, TensorSource};
 pub use config::{Arch, ModelConfig};
-pub use forward::{Model, ModelOptions, Runner, SeqChunk};
+pub use forward::{DeviceOptions, Model, ModelOptions, Runner, SeqChunk};
 pub use weights::LoadProgress;
 
-use crate::backend::BackendError;
+use crate::backend::{Backend, BackendError};
 
 /// What can go wrong loading or running a model. Messages name the file or
 /// tensor and say what was expected.
@@ -46,6 +46,7 @@ pub enum ModelError {
 }
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
 
 /// Which device to run on, as the user asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,15 +81,37 @@ pub fn load(
     opts: ModelOptions,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<(Box<dyn Runner>, String), ModelError> {
+    load_with(device, DeviceOptions::default(), cfg, src, opts, progress)
+}
+
+/// [`load`] with explicit device options (pool share of GPU memory, graphs).
+pub fn load_with(
+    device: DeviceChoice,
+    dev: DeviceOptions,
+    cfg: ModelConfig,
+    src: &dyn TensorSource,
+    opts: ModelOptions,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<(Box<dyn Runner>, String), ModelError> {
+    let cpu = |cfg, progress: &mut dyn FnMut(LoadProgress), why: String| -> Result<(Box<dyn Runner>, String), ModelError> {
+        let m = Model::load_with(CpuBackend::new(), cfg, src, opts, dev, progress)?;
+        Ok((Box::new(m), why))
+    };
     match device {
-        DeviceChoice::Cpu => {
-            let m = Model::load(CpuBackend::new(), cfg, src, opts, progress)?;
-            Ok((Box::new(m), "cpu backend (asked for)".to_string()))
+        DeviceChoice::Cpu => cpu(cfg, progress, "cpu backend (asked for)".to_string()),
+        DeviceChoice::Cuda(n) => {
+            let b = CudaBackend::new(n)?;
+            let why = format!("cuda backend (asked for): {}", b.describe());
+            let m = Model::load_with(b, cfg, src, opts, dev, progress)?;
+            Ok((Box::new(m), why))
         }
-        DeviceChoice::Auto => {
-            let m = Model::load(CpuBackend::new(), cfg, src, opts, progress)?;
-            Ok((Box::new(m), "cpu backend (this build has no CUDA backend)".to_string()))
-        }
-        DeviceChoice::Cuda(_) => Err(ModelError::Backend(BackendError::Unavailable("cuda", "this build has no CUDA backend".into()))),
+        DeviceChoice::Auto => match CudaBackend::new(0) {
+            Ok(b) => {
+                let why = format!("cuda backend (auto: a usable GPU was found): {}", b.describe());
+                let m = Model::load_with(b, cfg, src, opts, dev, progress)?;
+                Ok((Box::new(m), why))
+            }
+            Err(e) => cpu(cfg, progress, format!("cpu backend (auto: no usable GPU: {e})")),
+        },
     }
 }

@@ -2,6 +2,8 @@
 //! save link time. Modules by area.
 
 mod common;
+mod http;
+mod serving;
 mod golden;
 mod invariance;
 mod loader;
