@@ -91,6 +91,13 @@ pub async fn serve(listener: TcpListener, router: axum::Router, state: Arc<AppSt
     let shutdown = async move {
         let _ = rx.wait_for(Option::is_some).await;
     };
+    // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds
+    // them back behind delayed ACKs (~40 ms bursts in a stream).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
     // Connections still open a few seconds after the shutdown began (idle
     // keep-alives, stuck clients) do not hold the process.
