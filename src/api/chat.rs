@@ -115,7 +115,7 @@ async fn run(state: Arc<AppState>, req: ChatRequest) -> Result<Response, ApiErro
         logprobs_cap: 20,
     };
     let v = validate_blocking(&state, PromptInput::Chat(rendered), g).await?;
-    let streams = generation::start(&state.engine, &state.tokenizer, &v, want_logprobs, arrived).await?;
+    let streams = generation::start(&state.engine, &state.tokenizer, &v, want_logprobs, arrived, state.server.log_prompts).await?;
     let id = response_id("chatcmpl");
     let created = unix_now();
     if stream {

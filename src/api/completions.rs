@@ -48,10 +48,19 @@ pub(super) async fn validate_blocking(
     g: GenerationInput,
 ) -> Result<Validated, ApiError> {
     let st = state.clone();
-    tokio::task::spawn_blocking(move || st.validator.generation(&prompt, &g))
+    let v = tokio::task::spawn_blocking(move || st.validator.generation(&prompt, &g))
         .await
         .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))?
-        .map_err(ApiError::from)
+        .map_err(ApiError::from)?;
+    // Prompt text is private: only its size is logged, unless configured.
+    let tokens: Vec<usize> = v.prompts.iter().map(|p| p.ids.len()).collect();
+    if state.server.log_prompts {
+        let texts: Vec<&str> = v.prompts.iter().map(|p| p.text.as_deref().unwrap_or("<token ids>")).collect();
+        tracing::debug!(?tokens, prompts = ?texts, n = v.n, max_tokens = v.max_tokens, "validated");
+    } else {
+        tracing::debug!(?tokens, n = v.n, max_tokens = v.max_tokens, "validated");
+    }
+    Ok(v)
 }
 
 async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, ApiError> {
@@ -104,7 +113,7 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
     } else {
         vec![]
     };
-    let streams = generation::start(&state.engine, &state.tokenizer, &v, want_tokens, arrived).await?;
+    let streams = generation::start(&state.engine, &state.tokenizer, &v, want_tokens, arrived, state.server.log_prompts).await?;
     let id = response_id("cmpl");
     let created = unix_now();
     let n = v.n;

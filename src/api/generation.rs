@@ -77,6 +77,8 @@ pub struct ChoiceStream {
     want_tokens: bool,
     pending_end: Option<Finish>,
     done: bool,
+    /// The text so far, kept only when outputs are logged.
+    log_text: Option<String>,
 }
 
 impl ChoiceStream {
@@ -94,6 +96,9 @@ impl ChoiceStream {
     fn end(&mut self, finish: Finish) -> Piece {
         self.done = true;
         self.events = None;
+        if let Some(text) = &self.log_text {
+            tracing::debug!(choice = self.index, ?finish, output = %text, "generated");
+        }
         Piece::End { choice: self.index, finish, prompt_tokens: self.prompt_tokens, completion_tokens: self.completion_tokens }
     }
 
@@ -123,6 +128,9 @@ impl ChoiceStream {
                         Err(e) => return Some(self.fail(ApiError::internal(format!("detokenization failed: {e}")))),
                     };
                     let out = self.stop.push(&text);
+                    if let Some(log) = self.log_text.as_mut() {
+                        log.push_str(&out.emit);
+                    }
                     if out.stopped {
                         // Dropping the receiver now tells the engine to free
                         // the slot at its next step; the end follows.
@@ -148,6 +156,9 @@ impl ChoiceStream {
                             FinishReason::StopToken(_) => Finish::StopToken,
                         }
                     };
+                    if let Some(log) = self.log_text.as_mut() {
+                        log.push_str(&out.emit);
+                    }
                     if out.emit.is_empty() {
                         return Some(self.end(finish));
                     }
@@ -176,6 +187,7 @@ pub async fn start(
     v: &Validated,
     want_tokens: bool,
     arrived: Instant,
+    log_outputs: bool,
 ) -> Result<Vec<ChoiceStream>, ApiError> {
     let requests = v.requests(arrived);
     let mut streams = Vec::with_capacity(requests.len());
@@ -193,6 +205,7 @@ pub async fn start(
             want_tokens,
             pending_end: None,
             done: false,
+            log_text: log_outputs.then(String::new),
         });
     }
     for s in &mut streams {

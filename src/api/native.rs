@@ -70,7 +70,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, JsonBody(req): JsonBod
     async {
         let arrived = Instant::now();
         let (v, prefix, details, sample) = prepare(&state, req).await?;
-        let mut streams = generation::start(&state.engine, &state.tokenizer, &v, true, arrived).await?;
+        let mut streams = generation::start(&state.engine, &state.tokenizer, &v, true, arrived, state.server.log_prompts).await?;
         let seed = streams.first().map(|_| v.requests(arrived)[0].params.seed);
         let r = generation::collect(streams.remove(0)).await?;
         let top = v.params.logprobs.is_some_and(|k| k > 0);
@@ -96,7 +96,7 @@ pub async fn generate_stream(State(state): State<Arc<AppState>>, JsonBody(req): 
         let (v, prefix, _, sample) = prepare(&state, req).await?;
         let seed = (sample && v.seeded).then_some(v.params.seed);
         let input_length = v.prompts[0].ids.len();
-        let streams = generation::start(&state.engine, &state.tokenizer, &v, true, arrived).await?;
+        let streams = generation::start(&state.engine, &state.tokenizer, &v, true, arrived, state.server.log_prompts).await?;
         let pieces = futures_util::stream::select_all(streams.into_iter().map(|s| s.into_stream().boxed()));
         let f = TgiStream { prev: None, text: prefix, seed, input_length };
         Ok::<_, ApiError>(sse::response(sse::events(pieces, f), Duration::from_secs(state.server.sse_keepalive_secs)))

@@ -446,3 +446,30 @@ async fn native_and_utility_routes() -> TestResult {
     assert_eq!(ready.status, StatusCode::OK);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_off_by_default_and_follows_the_setting() -> TestResult {
+    let preflight = || {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/v1/completions")
+            .header(header::ORIGIN, "https://app.example")
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .body(Body::empty())
+    };
+    let off = server(|_| {});
+    let res = send(&off.router, preflight()?).await;
+    assert!(!res.headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+    let on = server(|s| s.server.cors_allow_origins = vec!["https://app.example".into()]);
+    let res = send(&on.router, preflight()?).await;
+    assert_eq!(res.headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).and_then(|v| v.to_str().ok()), Some("https://app.example"));
+    assert!(!res.headers.contains_key(header::ACCESS_CONTROL_ALLOW_CREDENTIALS));
+    let other = Request::builder()
+        .method("OPTIONS")
+        .uri("/v1/completions")
+        .header(header::ORIGIN, "https://evil.example")
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .body(Body::empty())?;
+    assert!(!send(&on.router, other).await.headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+    Ok(())
+}

@@ -409,3 +409,31 @@ async fn the_openai_python_client_works() -> TestResult {
     assert!(stdout.contains("openai client: all checks passed"), "{stdout}");
     Ok(())
 }
+
+/// `mamba-serve generate --json` gives the reference's greedy tokens, and the
+/// server gives the same text for the same request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generate_command_matches_the_reference_and_the_server() -> TestResult {
+    let dir = fixtures_dir().join("mamba1-tiny");
+    let r = reference(&dir);
+    let p = &r.prompts[2];
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mamba-serve"))
+        .args(["generate", "--model", dir.to_str().expect("utf-8"), "--prompt", &p.text, "--max-tokens", "24", "--ignore-eos", "--json", "--device", "cpu"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout)?;
+    let last = stdout.lines().last().expect("a JSON line");
+    let v: Value = serde_json::from_str(last)?;
+    assert_eq!(v["prompt_ids"], json!(p.ids));
+    assert_eq!(v["generated_ids"], json!(p.greedy[..24]));
+    assert!(v["timings"]["decode_s"].as_f64().is_some());
+    let text = v["text"].as_str().expect("text");
+    assert!(stdout.starts_with(text), "the text was streamed before the JSON line");
+    let addr = start(|_| {}).await;
+    let body = json!({"prompt": p.text, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+    let server: Value = client().post(format!("http://{addr}/v1/completions")).json(&body).send().await?.json().await?;
+    assert_eq!(server["choices"][0]["text"].as_str(), Some(text));
+    Ok(())
+}
