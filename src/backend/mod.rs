@@ -13,6 +13,7 @@
 //! oracle for the CUDA one (`cuda/`).
 
 pub mod cpu;
+pub mod cuda;
 pub mod rng;
 
 
@@ -156,13 +157,19 @@ pub struct Packed<'a, B: Backend + ?Sized> {
     pub n_seqs: usize,
     /// `[n_seqs + 1]` row offsets.
     pub cu_seqlens: &'a B::Ids,
-    /// `[n_seqs]` state-slot indices, all distinct.
+    /// `[n_seqs]` state-slot indices, all distinct, except that
+    /// [`PAD_SLOT`] marks a padding row of a captured graph's batch: its
+    /// state reads as zeros and is never written. Only backends with graphs
+    /// ([`Backend::begin_capture`]) are given padding rows.
     pub slots: &'a B::Ids,
     /// `[n_seqs]` 1 for prompt segments, 0 for generated-token segments.
     pub prompt: &'a B::Ids,
     /// True when every segment has exactly one token.
     pub single_token: bool,
 }
+
+/// The slot index of a padding row (see [`Packed::slots`]).
+pub const PAD_SLOT: u32 = u32::MAX;
 
 /// Shape of the per-slot, per-layer recurrent state in a pool buffer.
 ///
@@ -236,6 +243,33 @@ pub struct Mamba1ScanArgs<'a, B: Backend + ?Sized> {
     pub layout: PoolLayout,
     pub layer: usize,
     pub d_state: usize,
+}
+
+/// Arguments of the Mamba-1 single-token step, fused with what belongs
+/// with it: one token per sequence (row s is sequence s).
+///
+/// `xdbl` row s is `[dt_low (dt_rank) | B (d_state) | C (d_state)]`, the
+/// output of x_proj. When `norm_eps` is set (Falcon-Mamba) the three parts
+/// are first divided by their own RMS (weightless, that epsilon). Then
+/// `dt = softplus(dt_low · dt_projᵀ + dt_bias)` and the state update and
+/// output are those of [`Mamba1ScanArgs`] for one token.
+pub struct Mamba1StepArgs<'a, B: Backend + ?Sized> {
+    /// Conv output, `[n_seqs, channels]`.
+    pub x: View<'a, B::Vec>,
+    pub xdbl: View<'a, B::Vec>,
+    /// `[channels, dt_rank]`.
+    pub dt_proj: &'a B::Mat,
+    pub dt_bias: &'a B::Vec,
+    /// `a = -exp(A_log)`, `[channels, d_state]`.
+    pub a: &'a B::Vec,
+    pub skip: &'a B::Vec,
+    pub z: View<'a, B::Vec>,
+    pub norm_eps: Option<f32>,
+    pub dt_rank: usize,
+    pub d_state: usize,
+    pub state: &'a mut B::Vec,
+    pub layout: PoolLayout,
+    pub layer: usize,
 }
 
 /// Arguments of the Mamba-2 (SSD) scan over a packed batch.
@@ -336,6 +370,8 @@ pub trait Backend: Send + 'static {
     /// A weight matrix `[rows, cols]` on the device, in the dtype the
     /// backend's GEMM wants (the CUDA backend keeps the stored dtype).
     type Mat: Send;
+    /// A recorded sequence of ops (see [`Backend::begin_capture`]).
+    type Graph: Send;
 
     /// One line for logs: which device, which precision.
     fn describe(&self) -> String;
@@ -397,6 +433,10 @@ pub trait Backend: Send + 'static {
         out: ViewMut<'_, Self::Vec>,
     ) -> Result<()>;
 
+    /// Mamba-1 decode step (every segment one token); see
+    /// [`Mamba1StepArgs`].
+    fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
+
     /// Mamba-2 SSD scan; see [`Mamba2ScanArgs`].
     fn mamba2_scan(
         &self,
@@ -423,4 +463,43 @@ pub trait Backend: Send + 'static {
 
     /// `out[i, :] = src[rows[i], :]` for i < n.
     fn gather_rows(&self, src: View<'_, Self::Vec>, rows: &Self::Ids, n: usize, out: ViewMut<'_, Self::Vec>) -> Result<()>;
+
+    /// Sizes the scratch space ops need beyond their arguments, once, before
+    /// any graph is recorded: products over up to `max_rows` rows of up to
+    /// `max_cols` inputs, and sampling of up to `sample_rows` rows of
+    /// `vocab` logits.
+    fn reserve_scratch(&self, _max_rows: usize, _max_cols: usize, _sample_rows: usize, _vocab: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Free device memory in bytes, for sizing the state pool; `None` on a
+    /// backend without device memory of its own.
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
+
+    /// Kernel launches and library calls issued so far (a recorded graph's
+    /// ops count when recorded; a replay counts once).
+    fn launches(&self) -> u64 {
+        0
+    }
+
+    /// Starts recording the ops that follow, without running them, into a
+    /// graph that [`Backend::replay`] runs again; `Ok(false)` when the
+    /// backend has no graphs (then nothing is recorded). While recording,
+    /// ops must not read back or upload: only device work is captured.
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Ends a recording started by [`Backend::begin_capture`].
+    fn end_capture(&self) -> Result<Self::Graph> {
+        Err(BackendError::Unavailable("graphs", "this backend records no graphs".into()))
+    }
+
+    /// Runs a recorded graph: the same ops on the same buffers, reading
+    /// whatever those buffers hold now.
+    fn replay(&self, _graph: &Self::Graph) -> Result<()> {
+        Err(BackendError::Unavailable("graphs", "this backend records no graphs".into()))
+    }
 }

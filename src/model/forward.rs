@@ -7,23 +7,65 @@
 //! last token come back. A slot's state is reset by the caller when a new
 //! sequence takes it.
 
+use std::collections::HashMap;
+
 use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use super::ModelError;
 use crate::backend::{
-    Backend, ConvArgs, Mamba1ScanArgs, Mamba2ScanArgs, Packed, PoolLayout, SampleRow, SampledToken, View, ViewMut,
+    Backend, ConvArgs, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, PAD_SLOT, Packed, PoolLayout, SampleRow, SampledToken,
+    View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelOptions {
-    /// State slots (concurrent sequences) in the pool.
+    /// State slots (concurrent sequences) in the pool; 0 chooses: from free
+    /// memory on a GPU ([`DeviceOptions::pool_memory_fraction`]), 16 on the
+    /// CPU.
     pub n_slots: usize,
     /// Most tokens one step may carry (decode tokens plus prompt chunks).
     pub max_batch_tokens: usize,
-    /// Most sequences one step may carry.
+    /// Most sequences one step may carry; 0: as many as the slots (at most
+    /// `max_batch_tokens`).
     pub max_batch_seqs: usize,
+}
+
+/// How a model uses a device with memory and graphs of its own (ignored on
+/// the CPU).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceOptions {
+    /// Share of the device memory left free after the weights and the
+    /// workspace that the state pool takes when `n_slots` is 0.
+    pub pool_memory_fraction: f64,
+    /// Record single-token steps as graphs per batch-size bucket and
+    /// replay them.
+    pub graphs: bool,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions { pool_memory_fraction: 0.8, graphs: true }
+    }
+}
+
+/// Slots chosen on a backend without device memory when asked to choose.
+const CPU_DEFAULT_SLOTS: usize = 16;
+
+/// Batch sizes single-token steps are recorded at: a step of n sequences
+/// runs the graph of the smallest bucket >= n, the rest of it padding.
+fn graph_buckets(max: usize) -> Vec<usize> {
+    let mut v = vec![];
+    let mut b = 1;
+    while b < max {
+        v.push(b);
+        // 1, 2, 4, 8, 16, then steps of about a quarter (multiples of 8),
+        // so padding stays small.
+        b = if b < 16 { b * 2 } else { b + (b / 4).div_ceil(8) * 8 };
+    }
+    v.push(max);
+    v
 }
 
 /// One sequence's share of a step: its slot and the tokens to run.
@@ -63,6 +105,15 @@ struct Workspace<B: Backend> {
     logits: B::Vec,
 }
 
+/// Recorded single-token steps, by bucket.
+struct Graphs<B: Backend> {
+    enabled: bool,
+    /// `None` until the backend was asked whether it records graphs.
+    supported: Option<bool>,
+    buckets: Vec<usize>,
+    recorded: HashMap<usize, B::Graph>,
+}
+
 /// A loaded model on a backend, with its state pool.
 pub struct Model<B: Backend> {
     backend: B,
@@ -71,6 +122,7 @@ pub struct Model<B: Backend> {
     pool: StatePool<B>,
     ws: Workspace<B>,
     opts: ModelOptions,
+    graphs: Graphs<B>,
 }
 
 impl<B: Backend> Model<B> {
@@ -83,15 +135,40 @@ impl<B: Backend> Model<B> {
         opts: ModelOptions,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self, ModelError> {
-        if opts.n_slots == 0 || opts.max_batch_tokens == 0 || opts.max_batch_seqs == 0 {
-            return Err(ModelError::Batch(format!("slots, batch tokens and batch sequences must be positive: {opts:?}")));
+        Self::load_with(backend, cfg, src, opts, DeviceOptions::default(), progress)
+    }
+
+    /// [`Model::load`] with explicit device options. The workspace is
+    /// allocated before the state pool, so a pool sized from free memory
+    /// takes only what is left.
+    pub fn load_with(
+        backend: B,
+        cfg: ModelConfig,
+        src: &dyn TensorSource,
+        mut opts: ModelOptions,
+        dev: DeviceOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self, ModelError> {
+        if opts.max_batch_tokens == 0 {
+            return Err(ModelError::Batch(format!("batch tokens must be positive: {opts:?}")));
+        }
+        if !(dev.pool_memory_fraction > 0.0 && dev.pool_memory_fraction <= 1.0) {
+            return Err(ModelError::Batch(format!("pool memory fraction {} outside (0, 1]", dev.pool_memory_fraction)));
         }
         let cfg = weights::resolve_dims(cfg, src)?;
         let weights = weights::upload(&backend, &cfg, src, progress)?;
-        let conv_layout = PoolLayout { n_slots: opts.n_slots, n_layers: cfg.n_layers, per_layer: cfg.conv_state_len() };
-        let ssm_layout = PoolLayout { n_slots: opts.n_slots, n_layers: cfg.n_layers, per_layer: cfg.ssm_state_len() };
-        let pool = StatePool { conv: backend.alloc(conv_layout.len())?, ssm: backend.alloc(ssm_layout.len())?, conv_layout, ssm_layout };
-        let (t, s) = (opts.max_batch_tokens, opts.max_batch_seqs);
+        // Sequences per step: as asked, else bounded by the tokens (and by
+        // the slots once they are known).
+        let seq_cap = if opts.max_batch_seqs > 0 {
+            opts.max_batch_seqs
+        } else if opts.n_slots > 0 {
+            opts.n_slots.min(opts.max_batch_tokens)
+        } else {
+            opts.max_batch_tokens
+        };
+        let (t, s) = (opts.max_batch_tokens, seq_cap);
+        let widest_input = cfg.hidden_size.max(cfg.d_inner).max(cfg.dt_rank);
+        backend.reserve_scratch(t, widest_input, s, cfg.vocab_size)?;
         let d = cfg.hidden_size;
         let di = cfg.d_inner;
         let xdbl = match cfg.arch {
@@ -116,7 +193,42 @@ impl<B: Backend> Model<B> {
             last: backend.alloc(s * d)?,
             logits: backend.alloc(s * cfg.vocab_size)?,
         };
-        Ok(Model { backend, cfg, weights, pool, ws, opts })
+        let slot_bytes = 4 * (cfg.conv_state_len() + cfg.ssm_state_len()) * cfg.n_layers;
+        if opts.n_slots == 0 {
+            opts.n_slots = match backend.free_memory() {
+                None => CPU_DEFAULT_SLOTS,
+                Some(free) => {
+                    let n = (free as f64 * dev.pool_memory_fraction / slot_bytes as f64) as usize;
+                    if n == 0 {
+                        return Err(ModelError::Batch(format!(
+                            "{free} bytes of device memory are free after the weights; one state slot needs {slot_bytes}"
+                        )));
+                    }
+                    n
+                }
+            };
+        }
+        if opts.max_batch_seqs == 0 {
+            opts.max_batch_seqs = s.min(opts.n_slots);
+        }
+        let conv_layout = PoolLayout { n_slots: opts.n_slots, n_layers: cfg.n_layers, per_layer: cfg.conv_state_len() };
+        let ssm_layout = PoolLayout { n_slots: opts.n_slots, n_layers: cfg.n_layers, per_layer: cfg.ssm_state_len() };
+        let pool = StatePool { conv: backend.alloc(conv_layout.len())?, ssm: backend.alloc(ssm_layout.len())?, conv_layout, ssm_layout };
+        tracing::info!(
+            slots = opts.n_slots,
+            bytes_per_slot = slot_bytes,
+            pool_bytes = slot_bytes * opts.n_slots,
+            max_batch_seqs = opts.max_batch_seqs,
+            max_batch_tokens = opts.max_batch_tokens,
+            "state pool allocated"
+        );
+        let graphs = Graphs {
+            enabled: dev.graphs,
+            supported: None,
+            buckets: graph_buckets(opts.max_batch_seqs.min(opts.max_batch_tokens)),
+            recorded: HashMap::new(),
+        };
+        Ok(Model { backend, cfg, weights, pool, ws, opts, graphs })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -262,17 +374,58 @@ impl<B: Backend> Model<B> {
             cu.push(ids.len() as u32);
             slots.push(c.slot as u32);
         }
-        let prompt: Vec<u32> = chunks.iter().map(|c| c.is_prompt as u32).collect();
-        let last_rows: Vec<u32> = cu[1..].iter().map(|&e| e - 1).collect();
+        let mut prompt: Vec<u32> = chunks.iter().map(|c| c.is_prompt as u32).collect();
         let single_token = n_tokens == n_seqs;
 
-        let Model { backend: b, cfg, weights: w, pool, ws, .. } = self;
-        b.write_ids(&mut ws.ids, &ids)?;
-        b.write_ids(&mut ws.cu, &cu)?;
-        b.write_ids(&mut ws.slots, &slots)?;
-        b.write_ids(&mut ws.prompt, &prompt)?;
-        b.write_ids(&mut ws.last_rows, &last_rows)?;
+        if single_token && self.graphs.enabled && self.graphs.supported != Some(false) {
+            // Pad to the bucket: padding rows feed token 0 into no slot.
+            let bucket = self.graphs.buckets.iter().copied().find(|&b| b >= n_seqs).unwrap_or(n_seqs);
+            ids.resize(bucket, 0);
+            slots.resize(bucket, PAD_SLOT);
+            prompt.resize(bucket, 0);
+            let cu: Vec<u32> = (0..=bucket as u32).collect();
+            self.upload_step(&ids, &cu, &slots, &prompt, &[])?;
+            if let Some(g) = self.graphs.recorded.get(&bucket) {
+                return Ok(self.backend.replay(g)?);
+            }
+            if self.backend.begin_capture()? {
+                self.graphs.supported = Some(true);
+                let recorded = self.ops(bucket, bucket, true);
+                // End the recording whatever happened, so the device is usable.
+                let graph = self.backend.end_capture();
+                recorded?;
+                let graph = graph?;
+                self.backend.replay(&graph)?;
+                self.graphs.recorded.insert(bucket, graph);
+                return Ok(());
+            }
+            self.graphs.supported = Some(false);
+            ids.truncate(n_seqs);
+            slots.truncate(n_seqs);
+            prompt.truncate(n_seqs);
+        }
+        let last_rows: Vec<u32> = cu[1..].iter().map(|&e| e - 1).collect();
+        self.upload_step(&ids, &cu, &slots, &prompt, &last_rows)?;
+        self.ops(n_tokens, n_seqs, single_token)
+    }
 
+    /// Writes a step's inputs to the workspace.
+    fn upload_step(&mut self, ids: &[u32], cu: &[u32], slots: &[u32], prompt: &[u32], last_rows: &[u32]) -> Result<(), ModelError> {
+        let (b, ws) = (&self.backend, &mut self.ws);
+        b.write_ids(&mut ws.ids, ids)?;
+        b.write_ids(&mut ws.cu, cu)?;
+        b.write_ids(&mut ws.slots, slots)?;
+        b.write_ids(&mut ws.prompt, prompt)?;
+        if !last_rows.is_empty() {
+            b.write_ids(&mut ws.last_rows, last_rows)?;
+        }
+        Ok(())
+    }
+
+    /// The device work of one step over the uploaded inputs: only backend
+    /// ops, so it can be recorded as a graph.
+    fn ops(&mut self, n_tokens: usize, n_seqs: usize, single_token: bool) -> Result<(), ModelError> {
+        let Model { backend: b, cfg, weights: w, pool, ws, .. } = self;
         let d = cfg.hidden_size;
         b.embed(&w.embed, &ws.ids, n_tokens, &mut ws.residual)?;
         for (l, lw) in w.layers.iter().enumerate() {
@@ -299,10 +452,16 @@ impl<B: Backend> Model<B> {
             mixer(b, cfg, lw, l, pool, &batch, bufs)?;
         }
         b.add_rmsnorm(&mut ws.residual, Some(&ws.mixed), &w.norm_f, cfg.norm_eps, n_tokens, d, &mut ws.normed)?;
-        b.gather_rows(View::dense(&ws.normed, n_tokens, d), &ws.last_rows, n_seqs, ViewMut::dense(&mut ws.last, n_seqs, d))?;
+        // With one token per sequence, row i is sequence i's last token.
+        let last = if single_token {
+            &ws.normed
+        } else {
+            b.gather_rows(View::dense(&ws.normed, n_tokens, d), &ws.last_rows, n_seqs, ViewMut::dense(&mut ws.last, n_seqs, d))?;
+            &ws.last
+        };
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
         let v = cfg.vocab_size;
-        b.linear(View::dense(&ws.last, n_seqs, d), head, None, ViewMut::dense(&mut ws.logits, n_seqs, v))?;
+        b.linear(View::dense(last, n_seqs, d), head, None, ViewMut::dense(&mut ws.logits, n_seqs, v))?;
         Ok(())
     }
 }
@@ -354,6 +513,29 @@ fn mixer<B: Backend>(
     let xc = View::dense(&*m.conv_out, t, cd);
 
     match &lw.mixer {
+        MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } if batch.single_token => {
+            // Decode: Falcon's norms, the dt projection and the scan step in one op.
+            let r = cfg.dt_rank;
+            let w = r + 2 * n;
+            b.linear(xc, x_proj, None, ViewMut::dense(m.xdbl, t, w))?;
+            let args = Mamba1StepArgs {
+                x: xc,
+                xdbl: View::dense(&*m.xdbl, t, w),
+                dt_proj,
+                dt_bias,
+                a,
+                skip,
+                z,
+                norm_eps: (cfg.arch == Arch::FalconMamba).then_some(cfg.mixer_rms_eps),
+                dt_rank: r,
+                d_state: n,
+                state: &mut pool.ssm,
+                layout: pool.ssm_layout,
+                layer,
+            };
+            b.mamba1_step(args, batch, ViewMut::dense(m.y, t, di))?;
+            b.linear(View::dense(&*m.y, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.out, t, d))?;
+        }
         MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } => {
             let r = cfg.dt_rank;
             let w = r + 2 * n;
@@ -426,6 +608,11 @@ pub trait Runner: Send {
     fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), ModelError>;
     fn read_slot(&self, slot: usize) -> Result<Vec<f32>, ModelError>;
     fn write_slot(&mut self, slot: usize, data: &[f32]) -> Result<(), ModelError>;
+    /// Device kernel launches and library calls issued so far (0 where the
+    /// backend does not count them); a graph replay counts once.
+    fn launches(&self) -> u64 {
+        0
+    }
 }
 
 impl<B: Backend> Runner for Model<B> {
@@ -458,5 +645,8 @@ impl<B: Backend> Runner for Model<B> {
     }
     fn write_slot(&mut self, slot: usize, data: &[f32]) -> Result<(), ModelError> {
         Model::write_slot(self, slot, data)
+    }
+    fn launches(&self) -> u64 {
+        self.backend.launches()
     }
 }

@@ -2,6 +2,8 @@
 //! save link time. Modules by area.
 
 mod common;
+#[cfg(feature = "gpu-tests")]
+mod cuda;
 mod http;
 mod serving;
 mod golden;

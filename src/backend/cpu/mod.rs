@@ -10,12 +10,13 @@
 mod math;
 mod parallel;
 pub mod sample;
+mod step;
 
 use half::{bf16, f16};
 
 use super::{
-    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba2ScanArgs, Packed, Result, SampleRow, SampledToken,
-    View, ViewMut,
+    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, Result, SampleRow,
+    SampledToken, View, ViewMut,
 };
 
 pub use math::{gelu, gelu_tanh, silu, softplus};
@@ -84,6 +85,7 @@ impl Backend for CpuBackend {
     type Vec = Vec<f32>;
     type Ids = Vec<u32>;
     type Mat = CpuMat;
+    type Graph = ();
 
     fn describe(&self) -> String {
         format!("cpu ({} threads, f32 compute)", rayon::current_num_threads())
@@ -244,6 +246,34 @@ impl Backend for CpuBackend {
         check_view("mamba1_scan", "out", out.buf.len(), view_mut_dims(&out))?;
         check_packed("mamba1_scan", batch, args.layout.n_slots)?;
         math::mamba1_scan(args, batch, out);
+        Ok(())
+    }
+
+    fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Vec<f32>>) -> Result<()> {
+        let (d, n, r) = (args.x.cols, args.d_state, args.dt_rank);
+        let s = batch.n_seqs;
+        check("mamba1_step", batch.single_token && batch.n_tokens == s, || "every segment must hold one token".into())?;
+        check("mamba1_step", args.layout.per_layer == d * n && args.state.len() == args.layout.len(), || {
+            format!("state per layer {} for {d} channels × {n}", args.layout.per_layer)
+        })?;
+        check("mamba1_step", args.a.len() == d * n && args.dt_bias.len() == d && args.skip.len() == d, || {
+            format!("a {} dt_bias {} D {} for {d} channels × {n}", args.a.len(), args.dt_bias.len(), args.skip.len())
+        })?;
+        check("mamba1_step", args.dt_proj.rows == d && args.dt_proj.cols == r, || {
+            format!("dt_proj [{}, {}] for {d} channels, rank {r}", args.dt_proj.rows, args.dt_proj.cols)
+        })?;
+        check("mamba1_step", args.xdbl.rows == s && args.xdbl.cols == r + 2 * n, || {
+            format!("xdbl is [{}, {}], want [{s}, {}]", args.xdbl.rows, args.xdbl.cols, r + 2 * n)
+        })?;
+        for (what, v) in [("x", &args.x), ("z", &args.z)] {
+            check("mamba1_step", v.rows == s && v.cols == d, || format!("{what} is [{}, {}], want [{s}, {d}]", v.rows, v.cols))?;
+            check_view("mamba1_step", what, v.buf.len(), view_dims(v))?;
+        }
+        check_view("mamba1_step", "xdbl", args.xdbl.buf.len(), view_dims(&args.xdbl))?;
+        check("mamba1_step", out.rows == s && out.cols == d, || format!("out is [{}, {}]", out.rows, out.cols))?;
+        check_view("mamba1_step", "out", out.buf.len(), view_mut_dims(&out))?;
+        check_packed("mamba1_step", batch, args.layout.n_slots)?;
+        step::mamba1_step(args, batch, out);
         Ok(())
     }
 

@@ -1,0 +1,61 @@
+// Row movement: embedding gather, row gather, fill, f32 -> 16-bit
+// conversion of activations (for tensor-core GEMMs) and bias broadcast.
+
+// out[t, :] = f32(table[ids[t], :]) for t < gridDim.x; `d` columns.
+// An id outside the table writes NaN, so a bad id cannot pass unnoticed.
+template <int DT>
+__device__ void embed_impl(const void* table, const u32* ids, float* out, int d, u32 rows) {
+    const u32 t = blockIdx.x;
+    const u32 id = ids[t];
+    float* o = out + (u64)t * d;
+    if (id >= rows) {
+        for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = __int_as_float(0x7fc00000);
+        return;
+    }
+    const u64 base = (u64)id * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = load_weight<DT>(table, base + c);
+}
+
+extern "C" __global__ void embed_f32(const void* table, const u32* ids, float* out, int d, u32 rows) {
+    embed_impl<0>(table, ids, out, d, rows);
+}
+extern "C" __global__ void embed_bf16(const void* table, const u32* ids, float* out, int d, u32 rows) {
+    embed_impl<1>(table, ids, out, d, rows);
+}
+extern "C" __global__ void embed_f16(const void* table, const u32* ids, float* out, int d, u32 rows) {
+    embed_impl<2>(table, ids, out, d, rows);
+}
+
+// out[i, :] = src[rows[i], :] for i < gridDim.x.
+extern "C" __global__ void gather_rows(const float* src, int src_stride, const u32* rows, float* out, int out_stride,
+                                       int cols) {
+    const u32 i = blockIdx.x;
+    const float* s = src + (u64)rows[i] * src_stride;
+    float* o = out + (u64)i * out_stride;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = s[c];
+}
+
+// dst[i] = value for i < n.
+extern "C" __global__ void fill_f32(float* dst, u64 n, float value) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = value;
+}
+
+// Dense 16-bit copy of a strided f32 view: out[r, c] = half(x[r * stride + c]).
+// `dt` is 1 for bf16, 2 for f16.
+extern "C" __global__ void to_half(const float* x, int rows, int cols, int stride, u16* out, int dt) {
+    const u64 n = (u64)rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / cols, c = i % cols;
+        const float v = x[r * stride + c];
+        out[i] = dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+    }
+}
+
+// out[r, :] = bias for r < rows (the GEMM then accumulates onto it).
+extern "C" __global__ void bias_rows(const float* bias, float* out, int rows, int cols, int stride) {
+    const u64 n = (u64)rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / cols, c = i % cols;
+        out[r * stride + c] = bias[c];
+    }
+}

@@ -1,0 +1,62 @@
+// RMS norms: the fused residual add + RMSNorm before every mixer, the
+// weightless column-group norms of Falcon-Mamba, and Mamba-2's gated norm.
+
+// One block per row of width `dim`:
+//   residual += delta (when delta is not null);
+//   out = residual / sqrt(mean(residual^2) + eps) * weight.
+extern "C" __global__ void add_rmsnorm(float* residual, const float* delta, const float* weight, float eps, int dim,
+                                       float* out) {
+    __shared__ float sh[33];
+    const u64 base = (u64)blockIdx.x * dim;
+    float* r = residual + base;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        float v = r[c];
+        if (delta) {
+            v += delta[base + c];
+            r[c] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    const float s = (float)(1.0 / sqrt((double)ss / dim + (double)eps));
+    float* o = out + base;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) o[c] = weight[c] * (r[c] * s);
+}
+
+// In-place weightless RMSNorm of up to 4 column groups of each row; block
+// (row, group). Groups are (start, len) pairs.
+extern "C" __global__ void rms_norm_columns(float* x, int stride, int s0, int l0, int s1, int l1, int s2, int l2, int s3,
+                                            int l3, float eps) {
+    __shared__ float sh[33];
+    const int g = blockIdx.y;
+    const int start = g == 0 ? s0 : g == 1 ? s1 : g == 2 ? s2 : s3;
+    const int len = g == 0 ? l0 : g == 1 ? l1 : g == 2 ? l2 : l3;
+    float* v = x + (u64)blockIdx.x * stride + start;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < len; c += blockDim.x) ss += v[c] * v[c];
+    ss = block_sum(ss, sh);
+    const float s = (float)(1.0 / sqrt((double)ss / len + (double)eps));
+    for (int c = threadIdx.x; c < len; c += blockDim.x) v[c] *= s;
+}
+
+// Mamba-2 gated RMSNorm, block (row, group): g = y * silu(z), normalised
+// over each group of `group` channels, times weight.
+extern "C" __global__ void gated_rmsnorm(const float* y, int y_stride, const float* z, int z_stride,
+                                         const float* weight, float eps, int group, float* out, int out_stride) {
+    __shared__ float sh[33];
+    const u64 row = blockIdx.x;
+    const int c0 = blockIdx.y * group;
+    const float* yr = y + row * y_stride + c0;
+    const float* zr = z + row * z_stride + c0;
+    float* o = out + row * out_stride + c0;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < group; c += blockDim.x) {
+        const float g = yr[c] * silu_f(zr[c]);
+        o[c] = g;
+        ss += g * g;
+    }
+    ss = block_sum(ss, sh);
+    const float s = (float)(1.0 / sqrt((double)ss / group + (double)eps));
+    for (int c = threadIdx.x; c < group; c += blockDim.x) o[c] = weight[c0 + c] * (o[c] * s);
+}

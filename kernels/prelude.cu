@@ -1,0 +1,125 @@
+// Helpers shared by every kernel family. The backend puts this text in front
+// of each family's source before compiling it with NVRTC; no CUDA header is
+// included anywhere, so NVRTC needs no toolkit headers at run time.
+//
+// Dtype codes used across the families: 0 = f32, 1 = bf16, 2 = f16. Half
+// types travel as raw 16-bit patterns and are converted with PTX `cvt`.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+// A slot index that marks a padding row of a CUDA-graph bucket: its state
+// is neither read (zeros are used) nor written.
+#define PAD_SLOT 0xffffffffu
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Element i of a weight array of dtype DT, widened to f32.
+template <int DT>
+__device__ __forceinline__ float load_weight(const void* p, u64 i) {
+    if (DT == 0) return ((const float*)p)[i];
+    if (DT == 1) return bf16_to_f32(((const u16*)p)[i]);
+    return f16_to_f32(((const u16*)p)[i]);
+}
+
+__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
+
+// PyTorch's softplus with threshold 20.
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+// Activation codes: 0 identity, 1 silu, 2 relu, 3 gelu (erf), 4 gelu (tanh).
+__device__ __forceinline__ float activate(int act, float x) {
+    switch (act) {
+        case 1: return silu_f(x);
+        case 2: return x > 0.0f ? x : 0.0f;
+        case 3: return (float)(0.5 * (double)x * (1.0 + erf((double)x * 0.70710678118654752440)));
+        case 4: {
+            double d = (double)x;
+            double inner = 0.79788456080286535588 * (d + 0.044715 * d * d * d);
+            return (float)(0.5 * d * (1.0 + tanh(inner)));
+        }
+        default: return x;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        T w = __shfl_xor_sync(FULL_MASK, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+// Sum over the whole block; `sh` holds at least 33 elements. Every thread
+// gets the result. Safe to call repeatedly with the same `sh`.
+template <typename T>
+__device__ T block_sum(T v, T* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        T x = lane < nw ? sh[lane] : (T)0;
+        x = warp_sum(x);
+        if (lane == 0) sh[32] = x;
+    }
+    __syncthreads();
+    return sh[32];
+}
+
+template <typename T>
+__device__ T block_max(T v, T* sh, T lowest) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        T x = lane < nw ? sh[lane] : lowest;
+        x = warp_max(x);
+        if (lane == 0) sh[32] = x;
+    }
+    __syncthreads();
+    return sh[32];
+}
+
+// Index of the segment that packed row `t` belongs to: the largest s with
+// cu[s] <= t (cu holds n_seqs + 1 ascending offsets).
+__device__ __forceinline__ int segment_of(const u32* cu, int n_seqs, u32 t) {
+    int lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (cu[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}

@@ -1,0 +1,212 @@
+// Selective state-space scans over packed batches, reading and writing each
+// sequence's SSM state in the pool in place.
+//
+// State of (slot, layer): `[channels, d_state]` f32 at
+// state + slot * slot_stride + layer_off, where a "channel" is a Mamba-1
+// inner channel or a Mamba-2 (head, head_dim row) pair. A slot equal to
+// PAD_SLOT marks a padding row: zeros are read and nothing is written.
+//
+// Layout of the packed scan: a group of LANES consecutive threads owns one
+// channel of one sequence; lane l holds states l, l + LANES, ... (at most 4
+// per lane). Per-token scalars (x, dt) are loaded LANES tokens at a time, one
+// per lane, and passed round with shuffles, so each lane computes the
+// softplus of one token instead of every lane computing all of them.
+
+template <int LANES, bool M2>
+__device__ void ssm_scan_impl(const float* __restrict__ x, int xs, const float* __restrict__ dt, int dts,
+                              const float* __restrict__ dt_bias, const float* __restrict__ a,
+                              const float* __restrict__ B, int bs, const float* __restrict__ C, int cs,
+                              const float* __restrict__ skip, const float* __restrict__ z, int zs,
+                              float* __restrict__ state, u64 slot_stride, u64 layer_off, const u32* __restrict__ cu,
+                              const u32* __restrict__ slots, const u32* __restrict__ prompt, int channels,
+                              int d_state, int head_dim, int heads_per_group, float dt_lo, float dt_hi,
+                              float* __restrict__ out, int os) {
+    const int lane = threadIdx.x % LANES;
+    const int cpb = blockDim.x / LANES;
+    const int c = blockIdx.x * cpb + threadIdx.x / LANES;
+    const bool active = c < channels;
+    const int cc = active ? c : channels - 1;
+    const int s = blockIdx.y;
+    const u32 start = cu[s], end = cu[s + 1];
+    const u32 slot = slots[s];
+    const bool clamp = M2 && prompt[s] != 0;
+    const int head = M2 ? cc / head_dim : cc;
+    const int goff = M2 ? (head / heads_per_group) * d_state : 0;
+    const float bias = dt_bias[head];
+    const float dskip = skip[head];
+    float* st = slot == PAD_SLOT ? 0 : state + (u64)slot * slot_stride + layer_off + (u64)cc * d_state;
+
+    float h[4], av[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int n = lane + j * LANES;
+        const bool valid = n < d_state;
+        h[j] = (valid && st) ? st[n] : 0.0f;
+        av[j] = M2 ? a[head] : (valid ? a[(u64)cc * d_state + n] : 0.0f);
+    }
+    for (u32 t0 = start; t0 < end; t0 += LANES) {
+        const u32 tl = t0 + lane;
+        const bool have = tl < end;
+        const float xr = have ? x[(u64)tl * xs + cc] : 0.0f;
+        float sp = softplus_f((have ? dt[(u64)tl * dts + head] : 0.0f) + bias);
+        if (clamp) sp = fminf(fmaxf(sp, dt_lo), dt_hi);
+        float ymine = 0.0f;
+        const int nt = (int)min((u32)LANES, end - t0);
+        for (int i = 0; i < nt; ++i) {
+            const float xv = __shfl_sync(FULL_MASK, xr, i, LANES);
+            const float dv = __shfl_sync(FULL_MASK, sp, i, LANES);
+            const u64 row = t0 + i;
+            const float da_head = M2 ? expf(dv * av[0]) : 0.0f;
+            float yp = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int n = lane + j * LANES;
+                if (n < d_state) {
+                    const float bv = B[row * bs + goff + n];
+                    const float cv = C[row * cs + goff + n];
+                    const float da = M2 ? da_head : expf(dv * av[j]);
+                    h[j] = da * h[j] + (dv * bv) * xv;
+                    yp += h[j] * cv;
+                }
+            }
+#pragma unroll
+            for (int o = LANES / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o, LANES);
+            if (lane == i) ymine = yp;
+        }
+        if (have && active) {
+            const float y = M2 ? ymine + dskip * xr : (ymine + xr * dskip) * silu_f(z[(u64)tl * zs + cc]);
+            out[(u64)tl * os + cc] = y;
+        }
+    }
+    if (st && active) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = lane + j * LANES;
+            if (n < d_state) st[n] = h[j];
+        }
+    }
+}
+
+#define SCAN_ARGS                                                                                                   \
+    const float *x, int xs, const float *dt, int dts, const float *dt_bias, const float *a, const float *B, int bs, \
+        const float *C, int cs, const float *skip, const float *z, int zs, float *state, u64 slot_stride,          \
+        u64 layer_off, const u32 *cu, const u32 *slots, const u32 *prompt, int channels, int d_state, int head_dim, \
+        int heads_per_group, float dt_lo, float dt_hi, float *out, int os
+#define SCAN_PASS                                                                                                   \
+    x, xs, dt, dts, dt_bias, a, B, bs, C, cs, skip, z, zs, state, slot_stride, layer_off, cu, slots, prompt,       \
+        channels, d_state, head_dim, heads_per_group, dt_lo, dt_hi, out, os
+
+extern "C" __global__ void mamba1_scan_l4(SCAN_ARGS) { ssm_scan_impl<4, false>(SCAN_PASS); }
+extern "C" __global__ void mamba1_scan_l8(SCAN_ARGS) { ssm_scan_impl<8, false>(SCAN_PASS); }
+extern "C" __global__ void mamba1_scan_l16(SCAN_ARGS) { ssm_scan_impl<16, false>(SCAN_PASS); }
+extern "C" __global__ void mamba1_scan_l32(SCAN_ARGS) { ssm_scan_impl<32, false>(SCAN_PASS); }
+extern "C" __global__ void mamba2_scan_l4(SCAN_ARGS) { ssm_scan_impl<4, true>(SCAN_PASS); }
+extern "C" __global__ void mamba2_scan_l8(SCAN_ARGS) { ssm_scan_impl<8, true>(SCAN_PASS); }
+extern "C" __global__ void mamba2_scan_l16(SCAN_ARGS) { ssm_scan_impl<16, true>(SCAN_PASS); }
+extern "C" __global__ void mamba2_scan_l32(SCAN_ARGS) { ssm_scan_impl<32, true>(SCAN_PASS); }
+
+// Mamba-1 decode: one token per sequence (row s), with the dt projection,
+// softplus, D skip and SiLU(z) gate fused in, and Falcon-Mamba's weightless
+// norms of dt, B and C when `norm` is set.
+//
+// xdbl row s is [dt_low (rank) | B (d_state) | C (d_state)]; dt_proj is
+// [channels, rank] in dtype DT. A group of `lanes` threads owns a channel and
+// NPL consecutive states per lane (NPL = 4: 16-byte state accesses); the
+// block walks `spb` sequences for its channels.
+template <int DT, int NPL>
+__device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const float* __restrict__ xdbl, int xds,
+                                 const void* __restrict__ dtw, const float* __restrict__ dt_bias,
+                                 const float* __restrict__ a, const float* __restrict__ skip,
+                                 const float* __restrict__ z, int zs, float* __restrict__ state, u64 slot_stride,
+                                 u64 layer_off, const u32* __restrict__ slots, int n_seqs, int channels, int d_state,
+                                 int rank, int norm, float eps, int lanes, int spb, float* __restrict__ out, int os) {
+    const int lane = threadIdx.x & (lanes - 1);
+    const int cpb = blockDim.x / lanes;
+    const int c = blockIdx.x * cpb + threadIdx.x / lanes;
+    const bool active = c < channels;
+    const int cc = active ? c : channels - 1;
+    const int n0 = lane * NPL;
+    const bool valid = n0 < d_state;
+    float av[NPL];
+#pragma unroll
+    for (int q = 0; q < NPL; ++q) av[q] = valid ? a[(u64)cc * d_state + n0 + q] : 0.0f;
+    const float bias = dt_bias[cc];
+    const float dskip = skip[cc];
+    const u64 wrow = (u64)cc * rank;
+
+    for (int si = 0; si < spb; ++si) {
+        const int s = blockIdx.y * spb + si;
+        if (s >= n_seqs) break;
+        const u32 slot = slots[s];
+        const float* row = xdbl + (u64)s * xds;
+        float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
+        if (norm) {
+            float sd = 0.0f, sb = 0.0f, sc = 0.0f;
+            for (int r = lane; r < rank; r += lanes) sd += row[r] * row[r];
+            for (int n = lane; n < d_state; n += lanes) {
+                const float bv = row[rank + n], cv = row[rank + d_state + n];
+                sb += bv * bv;
+                sc += cv * cv;
+            }
+            for (int o = lanes / 2; o > 0; o >>= 1) {
+                sd += __shfl_xor_sync(FULL_MASK, sd, o);
+                sb += __shfl_xor_sync(FULL_MASK, sb, o);
+                sc += __shfl_xor_sync(FULL_MASK, sc, o);
+            }
+            inv_dt = (float)(1.0 / sqrt((double)sd / rank + (double)eps));
+            inv_b = (float)(1.0 / sqrt((double)sb / d_state + (double)eps));
+            inv_c = (float)(1.0 / sqrt((double)sc / d_state + (double)eps));
+        }
+        float acc = 0.0f;
+        for (int r = lane; r < rank; r += lanes) acc += load_weight<DT>(dtw, wrow + r) * (row[r] * inv_dt);
+        for (int o = lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
+        const float dtv = softplus_f(acc + bias);
+        const float xv = x[(u64)s * xs + cc];
+
+        float* st = slot == PAD_SLOT ? 0 : state + (u64)slot * slot_stride + layer_off + (u64)cc * d_state + n0;
+        float hv[NPL];
+        if (NPL == 4) {
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (st && valid) v = *(const float4*)st;
+            hv[0] = v.x;
+            hv[NPL > 1 ? 1 : 0] = v.y;
+            hv[NPL > 2 ? 2 : 0] = v.z;
+            hv[NPL > 3 ? 3 : 0] = v.w;
+        } else {
+            hv[0] = (st && valid) ? st[0] : 0.0f;
+        }
+        float yp = 0.0f;
+        if (valid) {
+#pragma unroll
+            for (int q = 0; q < NPL; ++q) {
+                const int n = n0 + q;
+                const float bv = row[rank + n] * inv_b;
+                const float cv = row[rank + d_state + n] * inv_c;
+                const float da = expf(dtv * av[q]);
+                hv[q] = da * hv[q] + (dtv * bv) * xv;
+                yp += hv[q] * cv;
+            }
+        }
+        if (st && valid && active) {
+            if (NPL == 4) *(float4*)st = make_float4(hv[0], hv[NPL > 1 ? 1 : 0], hv[NPL > 2 ? 2 : 0], hv[NPL > 3 ? 3 : 0]);
+            else st[0] = hv[0];
+        }
+        for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
+        if (lane == 0 && active) out[(u64)s * os + cc] = (yp + xv * dskip) * silu_f(z[(u64)s * zs + cc]);
+    }
+}
+
+#define STEP_ARGS                                                                                                  \
+    const float *x, int xs, const float *xdbl, int xds, const void *dtw, const float *dt_bias, const float *a,     \
+        const float *skip, const float *z, int zs, float *state, u64 slot_stride, u64 layer_off, const u32 *slots, \
+        int n_seqs, int channels, int d_state, int rank, int norm, float eps, int lanes, int spb, float *out, int os
+#define STEP_PASS                                                                                                  \
+    x, xs, xdbl, xds, dtw, dt_bias, a, skip, z, zs, state, slot_stride, layer_off, slots, n_seqs, channels, d_state, \
+        rank, norm, eps, lanes, spb, out, os
+
+extern "C" __global__ void mamba1_step_f32_v4(STEP_ARGS) { mamba1_step_impl<0, 4>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_bf16_v4(STEP_ARGS) { mamba1_step_impl<1, 4>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_f16_v4(STEP_ARGS) { mamba1_step_impl<2, 4>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_f32_v1(STEP_ARGS) { mamba1_step_impl<0, 1>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_bf16_v1(STEP_ARGS) { mamba1_step_impl<1, 1>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_f16_v1(STEP_ARGS) { mamba1_step_impl<2, 1>(STEP_PASS); }

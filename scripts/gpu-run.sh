@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs the GPU checks and benchmarks on a CUDA machine from prebuilt
+# binaries (no Rust toolchain needed there).
+#
+# Usage: scripts/gpu-run.sh BIN_DIR LOG_DIR [PHASE...]
+#   BIN_DIR  holds the release `mamba-serve` and tests/ with the test
+#            executables built with `--features gpu-tests`.
+#   LOG_DIR  receives env.log, tests.log, bench.log (tables and JSON lines)
+#            and hf.log.
+#   PHASE    any of: env tests server bench bench-quick hf hf-quick
+#            (default: env tests bench hf).
+# Environment: SHAPES (bench/hf shapes, comma separated), BENCH_ARGS (extra
+# flags for `mamba-serve bench`).
+#
+# cudarc looks for unversioned (or .so.12) CUDA libraries; on machines that
+# only ship libcublas.so.13 and friends this script links them under those
+# names in a temporary folder on LD_LIBRARY_PATH.
+set -uo pipefail
+bin=${1:?BIN_DIR}
+log=${2:?LOG_DIR}
+shift 2
+phases=${*:-env tests bench hf}
+mkdir -p "$log"
+here=$(cd "$(dirname "$0")" && pwd)
+shapes=${SHAPES:-mamba-130m,mamba-370m,mamba-790m,mamba-1.4b,mamba-2.8b}
+
+libdir=$(mktemp -d)
+extra=""
+for lib in libcublas libcublasLt libnvrtc; do
+  if ! ldconfig -p 2>/dev/null | grep -q " $lib.so "; then
+    f=$(find /usr/local/cuda/lib64 /usr/local/cuda/targets /usr/local /opt /usr/lib -name "$lib.so.[0-9]*" 2>/dev/null \
+        | grep -v '\.alt\.' | head -1)
+    if [ -n "$f" ]; then
+      ln -sf "$f" "$libdir/$lib.so"
+      extra="$extra:$(dirname "$f")"
+    fi
+  fi
+done
+export LD_LIBRARY_PATH="$libdir$extra${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+run() { # name timeout command...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*" | tee -a "$log/$name.log"
+  timeout "$limit" "$@" >>"$log/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name exit $rc" | tee -a "$log/$name.log"
+  return $rc
+}
+
+integration=$(ls "$bin"/tests/integration-* 2>/dev/null | head -1)
+for phase in $phases; do
+  case $phase in
+    env)
+      {
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+        ls -l "$libdir"
+        echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+      } >>"$log/env.log" 2>&1
+      ;;
+    tests)
+      run tests 300 "$integration" cuda:: --test-threads=1 --nocapture
+      ;;
+    server)
+      run tests 300 "$integration" --skip cuda:: --test-threads=4
+      ;;
+    bench | bench-quick)
+      [ "$phase" = bench-quick ] && list=mamba-130m,mamba-1.4b || list=$shapes
+      for s in ${list//,/ }; do
+        run bench 240 "$bin/mamba-serve" bench --random-shape "$s" --device cuda --prompt-len 512,2048 --chunk 2048 \
+          --batch 1,16,64,256,1024 --steps 64 ${BENCH_ARGS:-}
+      done
+      run bench 120 "$bin/mamba-serve" bench --random-shape mamba-130m --device cuda --prompt-len 512 --chunk 2048 \
+        --batch 1,64 --steps 64 --no-graphs --no-ceilings
+      ;;
+    hf | hf-quick)
+      [ "$phase" = hf-quick ] && list=mamba-130m,mamba-1.4b || list=$shapes
+      PYTHONUNBUFFERED=1 run hf 420 python3 "$here/hf_bench.py" --shapes "$list" --time-limit 300
+      ;;
+    *) echo "unknown phase $phase" >&2 ;;
+  esac
+done
+echo "logs in $log: $(ls "$log")"

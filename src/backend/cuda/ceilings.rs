@@ -1,0 +1,96 @@
+//! The two machine ceilings every benchmark figure is set against, measured
+//! on the GPU in the same run: device-to-device copy bandwidth (bytes read
+//! plus bytes written) and the cuBLAS bf16 matrix-product rate, each the
+//! median of timed runs (CUDA events) after warm-up, on random data.
+
+use serde::Serialize;
+
+use super::blas::Gemm;
+use super::{CudaBackend, DevBuf, dev};
+use crate::backend::{DType, Result};
+use cudarc::driver::{result, sys};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceilings {
+    pub device: String,
+    /// Copy of `copy_bytes` bytes: (read + write) bytes per second / 1e9.
+    pub copy_gb_per_s: f64,
+    pub copy_bytes: usize,
+    /// bf16 `n × n × n` product through cuBLAS, fp32 accumulation.
+    pub bf16_tflop_per_s: f64,
+    pub gemm_n: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times `f` with CUDA events: `warm` untimed runs, then the median of `reps`.
+fn time_ms(be: &CudaBackend, warm: usize, reps: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
+    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (be.ctx.new_event(flags).map_err(dev("event"))?, be.ctx.new_event(flags).map_err(dev("event"))?);
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        start.record(&be.stream).map_err(dev("event record"))?;
+        f()?;
+        end.record(&be.stream).map_err(dev("event record"))?;
+        end.synchronize().map_err(dev("event sync"))?;
+        times.push(start.elapsed_ms(&end).map_err(dev("event time"))? as f64);
+    }
+    Ok(median(times))
+}
+
+/// Random bf16 bits in [-1, 1) (no zeros: zeros run faster than real data).
+fn random_bf16(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = crate::backend::rng::SplitMix64::new(seed);
+    let mut out = Vec::with_capacity(n * 2);
+    for _ in 0..n {
+        let v = rng.next_f32() * 2.0 - 1.0;
+        out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes());
+    }
+    out
+}
+
+/// Measures both ceilings on GPU `ordinal`.
+pub fn measure(ordinal: usize) -> Result<Ceilings> {
+    let be = CudaBackend::new(ordinal)?;
+    be.bind()?;
+    let copy_bytes = 2usize << 30;
+    let src = DevBuf::alloc(&be.ctx, copy_bytes, "copy test")?;
+    let dst = DevBuf::alloc(&be.ctx, copy_bytes, "copy test")?;
+    let fill = (copy_bytes / 4) as u32;
+    be.launch(
+        super::kernels::Kernel::Fill,
+        super::kernels::Args::new().ptr(src.ptr).u64((copy_bytes / 4) as u64).f32(1.2345),
+        (fill.div_ceil(256).min(65535), 1, 1),
+        256,
+    )?;
+    let copy = || {
+        // SAFETY: both buffers hold copy_bytes.
+        unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, copy_bytes, be.cu_stream()) }.map_err(dev("copy"))
+    };
+    let copy_ms = time_ms(&be, 3, 20, &copy)?;
+    drop((src, dst));
+
+    let n = 8192usize;
+    let a = DevBuf::alloc(&be.ctx, n * n * 2, "gemm test")?;
+    let b = DevBuf::alloc(&be.ctx, n * n * 2, "gemm test")?;
+    let c = DevBuf::alloc(&be.ctx, n * n * 4, "gemm test")?;
+    be.upload_bytes(a.ptr, &random_bf16(n * n, 1))?;
+    be.upload_bytes(b.ptr, &random_bf16(n * n, 2))?;
+    let g = Gemm { m: n, n, k: n, x: a.ptr, x_stride: n, w: b.ptr, dtype: DType::BF16, out: c.ptr, out_stride: n, beta: 0.0 };
+    let gemm = || be.blas.gemm(&g);
+    let gemm_ms = time_ms(&be, 3, 20, &gemm)?;
+    be.sync()?;
+    Ok(Ceilings {
+        device: be.name.clone(),
+        copy_gb_per_s: 2.0 * copy_bytes as f64 / (copy_ms * 1e-3) / 1e9,
+        copy_bytes,
+        bf16_tflop_per_s: 2.0 * (n * n * n) as f64 / (gemm_ms * 1e-3) / 1e12,
+        gemm_n: n,
+    })
+}

@@ -1,0 +1,938 @@
+//! The CUDA backend: the same ops as the CPU oracle, on one GPU.
+//!
+//! cudarc with dynamic loading, so a binary built here runs on machines
+//! without CUDA (then [`CudaBackend::new`] reports why the GPU is not usable
+//! and the caller falls back to the CPU). Kernels come from `kernels/*.cu`,
+//! compiled at start-up by NVRTC for the device ([`kernels`]); large matrix
+//! products go through cuBLAS with fp32 accumulation ([`blas`]); sampling
+//! runs on the device ([`sample`]).
+//!
+//! Everything runs on one non-default stream, in order, so the ops can be
+//! recorded into CUDA graphs and replayed (`Backend::begin_capture`).
+//! Weights keep their stored dtype; activations and states are f32.
+//! A device error is returned as [`BackendError::Device`], never hidden;
+//! after one, the context is unusable and every later call fails too.
+
+mod blas;
+pub mod ceilings;
+mod kernels;
+mod sample;
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaGraph, CudaStream, result, sys};
+
+use self::blas::{Blas, Gemm};
+use self::kernels::{Args, Kernel, Kernels};
+use super::{
+    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed,
+    Result, SampleRow, SampledToken, View, ViewMut,
+};
+
+/// Threads per block of the row-wise kernels.
+const ROW_THREADS: u32 = 256;
+/// Up to this many rows, products use the GEMV kernel (f32 activations).
+const GEMV_MAX_ROWS: usize = 8;
+/// Products of at most this many multiply-adds also stay on the exact f32
+/// activation path (so tiny models match the CPU closely).
+const SMALL_GEMM_MACS: usize = 1 << 24;
+
+fn dev(op: &'static str) -> impl Fn(result::DriverError) -> BackendError {
+    move |e| BackendError::Device { op, detail: e.to_string() }
+}
+
+fn check(op: &'static str, ok: bool, detail: impl FnOnce() -> String) -> Result<()> {
+    if ok { Ok(()) } else { Err(BackendError::Shape { op, detail: detail() }) }
+}
+
+/// The last element a `[rows, cols]` view with `stride` touches, checked
+/// against the buffer length.
+fn check_view(op: &'static str, what: &str, len: usize, offset: usize, rows: usize, cols: usize, stride: usize) -> Result<()> {
+    let end = if rows == 0 { offset } else { offset + (rows - 1) * stride + cols };
+    check(op, cols <= stride || rows <= 1, || format!("{what}: {cols} columns exceed stride {stride}"))?;
+    check(op, end <= len, || format!("{what}: view ends at {end} but the buffer holds {len}"))
+}
+
+/// Device memory owned by the backend: freed on drop.
+pub struct DevBuf {
+    ptr: u64,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DevBuf {
+    fn alloc(ctx: &Arc<CudaContext>, bytes: usize, what: &'static str) -> Result<Self> {
+        if bytes == 0 {
+            return Ok(DevBuf { ptr: 0, bytes, ctx: ctx.clone() });
+        }
+        ctx.bind_to_thread().map_err(dev("bind context"))?;
+        // SAFETY: a plain allocation; the pointer is freed once, on drop.
+        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| match e.0 {
+            sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => BackendError::OutOfMemory { what, bytes },
+            _ => BackendError::Device { op: "alloc", detail: e.to_string() },
+        })?;
+        Ok(DevBuf { ptr, bytes, ctx: ctx.clone() })
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.ptr != 0 && self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by malloc_sync and freed only here.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// f32 activations or states.
+pub struct CudaVec {
+    buf: DevBuf,
+    len: usize,
+}
+
+/// u32 ids, offsets or slot indices.
+pub struct CudaIds {
+    buf: DevBuf,
+    len: usize,
+}
+
+/// A weight matrix `[rows, cols]` in its stored dtype.
+pub struct CudaMat {
+    buf: DevBuf,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+}
+
+impl CudaVec {
+    fn at(&self, offset: usize) -> u64 {
+        self.buf.ptr + 4 * offset as u64
+    }
+}
+
+/// A recorded CUDA graph (see `Backend::begin_capture`).
+pub struct CudaGraphHandle(CudaGraph);
+
+// SAFETY: a graph is launched only by the thread that owns the backend; it
+// moves between threads only together with the backend, never shared.
+unsafe impl Send for CudaGraphHandle {}
+
+/// Pinned host memory that small uploads go through, so they do not wait
+/// for the device. Space is reused after every synchronisation.
+struct Staging {
+    ptr: *mut u8,
+    cap: usize,
+    used: usize,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host, freed only here.
+        unsafe {
+            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+/// Buffers some ops need besides their arguments, sized at start-up
+/// ([`Backend::reserve_scratch`]) or grown outside graph recording.
+struct Scratch {
+    /// 16-bit copies of activations for tensor-core products.
+    half: DevBuf,
+    /// Sampling: per-row parameters and outputs, processed logits, keys, weights.
+    params: DevBuf,
+    out: DevBuf,
+    proc: DevBuf,
+    keys: DevBuf,
+    weights: DevBuf,
+}
+
+/// One GPU, one stream, the compiled kernels and a cuBLAS handle.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    blas: Blas,
+    _blas_workspace: DevBuf,
+    staging: RefCell<Staging>,
+    scratch: RefCell<Scratch>,
+    capturing: Cell<bool>,
+    launches: Cell<u64>,
+    name: String,
+    sm: (i32, i32),
+}
+
+// SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
+// are owned by this value and used only by the thread that holds it.
+unsafe impl Send for CudaBackend {}
+
+/// Why no CUDA library set can be used here, or `None` when they load.
+fn missing_libraries() -> Option<String> {
+    // SAFETY: these only try to dlopen the libraries.
+    let present = unsafe {
+        [
+            ("libcuda (the NVIDIA driver)", cudarc::driver::sys::is_culib_present()),
+            ("libnvrtc", cudarc::nvrtc::sys::is_culib_present()),
+            ("libcublas", cudarc::cublas::sys::is_culib_present()),
+        ]
+    };
+    let missing: Vec<&str> = present.iter().filter(|(_, ok)| !ok).map(|(n, _)| *n).collect();
+    (!missing.is_empty()).then(|| format!("cannot load {} (not installed or not on the library path)", missing.join(", ")))
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles the kernels and creates the cuBLAS
+    /// handle. Fails with [`BackendError::Unavailable`] when there is no
+    /// usable GPU, saying why.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if let Some(why) = missing_libraries() {
+            return Err(BackendError::Unavailable("cuda", why));
+        }
+        let unavailable = |what: &str, e: result::DriverError| BackendError::Unavailable("cuda", format!("{what}: {e}"));
+        result::init().map_err(|e| unavailable("the driver did not initialise", e))?;
+        let count = CudaContext::device_count().map_err(|e| unavailable("cannot count devices", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(BackendError::Unavailable("cuda", format!("no GPU {ordinal}: {count} visible")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| unavailable("cannot open the GPU", e))?;
+        // One stream, in order: cudarc's per-buffer events would only add
+        // work, and they break graph capture.
+        // SAFETY: no cudarc-managed buffer is shared across streams here.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(dev("create stream"))?;
+        let sm = ctx.compute_capability().map_err(dev("compute capability"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let kernels = Kernels::compile(&ctx, sm.0, sm.1)?;
+        let workspace = DevBuf::alloc(&ctx, blas::WORKSPACE_BYTES, "cuBLAS workspace")?;
+        let blas = Blas::new(stream.cu_stream(), workspace.ptr)?;
+        const STAGING: usize = 4 << 20;
+        // SAFETY: pinned host allocation, freed by Staging's drop.
+        let ptr = unsafe { result::malloc_host(STAGING, 0) }.map_err(dev("pinned host memory"))? as *mut u8;
+        let staging = RefCell::new(Staging { ptr, cap: STAGING, used: 0 });
+        let empty = || DevBuf::alloc(&ctx, 0, "scratch");
+        let scratch = RefCell::new(Scratch {
+            half: empty()?,
+            params: empty()?,
+            out: empty()?,
+            proc: empty()?,
+            keys: empty()?,
+            weights: empty()?,
+        });
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            kernels,
+            blas,
+            _blas_workspace: workspace,
+            staging,
+            scratch,
+            capturing: Cell::new(false),
+            launches: Cell::new(0),
+            name: format!("cuda:{ordinal} ({name}, sm_{}{})", sm.0, sm.1),
+            sm,
+        })
+    }
+
+    /// Compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.sm
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(dev("bind context"))
+    }
+
+    fn cu_stream(&self) -> sys::CUstream {
+        self.stream.cu_stream()
+    }
+
+    fn launch(&self, k: Kernel, args: Args, grid: (u32, u32, u32), block: u32) -> Result<()> {
+        self.launches.set(self.launches.get() + 1);
+        args.launch(self.kernels.get(k), self.cu_stream(), grid, block)
+    }
+
+    fn no_capture(&self, op: &'static str) -> Result<()> {
+        check(op, !self.capturing.get(), || "not allowed while a graph is being recorded".into())
+    }
+
+    /// Copies host bytes to the device through pinned staging memory.
+    fn upload_bytes(&self, dst: u64, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let mut st = self.staging.borrow_mut();
+        if src.len() > st.cap {
+            // Large uploads (weights) go straight from pageable memory.
+            drop(st);
+            // SAFETY: dst holds at least src.len() bytes (checked by callers);
+            // a pageable copy has finished reading src when it returns.
+            return unsafe { result::memcpy_htod_async(dst, src, self.cu_stream()) }.map_err(dev("upload"));
+        }
+        if st.used + src.len() > st.cap {
+            // Earlier copies may still read the staging area: wait for them.
+            // SAFETY: plain stream synchronisation.
+            unsafe { result::stream::synchronize(self.cu_stream()) }.map_err(dev("synchronize"))?;
+            st.used = 0;
+        }
+        let at = st.used;
+        // SAFETY: [at, at + len) lies inside the pinned allocation, and no
+        // queued copy reads it (space is reused only after a sync).
+        let staged = unsafe {
+            let p = st.ptr.add(at);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len());
+            std::slice::from_raw_parts(p, src.len())
+        };
+        st.used = (at + src.len()).next_multiple_of(64);
+        // SAFETY: as above; dst holds at least src.len() bytes.
+        unsafe { result::memcpy_htod_async(dst, staged, self.cu_stream()) }.map_err(dev("upload"))
+    }
+
+    /// Copies device bytes to the host and waits for them.
+    fn download<T: Copy + Default>(&self, src: u64, len: usize) -> Result<Vec<T>> {
+        self.no_capture("read")?;
+        self.bind()?;
+        let mut out = vec![T::default(); len];
+        if len > 0 {
+            // SAFETY: src holds len elements (checked by callers); `out` is
+            // pageable, so the copy has finished when the call returns.
+            unsafe { result::memcpy_dtoh_async(&mut out[..], src, self.cu_stream()) }.map_err(dev("read"))?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    fn sync(&self) -> Result<()> {
+        // SAFETY: plain stream synchronisation.
+        unsafe { result::stream::synchronize(self.cu_stream()) }.map_err(dev("synchronize"))?;
+        self.staging.borrow_mut().used = 0;
+        Ok(())
+    }
+
+    /// Grows a scratch buffer to at least `bytes` (never while recording).
+    fn ensure(&self, buf: &mut DevBuf, bytes: usize, what: &'static str) -> Result<()> {
+        if buf.bytes >= bytes {
+            return Ok(());
+        }
+        self.no_capture(what)?;
+        *buf = DevBuf::alloc(&self.ctx, bytes, what)?;
+        Ok(())
+    }
+
+    fn gemv(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>) -> Result<()> {
+        let vec = w.cols % 8 == 0 && x.offset % 4 == 0 && x.stride % 4 == 0;
+        let k = match (w.dtype, vec) {
+            (DType::F32, true) => Kernel::GemvF32Vec,
+            (DType::BF16, true) => Kernel::GemvBf16Vec,
+            (DType::F16, true) => Kernel::GemvF16Vec,
+            (DType::F32, false) => Kernel::GemvF32Scalar,
+            (DType::BF16, false) => Kernel::GemvBf16Scalar,
+            (DType::F16, false) => Kernel::GemvF16Scalar,
+        };
+        let warps = 4u32;
+        let grid = ((w.rows as u32).div_ceil(warps), (x.rows as u32).div_ceil(GEMV_MAX_ROWS as u32), 1);
+        let args = Args::new()
+            .ptr(x.buf.at(x.offset))
+            .i32(x.stride)
+            .i32(x.rows)
+            .ptr(w.buf.ptr)
+            .i32(w.rows)
+            .i32(w.cols)
+            .ptr(bias.map_or(0, |b| b.buf.ptr))
+            .ptr(out.buf.at(out.offset))
+            .i32(out.stride);
+        self.launch(k, args, grid, warps * 32)
+    }
+
+    fn blas_gemm(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>) -> Result<()> {
+        let (m, n, k) = (x.rows, w.rows, w.cols);
+        let out_ptr = out.buf.at(out.offset);
+        if let Some(b) = bias {
+            let args = Args::new().ptr(b.buf.ptr).ptr(out_ptr).i32(m).i32(n).i32(out.stride);
+            self.launch(Kernel::BiasRows, args, (((m * n) as u32).div_ceil(ROW_THREADS).min(65535), 1, 1), ROW_THREADS)?;
+        }
+        let beta = if bias.is_some() { 1.0 } else { 0.0 };
+        let mut g = Gemm { m, n, k, x: x.buf.at(x.offset), x_stride: x.stride, w: w.buf.ptr, dtype: w.dtype, out: out_ptr, out_stride: out.stride, beta };
+        if w.dtype != DType::F32 {
+            // Tensor cores take 16-bit operands: round this activation once.
+            let mut scratch = self.scratch.borrow_mut();
+            self.ensure(&mut scratch.half, m * k * 2, "half activations")?;
+            let code = if w.dtype == DType::BF16 { 1 } else { 2 };
+            let args = Args::new().ptr(g.x).i32(m).i32(k).i32(x.stride).ptr(scratch.half.ptr).u32(code);
+            self.launch(Kernel::ToHalf, args, (((m * k) as u32).div_ceil(ROW_THREADS).min(65535), 1, 1), ROW_THREADS)?;
+            g.x = scratch.half.ptr;
+            g.x_stride = k;
+        }
+        self.launches.set(self.launches.get() + 1);
+        self.blas.gemm(&g)
+    }
+
+    fn ssm_layout_args(state: &CudaVec, layout: super::PoolLayout, layer: usize) -> (u64, u64, u64) {
+        (state.buf.ptr, layout.per_slot() as u64, (layer * layout.per_layer) as u64)
+    }
+}
+
+/// Threads per channel group of the packed scan for `d_state`.
+fn scan_lanes(d_state: usize) -> usize {
+    d_state.next_power_of_two().clamp(4, 32)
+}
+
+impl Backend for CudaBackend {
+    type Vec = CudaVec;
+    type Ids = CudaIds;
+    type Mat = CudaMat;
+    type Graph = CudaGraphHandle;
+
+    fn describe(&self) -> String {
+        format!("{} (weights as stored, f32 activations and state)", self.name)
+    }
+
+    fn alloc(&self, len: usize) -> Result<CudaVec> {
+        Ok(CudaVec { buf: DevBuf::alloc(&self.ctx, len * 4, "activations")?, len })
+    }
+
+    fn alloc_ids(&self, len: usize) -> Result<CudaIds> {
+        Ok(CudaIds { buf: DevBuf::alloc(&self.ctx, len * 4, "ids")?, len })
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaVec> {
+        let v = self.alloc(data.len())?;
+        self.upload_bytes(v.buf.ptr, bytes_of(data))?;
+        Ok(v)
+    }
+
+    fn upload_matrix(&self, m: &HostMatrix<'_>) -> Result<CudaMat> {
+        let expected = m.rows * m.cols * m.dtype.size();
+        check("upload_matrix", m.bytes.len() == expected, || {
+            format!("{}: {} bytes for [{}, {}] {}", m.name, m.bytes.len(), m.rows, m.cols, m.dtype)
+        })?;
+        let buf = DevBuf::alloc(&self.ctx, expected, "weights")?;
+        self.upload_bytes(buf.ptr, m.bytes)?;
+        // The source may be a memory map that goes away: finish the copy.
+        self.sync()?;
+        Ok(CudaMat { buf, dtype: m.dtype, rows: m.rows, cols: m.cols })
+    }
+
+    fn write_ids(&self, dst: &mut CudaIds, src: &[u32]) -> Result<()> {
+        check("write_ids", src.len() <= dst.len, || format!("{} ids into a buffer of {}", src.len(), dst.len))?;
+        self.upload_bytes(dst.buf.ptr, bytes_of(src))
+    }
+
+    fn write(&self, dst: &mut CudaVec, offset: usize, src: &[f32]) -> Result<()> {
+        check("write", offset + src.len() <= dst.len, || format!("{}+{} > {}", offset, src.len(), dst.len))?;
+        self.upload_bytes(dst.at(offset), bytes_of(src))
+    }
+
+    fn read(&self, src: &CudaVec, offset: usize, len: usize) -> Result<Vec<f32>> {
+        check("read", offset + len <= src.len, || format!("{offset}+{len} > {}", src.len))?;
+        self.download(src.at(offset), len)
+    }
+
+    fn fill(&self, dst: &mut CudaVec, offset: usize, len: usize, value: f32) -> Result<()> {
+        check("fill", offset + len <= dst.len, || format!("{offset}+{len} > {}", dst.len))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let grid = (len as u32).div_ceil(ROW_THREADS).min(65535);
+        self.launch(Kernel::Fill, Args::new().ptr(dst.at(offset)).u64(len as u64).f32(value), (grid, 1, 1), ROW_THREADS)
+    }
+
+    fn copy_within(&self, buf: &mut CudaVec, src: usize, dst: usize, len: usize) -> Result<()> {
+        check("copy_within", src + len <= buf.len && dst + len <= buf.len, || {
+            format!("copy {len} from {src} to {dst} in a buffer of {}", buf.len)
+        })?;
+        check("copy_within", src + len <= dst || dst + len <= src, || "ranges overlap".to_string())?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges were checked to lie inside the buffer.
+        unsafe { result::memcpy_dtod_async(buf.at(dst), buf.at(src), len * 4, self.cu_stream()) }.map_err(dev("copy"))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.no_capture("synchronize")?;
+        self.bind()?;
+        self.sync()
+    }
+
+    fn embed(&self, table: &CudaMat, ids: &CudaIds, n: usize, out: &mut CudaVec) -> Result<()> {
+        let d = table.cols;
+        check("embed", n <= ids.len && n * d <= out.len, || format!("{n} ids, out holds {}", out.len))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let k = match table.dtype {
+            DType::F32 => Kernel::EmbedF32,
+            DType::BF16 => Kernel::EmbedBf16,
+            DType::F16 => Kernel::EmbedF16,
+        };
+        let args = Args::new().ptr(table.buf.ptr).ptr(ids.buf.ptr).ptr(out.buf.ptr).i32(d).u32(table.rows as u32);
+        self.launch(k, args, (n as u32, 1, 1), ROW_THREADS)
+    }
+
+    fn add_rmsnorm(
+        &self,
+        residual: &mut CudaVec,
+        delta: Option<&CudaVec>,
+        weight: &CudaVec,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut CudaVec,
+    ) -> Result<()> {
+        let n = rows * dim;
+        check("add_rmsnorm", residual.len >= n && out.len >= n && weight.len == dim, || {
+            format!("rows {rows} dim {dim}: residual {} out {} weight {}", residual.len, out.len, weight.len)
+        })?;
+        if let Some(delta) = delta {
+            check("add_rmsnorm", delta.len >= n, || format!("delta holds {} < {n}", delta.len))?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let args = Args::new()
+            .ptr(residual.buf.ptr)
+            .ptr(delta.map_or(0, |d| d.buf.ptr))
+            .ptr(weight.buf.ptr)
+            .f32(eps)
+            .i32(dim)
+            .ptr(out.buf.ptr);
+        self.launch(Kernel::AddRmsNorm, args, (rows as u32, 1, 1), ROW_THREADS)
+    }
+
+    fn linear(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        check("linear", x.cols == w.cols && out.cols == w.rows && out.rows == x.rows, || {
+            format!("x [{}, {}] · w[{}, {}]ᵀ into out [{}, {}]", x.rows, x.cols, w.rows, w.cols, out.rows, out.cols)
+        })?;
+        check_view("linear", "x", x.buf.len, x.offset, x.rows, x.cols, x.stride)?;
+        check_view("linear", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        if let Some(b) = bias {
+            check("linear", b.len == w.rows, || format!("bias of {} for {} outputs", b.len, w.rows))?;
+        }
+        if x.rows == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let macs = x.rows * w.rows * w.cols;
+        if x.rows <= GEMV_MAX_ROWS || (w.dtype != DType::F32 && macs <= SMALL_GEMM_MACS) || w.cols == 0 {
+            self.gemv(x, w, bias, &out)
+        } else {
+            self.blas_gemm(x, w, bias, &out)
+        }
+    }
+
+    fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        let ch = args.x.cols;
+        let k = args.kernel;
+        check("conv1d", k >= 1 && args.weight.len == ch * k, || format!("weight {} for {ch} channels × {k}", args.weight.len))?;
+        check("conv1d", args.layout.per_layer == ch * (k - 1), || {
+            format!("conv state per layer {} for {ch} channels × {}", args.layout.per_layer, k - 1)
+        })?;
+        check("conv1d", out.cols == ch && out.rows == batch.n_tokens && args.x.rows == batch.n_tokens, || {
+            format!("x [{}, {ch}] out [{}, {}] for {} tokens", args.x.rows, out.rows, out.cols, batch.n_tokens)
+        })?;
+        check("conv1d", args.state.len == args.layout.len() && args.layer < args.layout.n_layers, || {
+            "state buffer does not match its layout".to_string()
+        })?;
+        if let Some(b) = args.bias {
+            check("conv1d", b.len == ch, || format!("bias of {} for {ch} channels", b.len))?;
+        }
+        check_view("conv1d", "x", args.x.buf.len, args.x.offset, args.x.rows, args.x.cols, args.x.stride)?;
+        check_view("conv1d", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        check_packed("conv1d", batch)?;
+        if batch.n_tokens == 0 || ch == 0 {
+            return Ok(());
+        }
+        let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
+        let blocks = (ch as u32).div_ceil(128);
+        let bias = args.bias.map_or(0, |b| b.buf.ptr);
+        let x = args.x.buf.at(args.x.offset);
+        let o = out.buf.at(out.offset);
+        let act = args.activation.code();
+        if batch.single_token {
+            let a = Args::new()
+                .ptr(x)
+                .i32(args.x.stride)
+                .ptr(args.weight.buf.ptr)
+                .ptr(bias)
+                .i32(k)
+                .u32(act)
+                .ptr(state)
+                .u64(slot_stride)
+                .u64(layer_off)
+                .ptr(batch.slots.buf.ptr)
+                .i32(ch)
+                .ptr(o)
+                .i32(out.stride);
+            return self.launch(Kernel::ConvStep, a, (blocks, batch.n_seqs as u32, 1), 128);
+        }
+        let a = Args::new()
+            .ptr(x)
+            .i32(args.x.stride)
+            .ptr(args.weight.buf.ptr)
+            .ptr(bias)
+            .i32(k)
+            .u32(act)
+            .ptr(state)
+            .u64(slot_stride)
+            .u64(layer_off)
+            .ptr(batch.cu_seqlens.buf.ptr)
+            .ptr(batch.slots.buf.ptr)
+            .i32(batch.n_seqs)
+            .i32(ch)
+            .ptr(o)
+            .i32(out.stride);
+        self.launch(Kernel::ConvPacked, a, (batch.n_tokens as u32, blocks, 1), 128)?;
+        if k > 1 {
+            let a = Args::new()
+                .ptr(x)
+                .i32(args.x.stride)
+                .i32(k)
+                .ptr(state)
+                .u64(slot_stride)
+                .u64(layer_off)
+                .ptr(batch.cu_seqlens.buf.ptr)
+                .ptr(batch.slots.buf.ptr)
+                .i32(ch);
+            self.launch(Kernel::ConvState, a, (blocks, batch.n_seqs as u32, 1), 128)?;
+        }
+        Ok(())
+    }
+
+    fn rms_norm_columns(&self, x: ViewMut<'_, CudaVec>, groups: &[(usize, usize)], eps: f32) -> Result<()> {
+        check("rms_norm_columns", groups.iter().all(|&(s, l)| s + l <= x.cols && l > 0), || {
+            format!("groups {groups:?} outside {} columns", x.cols)
+        })?;
+        check("rms_norm_columns", groups.len() <= 4, || format!("{} groups, at most 4", groups.len()))?;
+        check_view("rms_norm_columns", "x", x.buf.len, x.offset, x.rows, x.cols, x.stride)?;
+        if x.rows == 0 || groups.is_empty() {
+            return Ok(());
+        }
+        let mut a = Args::new().ptr(x.buf.at(x.offset)).i32(x.stride);
+        for i in 0..4 {
+            let (s, l) = groups.get(i).copied().unwrap_or((0, 0));
+            a = a.i32(s).i32(l);
+        }
+        self.launch(Kernel::RmsNormColumns, a.f32(eps), (x.rows as u32, groups.len() as u32, 1), 128)
+    }
+
+    fn mamba1_scan(&self, args: Mamba1ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        let d = args.x.cols;
+        let n = args.d_state;
+        let t = batch.n_tokens;
+        check("mamba1_scan", args.layout.per_layer == d * n && args.state.len == args.layout.len(), || {
+            format!("state per layer {} for {d} channels × {n}", args.layout.per_layer)
+        })?;
+        check("mamba1_scan", args.a.len == d * n && args.dt_bias.len == d && args.skip.len == d, || {
+            format!("a {} dt_bias {} D {} for {d} channels × {n}", args.a.len, args.dt_bias.len, args.skip.len)
+        })?;
+        check("mamba1_scan", n >= 1 && n <= 128, || format!("state size {n} outside 1..=128"))?;
+        for (what, v) in [("x", &args.x), ("dt", &args.dt), ("z", &args.z)] {
+            check("mamba1_scan", v.rows == t && v.cols == d, || format!("{what} is [{}, {}], want [{t}, {d}]", v.rows, v.cols))?;
+            check_view("mamba1_scan", what, v.buf.len, v.offset, v.rows, v.cols, v.stride)?;
+        }
+        for (what, v) in [("B", &args.b), ("C", &args.c)] {
+            check("mamba1_scan", v.rows == t && v.cols == n, || format!("{what} is [{}, {}], want [{t}, {n}]", v.rows, v.cols))?;
+            check_view("mamba1_scan", what, v.buf.len, v.offset, v.rows, v.cols, v.stride)?;
+        }
+        check("mamba1_scan", out.rows == t && out.cols == d, || format!("out is [{}, {}]", out.rows, out.cols))?;
+        check_view("mamba1_scan", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        check_packed("mamba1_scan", batch)?;
+        if t == 0 || d == 0 {
+            return Ok(());
+        }
+        let lanes = scan_lanes(n);
+        let k = match lanes {
+            4 => Kernel::Mamba1ScanL4,
+            8 => Kernel::Mamba1ScanL8,
+            16 => Kernel::Mamba1ScanL16,
+            _ => Kernel::Mamba1ScanL32,
+        };
+        let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
+        let a = Args::new()
+            .ptr(args.x.buf.at(args.x.offset))
+            .i32(args.x.stride)
+            .ptr(args.dt.buf.at(args.dt.offset))
+            .i32(args.dt.stride)
+            .ptr(args.dt_bias.buf.ptr)
+            .ptr(args.a.buf.ptr)
+            .ptr(args.b.buf.at(args.b.offset))
+            .i32(args.b.stride)
+            .ptr(args.c.buf.at(args.c.offset))
+            .i32(args.c.stride)
+            .ptr(args.skip.buf.ptr)
+            .ptr(args.z.buf.at(args.z.offset))
+            .i32(args.z.stride)
+            .ptr(state)
+            .u64(slot_stride)
+            .u64(layer_off)
+            .ptr(batch.cu_seqlens.buf.ptr)
+            .ptr(batch.slots.buf.ptr)
+            .ptr(batch.prompt.buf.ptr)
+            .i32(d)
+            .i32(n)
+            .i32(1)
+            .i32(1)
+            .f32(0.0)
+            .f32(f32::INFINITY)
+            .ptr(out.buf.at(out.offset))
+            .i32(out.stride);
+        let cpb = 128 / lanes;
+        self.launch(k, a, ((d as u32).div_ceil(cpb as u32), batch.n_seqs as u32, 1), 128)
+    }
+
+    fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        let d = args.x.cols;
+        let (n, r) = (args.d_state, args.dt_rank);
+        let s = batch.n_seqs;
+        check("mamba1_step", batch.single_token && batch.n_tokens == s, || "every segment must hold one token".into())?;
+        check("mamba1_step", args.layout.per_layer == d * n && args.state.len == args.layout.len(), || {
+            format!("state per layer {} for {d} channels × {n}", args.layout.per_layer)
+        })?;
+        check("mamba1_step", args.a.len == d * n && args.dt_bias.len == d && args.skip.len == d, || {
+            format!("a {} dt_bias {} D {} for {d} channels × {n}", args.a.len, args.dt_bias.len, args.skip.len)
+        })?;
+        check("mamba1_step", args.dt_proj.rows == d && args.dt_proj.cols == r, || {
+            format!("dt_proj [{}, {}] for {d} channels, rank {r}", args.dt_proj.rows, args.dt_proj.cols)
+        })?;
+        check("mamba1_step", args.xdbl.rows == s && args.xdbl.cols == r + 2 * n, || {
+            format!("xdbl is [{}, {}], want [{s}, {}]", args.xdbl.rows, args.xdbl.cols, r + 2 * n)
+        })?;
+        for (what, v) in [("x", &args.x), ("z", &args.z), ("xdbl", &args.xdbl)] {
+            check("mamba1_step", v.rows == s && (what == "xdbl" || v.cols == d), || format!("{what} is [{}, {}]", v.rows, v.cols))?;
+            check_view("mamba1_step", what, v.buf.len, v.offset, v.rows, v.cols, v.stride)?;
+        }
+        check("mamba1_step", out.rows == s && out.cols == d, || format!("out is [{}, {}]", out.rows, out.cols))?;
+        check_view("mamba1_step", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        let v4 = n % 4 == 0;
+        let lanes = if v4 { n / 4 } else { n }.next_power_of_two();
+        check("mamba1_step", lanes <= 32, || format!("state size {n} too large for the step kernel"))?;
+        if s == 0 || d == 0 {
+            return Ok(());
+        }
+        let k = match (args.dt_proj.dtype, v4) {
+            (DType::F32, true) => Kernel::Mamba1StepF32V4,
+            (DType::BF16, true) => Kernel::Mamba1StepBf16V4,
+            (DType::F16, true) => Kernel::Mamba1StepF16V4,
+            (DType::F32, false) => Kernel::Mamba1StepF32V1,
+            (DType::BF16, false) => Kernel::Mamba1StepBf16V1,
+            (DType::F16, false) => Kernel::Mamba1StepF16V1,
+        };
+        let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
+        let spb = if s >= 64 { 4 } else { 1 };
+        let a = Args::new()
+            .ptr(args.x.buf.at(args.x.offset))
+            .i32(args.x.stride)
+            .ptr(args.xdbl.buf.at(args.xdbl.offset))
+            .i32(args.xdbl.stride)
+            .ptr(args.dt_proj.buf.ptr)
+            .ptr(args.dt_bias.buf.ptr)
+            .ptr(args.a.buf.ptr)
+            .ptr(args.skip.buf.ptr)
+            .ptr(args.z.buf.at(args.z.offset))
+            .i32(args.z.stride)
+            .ptr(state)
+            .u64(slot_stride)
+            .u64(layer_off)
+            .ptr(batch.slots.buf.ptr)
+            .i32(s)
+            .i32(d)
+            .i32(n)
+            .i32(r)
+            .u32(args.norm_eps.is_some() as u32)
+            .f32(args.norm_eps.unwrap_or(0.0))
+            .i32(lanes)
+            .i32(spb)
+            .ptr(out.buf.at(out.offset))
+            .i32(out.stride);
+        let threads = 128u32;
+        let cpb = threads / lanes as u32;
+        self.launch(k, a, ((d as u32).div_ceil(cpb), (s as u32).div_ceil(spb as u32), 1), threads)
+    }
+
+    fn mamba2_scan(&self, args: Mamba2ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        let (h, p, g, n) = (args.n_heads, args.head_dim, args.n_groups, args.d_state);
+        let t = batch.n_tokens;
+        check("mamba2_scan", g >= 1 && h % g == 0, || format!("{h} heads not divisible into {g} groups"))?;
+        check("mamba2_scan", args.layout.per_layer == h * p * n && args.state.len == args.layout.len(), || {
+            format!("state per layer {} for {h} heads × {p} × {n}", args.layout.per_layer)
+        })?;
+        check("mamba2_scan", args.a.len == h && args.dt_bias.len == h && args.skip.len == h, || {
+            format!("a {} dt_bias {} D {} for {h} heads", args.a.len, args.dt_bias.len, args.skip.len)
+        })?;
+        check("mamba2_scan", n >= 1 && n <= 128, || format!("state size {n} outside 1..=128"))?;
+        for (what, v, cols) in [("x", &args.x, h * p), ("dt", &args.dt, h), ("B", &args.b, g * n), ("C", &args.c, g * n)] {
+            check("mamba2_scan", v.rows == t && v.cols == cols, || format!("{what} is [{}, {}], want [{t}, {cols}]", v.rows, v.cols))?;
+            check_view("mamba2_scan", what, v.buf.len, v.offset, v.rows, v.cols, v.stride)?;
+        }
+        check("mamba2_scan", out.rows == t && out.cols == h * p, || format!("out is [{}, {}]", out.rows, out.cols))?;
+        check_view("mamba2_scan", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        check_packed("mamba2_scan", batch)?;
+        if t == 0 || h * p == 0 {
+            return Ok(());
+        }
+        let lanes = scan_lanes(n);
+        let k = match lanes {
+            4 => Kernel::Mamba2ScanL4,
+            8 => Kernel::Mamba2ScanL8,
+            16 => Kernel::Mamba2ScanL16,
+            _ => Kernel::Mamba2ScanL32,
+        };
+        let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
+        let channels = h * p;
+        let a = Args::new()
+            .ptr(args.x.buf.at(args.x.offset))
+            .i32(args.x.stride)
+            .ptr(args.dt.buf.at(args.dt.offset))
+            .i32(args.dt.stride)
+            .ptr(args.dt_bias.buf.ptr)
+            .ptr(args.a.buf.ptr)
+            .ptr(args.b.buf.at(args.b.offset))
+            .i32(args.b.stride)
+            .ptr(args.c.buf.at(args.c.offset))
+            .i32(args.c.stride)
+            .ptr(args.skip.buf.ptr)
+            .ptr(0)
+            .i32(0)
+            .ptr(state)
+            .u64(slot_stride)
+            .u64(layer_off)
+            .ptr(batch.cu_seqlens.buf.ptr)
+            .ptr(batch.slots.buf.ptr)
+            .ptr(batch.prompt.buf.ptr)
+            .i32(channels)
+            .i32(n)
+            .i32(p)
+            .i32(h / g)
+            .f32(args.dt_limit.0)
+            .f32(args.dt_limit.1)
+            .ptr(out.buf.at(out.offset))
+            .i32(out.stride);
+        let cpb = 128 / lanes;
+        self.launch(k, a, ((channels as u32).div_ceil(cpb as u32), batch.n_seqs as u32, 1), 128)
+    }
+
+    fn gated_rmsnorm(
+        &self,
+        y: View<'_, CudaVec>,
+        z: View<'_, CudaVec>,
+        weight: &CudaVec,
+        eps: f32,
+        group_size: usize,
+        out: ViewMut<'_, CudaVec>,
+    ) -> Result<()> {
+        let d = y.cols;
+        check("gated_rmsnorm", z.cols == d && out.cols == d && weight.len == d && z.rows == y.rows && out.rows == y.rows, || {
+            format!("y [{}, {d}] z [{}, {}] out [{}, {}] weight {}", y.rows, z.rows, z.cols, out.rows, out.cols, weight.len)
+        })?;
+        check("gated_rmsnorm", group_size > 0 && d % group_size == 0, || format!("group size {group_size} does not divide {d}"))?;
+        check_view("gated_rmsnorm", "y", y.buf.len, y.offset, y.rows, y.cols, y.stride)?;
+        check_view("gated_rmsnorm", "z", z.buf.len, z.offset, z.rows, z.cols, z.stride)?;
+        check_view("gated_rmsnorm", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        if y.rows == 0 {
+            return Ok(());
+        }
+        let a = Args::new()
+            .ptr(y.buf.at(y.offset))
+            .i32(y.stride)
+            .ptr(z.buf.at(z.offset))
+            .i32(z.stride)
+            .ptr(weight.buf.ptr)
+            .f32(eps)
+            .i32(group_size)
+            .ptr(out.buf.at(out.offset))
+            .i32(out.stride);
+        self.launch(Kernel::GatedRmsNorm, a, (y.rows as u32, (d / group_size) as u32, 1), ROW_THREADS)
+    }
+
+    fn sample(&self, logits: View<'_, CudaVec>, rows: &[SampleRow]) -> Result<Vec<SampledToken>> {
+        check("sample", logits.rows == rows.len(), || format!("{} logit rows for {} samples", logits.rows, rows.len()))?;
+        check_view("sample", "logits", logits.buf.len, logits.offset, logits.rows, logits.cols, logits.stride)?;
+        check("sample", rows.iter().all(|r| r.valid_vocab as usize <= logits.cols && r.valid_vocab > 0), || {
+            format!("valid_vocab outside 1..={}", logits.cols)
+        })?;
+        self.no_capture("sample")?;
+        sample::sample(self, logits, rows)
+    }
+
+    fn gather_rows(&self, src: View<'_, CudaVec>, rows: &CudaIds, n: usize, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        check("gather_rows", n <= rows.len && out.rows >= n && out.cols == src.cols, || {
+            format!("{n} rows of width {} into [{}, {}]", src.cols, out.rows, out.cols)
+        })?;
+        check_view("gather_rows", "src", src.buf.len, src.offset, src.rows, src.cols, src.stride)?;
+        check_view("gather_rows", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let a = Args::new()
+            .ptr(src.buf.at(src.offset))
+            .i32(src.stride)
+            .ptr(rows.buf.ptr)
+            .ptr(out.buf.at(out.offset))
+            .i32(out.stride)
+            .i32(src.cols);
+        self.launch(Kernel::GatherRows, a, (n as u32, 1, 1), ROW_THREADS)
+    }
+
+    fn reserve_scratch(&self, max_rows: usize, max_cols: usize, sample_rows: usize, vocab: usize) -> Result<()> {
+        let mut s = self.scratch.borrow_mut();
+        let s = &mut *s;
+        self.ensure(&mut s.half, max_rows * max_cols * 2, "half activations")?;
+        sample::reserve(self, s, sample_rows, vocab)
+    }
+
+    fn free_memory(&self) -> Option<usize> {
+        self.bind().ok()?;
+        result::mem_get_info().ok().map(|(free, _total)| free)
+    }
+
+    fn launches(&self) -> u64 {
+        self.launches.get()
+    }
+
+    fn begin_capture(&self) -> Result<bool> {
+        self.no_capture("begin_capture")?;
+        self.bind()?;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(dev("begin graph capture"))?;
+        self.capturing.set(true);
+        Ok(true)
+    }
+
+    fn end_capture(&self) -> Result<CudaGraphHandle> {
+        check("end_capture", self.capturing.get(), || "no graph is being recorded".into())?;
+        self.capturing.set(false);
+        self.bind()?;
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(dev("end graph capture"))?
+            .ok_or_else(|| BackendError::Device { op: "end graph capture", detail: "nothing was recorded".into() })?;
+        graph.upload().map_err(dev("upload graph"))?;
+        Ok(CudaGraphHandle(graph))
+    }
+
+    fn replay(&self, graph: &CudaGraphHandle) -> Result<()> {
+        self.no_capture("replay")?;
+        self.launches.set(self.launches.get() + 1);
+        graph.0.launch().map_err(dev("graph launch"))
+    }
+}
+
+/// Checks the host-side facts of a packed batch (the offsets and slots live
+/// on the device; the model layer built them and checked their values).
+fn check_packed(op: &'static str, batch: &Packed<'_, CudaBackend>) -> Result<()> {
+    check(op, batch.cu_seqlens.len > batch.n_seqs && batch.slots.len >= batch.n_seqs && batch.prompt.len >= batch.n_seqs, || {
+        format!("{} sequences but offsets {} slots {} prompt flags {}", batch.n_seqs, batch.cu_seqlens.len, batch.slots.len, batch.prompt.len)
+    })?;
+    check(op, !batch.single_token || batch.n_tokens == batch.n_seqs, || {
+        format!("single-token batch of {} tokens in {} sequences", batch.n_tokens, batch.n_seqs)
+    })
+}
+
+fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: u32 and f32 slices reinterpret as bytes with no padding.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}

@@ -1,0 +1,102 @@
+//! Host side of device sampling (`kernels/sample.cu`): packs each row's
+//! parameters and lists into one upload, launches one block per row, and
+//! reads back only the tokens and logprobs.
+
+use super::kernels::{Args, Kernel};
+use super::{CudaBackend, CudaVec, Scratch};
+use crate::backend::{Result, SampleRow, SampledToken, View};
+
+/// u32 words of parameters per row (the P_* layout in sample.cu).
+const P_WORDS: usize = 20;
+const THREADS: u32 = 1024;
+
+/// Whether the row's logits must be copied and modified (bias, penalties).
+fn materialize(row: &SampleRow) -> bool {
+    !row.logit_bias.is_empty() || !row.seen.is_empty()
+}
+
+/// Allocates the sampling scratch for `rows` rows of `vocab` logits.
+pub fn reserve(be: &CudaBackend, s: &mut Scratch, rows: usize, vocab: usize) -> Result<()> {
+    let n = rows * vocab;
+    be.ensure(&mut s.proc, n * 4, "sampling logits")?;
+    be.ensure(&mut s.keys, n * 4, "sampling keys")?;
+    be.ensure(&mut s.weights, n * 8, "sampling weights")?;
+    be.ensure(&mut s.params, rows * P_WORDS * 4, "sampling parameters")?;
+    be.ensure(&mut s.out, rows * 8 * 4, "sampling output")
+}
+
+pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[SampleRow]) -> Result<Vec<SampledToken>> {
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let vocab = logits.cols;
+    let mut words = vec![0u32; rows.len() * P_WORDS];
+    let mut out_words = 0usize;
+    for (i, row) in rows.iter().enumerate() {
+        let p = &mut words[i * P_WORDS..(i + 1) * P_WORDS];
+        p[0] = row.temperature.to_bits();
+        p[1] = row.top_k;
+        p[2] = row.top_p.to_bits();
+        p[3] = row.min_p.to_bits();
+        p[4] = row.repetition_penalty.to_bits();
+        p[5] = row.presence_penalty.to_bits();
+        p[6] = row.frequency_penalty.to_bits();
+        p[7] = row.seed as u32;
+        p[8] = (row.seed >> 32) as u32;
+        p[9] = row.step as u32;
+        p[10] = (row.step >> 32) as u32;
+        p[11] = row.top_logprobs;
+        p[12] = row.valid_vocab;
+        p[17] = out_words as u32;
+        p[18] = materialize(row) as u32;
+        out_words += 3 + 2 * row.top_logprobs as usize;
+    }
+    for (i, row) in rows.iter().enumerate() {
+        let seen_off = words.len();
+        words.extend(row.seen.iter().flat_map(|&(id, count)| [id, count]));
+        let bias_off = words.len();
+        words.extend(row.logit_bias.iter().flat_map(|&(id, b)| [id, b.to_bits()]));
+        let p = &mut words[i * P_WORDS..(i + 1) * P_WORDS];
+        p[13] = seen_off as u32;
+        p[14] = row.seen.len() as u32;
+        p[15] = bias_off as u32;
+        p[16] = row.logit_bias.len() as u32;
+    }
+    let n = rows.len() * vocab;
+    let any_materialize = rows.iter().any(materialize);
+    let any_draw = rows.iter().any(|r| r.temperature != 0.0);
+    let (params, out, proc, keys, weights) = {
+        let mut s = be.scratch.borrow_mut();
+        be.ensure(&mut s.params, words.len() * 4, "sampling parameters")?;
+        be.ensure(&mut s.out, out_words * 4, "sampling output")?;
+        if any_materialize {
+            be.ensure(&mut s.proc, n * 4, "sampling logits")?;
+        }
+        if any_draw {
+            be.ensure(&mut s.keys, n * 4, "sampling keys")?;
+            be.ensure(&mut s.weights, n * 8, "sampling weights")?;
+        }
+        (s.params.ptr, s.out.ptr, s.proc.ptr, s.keys.ptr, s.weights.ptr)
+    };
+    be.upload_bytes(params, super::bytes_of(&words))?;
+    let a = Args::new()
+        .ptr(logits.buf.at(logits.offset))
+        .i32(logits.stride)
+        .u32(vocab as u32)
+        .ptr(params)
+        .ptr(proc)
+        .ptr(keys)
+        .ptr(weights)
+        .ptr(out);
+    be.launch(Kernel::SampleRows, a, (rows.len() as u32, 1, 1), THREADS)?;
+    let got: Vec<u32> = be.download(out, out_words)?;
+    let mut result = Vec::with_capacity(rows.len());
+    let mut o = 0;
+    for row in rows {
+        let n_top = (got[o + 2] as usize).min(row.top_logprobs as usize);
+        let top = (0..n_top).map(|j| (got[o + 3 + 2 * j], f32::from_bits(got[o + 4 + 2 * j]))).collect();
+        result.push(SampledToken { token: got[o], logprob: f32::from_bits(got[o + 1]), top });
+        o += 3 + 2 * row.top_logprobs as usize;
+    }
+    Ok(result)
+}
