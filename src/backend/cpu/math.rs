@@ -83,6 +83,10 @@ pub fn linear(x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: V
     if m == 0 {
         return;
     }
+    if m <= super::gemv::MAX_ROWS {
+        super::gemv::skinny(x.buf, x.offset, x.stride, m, &w.data, n, k, bias.map(|b| b.as_slice()), out.buf, out.offset, out.stride);
+        return;
+    }
     if let Some(b) = bias {
         for r in 0..m {
             let o = out.offset + r * out.stride;
