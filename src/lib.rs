@@ -20,6 +20,7 @@ pub mod engine;
 pub mod loadtest;
 pub mod metrics;
 pub mod model;
+pub mod progress;
 pub mod sampling;
 pub mod tokenizer;
 pub mod validate;
@@ -104,10 +105,21 @@ pub fn build_from(settings: &Settings, dir: &Path) -> Result<Server, BuildError>
     eos.dedup();
     let metrics = Arc::new(metrics::Metrics::default());
     let load_dir = dir.to_path_buf();
+    let ckpt = Checkpoint::open(dir)?;
+    let dtype = {
+        use model::TensorSource;
+        ["backbone.embeddings.weight", "backbone.embedding.weight"]
+            .iter()
+            .find_map(|n| ckpt.get(n).ok().flatten().map(|t| t.dtype.to_string()))
+            .unwrap_or_else(|| "unknown".into())
+    };
+    drop(ckpt);
+    let label = dir.display().to_string();
     let engine = EngineHandle::spawn(
         move || {
             let ckpt = Checkpoint::open(&load_dir)?;
-            let (runner, why) = model::load(device, cfg, &ckpt, opts, &mut |_| {})?;
+            let mut progress = progress::reporter(&label);
+            let (runner, why) = model::load(device, cfg, &ckpt, opts, &mut progress)?;
             tracing::info!(backend = %runner.backend_name(), "{why}");
             Ok(runner)
         },
@@ -123,6 +135,7 @@ pub fn build_from(settings: &Settings, dir: &Path) -> Result<Server, BuildError>
     tracing::info!(
         model = %model_name,
         arch = info.config.arch.model_type(),
+        dtype = %dtype,
         backend = %info.backend,
         slots = info.slots,
         state_bytes_per_slot = info.state_bytes_per_slot,
