@@ -41,21 +41,20 @@ extern "C" __global__ void fill_f32(float* dst, u64 n, float value) {
 }
 
 // Dense 16-bit copy of a strided f32 view: out[r, c] = half(x[r * stride + c]).
-// `dt` is 1 for bf16, 2 for f16.
+// `dt` is 1 for bf16, 2 for f16. Grid (column blocks, row blocks).
 extern "C" __global__ void to_half(const float* x, int rows, int cols, int stride, u16* out, int dt) {
-    const u64 n = (u64)rows * cols;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const u64 r = i / cols, c = i % cols;
-        const float v = x[r * stride + c];
-        out[i] = dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float v = x[(u64)r * stride + c];
+        out[(u64)r * cols + c] = dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
     }
 }
 
 // out[r, :] = bias for r < rows (the GEMM then accumulates onto it).
+// Grid (column blocks, row blocks).
 extern "C" __global__ void bias_rows(const float* bias, float* out, int rows, int cols, int stride) {
-    const u64 n = (u64)rows * cols;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const u64 r = i / cols, c = i % cols;
-        out[r * stride + c] = bias[c];
-    }
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) out[(u64)r * stride + c] = bias[c];
 }

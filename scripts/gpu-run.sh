@@ -7,7 +7,7 @@
 #            executables built with `--features gpu-tests`.
 #   LOG_DIR  receives env.log, tests.log, bench.log (tables and JSON lines)
 #            and hf.log.
-#   PHASE    any of: env tests server bench bench-quick hf hf-quick
+#   PHASE    any of: env tests server profile bench bench-quick hf hf-quick
 #            (default: env tests bench hf).
 # Environment: SHAPES (bench/hf shapes, comma separated), BENCH_ARGS (extra
 # flags for `mamba-serve bench`).
@@ -72,6 +72,15 @@ for phase in $phases; do
       done
       run bench 120 "$bin/mamba-serve" bench --random-shape mamba-130m --device cuda --prompt-len 512 --chunk 2048 \
         --batch 1,64 --steps 64 --no-graphs --no-ceilings
+      ;;
+    profile)
+      # Time per kernel (events around every launch, graphs off): the
+      # 2048-token prefill, then decode steps at batch 1 and 256.
+      s=${PROFILE_SHAPE:-mamba-1.4b}
+      common=(bench --random-shape "$s" --device cuda --chunk 2048 --no-graphs --no-ceilings --prefill-runs 1)
+      MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 2048 --batch 1 --steps 1
+      MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 1 --steps 16
+      MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 256 --steps 8
       ;;
     hf | hf-quick)
       [ "$phase" = hf-quick ] && list=mamba-130m,mamba-1.4b || list=$shapes

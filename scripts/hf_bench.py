@@ -18,6 +18,7 @@ Prints one JSON object per measurement, then a table.
 """
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -25,11 +26,6 @@ import time
 
 import torch
 from transformers import MambaConfig, MambaForCausalLM
-
-try:
-    from transformers import MambaCache
-except ImportError:  # moved between releases
-    from transformers.models.mamba.modeling_mamba import MambaCache
 
 SHAPES = {
     "mamba-130m": (768, 24),
@@ -75,17 +71,35 @@ def prefill(model, length, runs):
 
 
 def decode_step_ms(model, cfg, batch, replays):
-    cache = MambaCache(cfg, batch, dtype=torch.bfloat16, device="cuda")
+    """(graph ms, eager ms) of one decode step after a 32-token prefill.
+
+    The cache comes from the prefill's output (its attribute name and the
+    forward argument differ between transformers releases)."""
     ids = torch.randint(0, 1000, (batch, 32), device="cuda")
-    prompt_pos = torch.arange(0, cfg.conv_kernel, device="cuda")
-    out = model(ids, cache_params=cache, use_cache=True, cache_position=prompt_pos)
+    out = model(ids, use_cache=True)
+    kw = "cache_params" if getattr(out, "cache_params", None) is not None else "past_key_values"
+    cache = getattr(out, kw)
+    extra = {kw: cache, "use_cache": True}
+    if "cache_position" in inspect.signature(model.forward).parameters:
+        extra["cache_position"] = torch.tensor([32], device="cuda")
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    pos = torch.tensor([32], device="cuda")
+    del out
 
     def step():
-        logits = model(tok, cache_params=cache, use_cache=True, cache_position=pos).logits
+        logits = model(tok, **extra).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
+    def timed(f, n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            f()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n
+
+    step()
+    eager = timed(step, 5)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -97,15 +111,9 @@ def decode_step_ms(model, cfg, batch, replays):
         step()
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    ms = start.elapsed_time(end) / replays
-    del graph, cache, out
-    return ms
+    ms = timed(graph.replay, replays)
+    del graph, cache
+    return ms, eager
 
 
 def main():
@@ -134,10 +142,11 @@ def main():
                 print(json.dumps(r), flush=True)
             for batch in [int(x) for x in a.batch.split(",")]:
                 try:
-                    ms = decode_step_ms(model, cfg, batch, a.replays)
-                    r = {"shape": name, "kind": "decode", "batch": batch, "step_ms": ms, "tokens_per_s": batch / ms * 1e3}
-                except torch.OutOfMemoryError as e:
-                    r = {"shape": name, "kind": "decode", "batch": batch, "error": f"out of memory: {e}"}
+                    ms, eager = decode_step_ms(model, cfg, batch, a.replays)
+                    r = {"shape": name, "kind": "decode", "batch": batch, "step_ms": ms, "eager_step_ms": eager,
+                         "tokens_per_s": batch / ms * 1e3}
+                except Exception as e:  # out of memory, or a release whose step cannot be captured
+                    r = {"shape": name, "kind": "decode", "batch": batch, "error": f"{type(e).__name__}: {e}"[:500]}
                     torch.cuda.empty_cache()
                 rows.append(r)
                 print(json.dumps(r), flush=True)

@@ -21,7 +21,7 @@ mod sample;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaGraph, CudaStream, result, sys};
+use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaStream, result, sys};
 
 use self::blas::{Blas, Gemm};
 use self::kernels::{Args, Kernel, Kernels};
@@ -34,6 +34,8 @@ use super::{
 const ROW_THREADS: u32 = 256;
 /// Up to this many rows, products use the GEMV kernel (f32 activations).
 const GEMV_MAX_ROWS: usize = 8;
+/// Up to this many sequences, the decode step computes dt inside its kernel.
+const STEP_FUSED_DT_MAX_SEQS: usize = 16;
 /// Products of at most this many multiply-adds also stay on the exact f32
 /// activation path (so tiny models match the CPU closely).
 const SMALL_GEMM_MACS: usize = 1 << 24;
@@ -157,8 +159,13 @@ pub struct CudaBackend {
     _blas_workspace: DevBuf,
     staging: RefCell<Staging>,
     scratch: RefCell<Scratch>,
+    /// Time steps of a large decode batch (`mamba1_step`), `[rows, d_inner]`.
+    step_dt: RefCell<CudaVec>,
     capturing: Cell<bool>,
     launches: Cell<u64>,
+    /// Per-launch timing events, when `MAMBA_SERVE_CUDA_PROFILE` is set:
+    /// a table of time per kernel is printed to stderr on drop.
+    profile: Option<RefCell<Vec<(String, CudaEvent, CudaEvent)>>>,
     name: String,
     sm: (i32, i32),
 }
@@ -211,6 +218,7 @@ impl CudaBackend {
         let ptr = unsafe { result::malloc_host(STAGING, 0) }.map_err(dev("pinned host memory"))? as *mut u8;
         let staging = RefCell::new(Staging { ptr, cap: STAGING, used: 0 });
         let empty = || DevBuf::alloc(&ctx, 0, "scratch");
+        let step_dt = RefCell::new(CudaVec { buf: empty()?, len: 0 });
         let scratch = RefCell::new(Scratch {
             half: empty()?,
             params: empty()?,
@@ -227,8 +235,10 @@ impl CudaBackend {
             _blas_workspace: workspace,
             staging,
             scratch,
+            step_dt,
             capturing: Cell::new(false),
             launches: Cell::new(0),
+            profile: std::env::var_os("MAMBA_SERVE_CUDA_PROFILE").map(|_| RefCell::new(vec![])),
             name: format!("cuda:{ordinal} ({name}, sm_{}{})", sm.0, sm.1),
             sm,
         })
@@ -248,8 +258,27 @@ impl CudaBackend {
     }
 
     fn launch(&self, k: Kernel, args: Args, grid: (u32, u32, u32), block: u32) -> Result<()> {
-        self.launches.set(self.launches.get() + 1);
-        args.launch(self.kernels.get(k), self.cu_stream(), grid, block)
+        self.profiled(|| format!("{k:?}"), || {
+            self.launches.set(self.launches.get() + 1);
+            args.launch(self.kernels.get(k), self.cu_stream(), grid, block)
+        })
+    }
+
+    /// Runs `f` (one launch), bracketed by timing events when profiling and
+    /// not recording a graph.
+    fn profiled(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let Some(profile) = &self.profile else { return f() };
+        if self.capturing.get() {
+            return f();
+        }
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.ctx.new_event(flags).map_err(dev("event"))?;
+        let end = self.ctx.new_event(flags).map_err(dev("event"))?;
+        start.record(&self.stream).map_err(dev("event record"))?;
+        f()?;
+        end.record(&self.stream).map_err(dev("event record"))?;
+        profile.borrow_mut().push((name(), start, end));
+        Ok(())
     }
 
     fn no_capture(&self, op: &'static str) -> Result<()> {
@@ -321,17 +350,30 @@ impl CudaBackend {
     }
 
     fn gemv(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>) -> Result<()> {
+        use Kernel::*;
         let vec = w.cols % 8 == 0 && x.offset % 4 == 0 && x.stride % 4 == 0;
-        let k = match (w.dtype, vec) {
-            (DType::F32, true) => Kernel::GemvF32Vec,
-            (DType::BF16, true) => Kernel::GemvBf16Vec,
-            (DType::F16, true) => Kernel::GemvF16Vec,
-            (DType::F32, false) => Kernel::GemvF32Scalar,
-            (DType::BF16, false) => Kernel::GemvBf16Scalar,
-            (DType::F16, false) => Kernel::GemvF16Scalar,
+        // Rows of x per block: the smallest tile holding them all (at most 8).
+        let mt = x.rows.min(GEMV_MAX_ROWS).next_power_of_two();
+        let k = match (w.dtype, vec, mt) {
+            (DType::F32, true, 1) => GemvF32VecM1,
+            (DType::F32, true, 2) => GemvF32VecM2,
+            (DType::F32, true, 4) => GemvF32VecM4,
+            (DType::F32, true, _) => GemvF32VecM8,
+            (DType::BF16, true, 1) => GemvBf16VecM1,
+            (DType::BF16, true, 2) => GemvBf16VecM2,
+            (DType::BF16, true, 4) => GemvBf16VecM4,
+            (DType::BF16, true, _) => GemvBf16VecM8,
+            (DType::F16, true, 1) => GemvF16VecM1,
+            (DType::F16, true, 2) => GemvF16VecM2,
+            (DType::F16, true, 4) => GemvF16VecM4,
+            (DType::F16, true, _) => GemvF16VecM8,
+            (DType::F32, false, _) => GemvF32Scalar,
+            (DType::BF16, false, _) => GemvBf16Scalar,
+            (DType::F16, false, _) => GemvF16Scalar,
         };
+        let mt = if vec { mt } else { GEMV_MAX_ROWS };
         let warps = 4u32;
-        let grid = ((w.rows as u32).div_ceil(warps), (x.rows as u32).div_ceil(GEMV_MAX_ROWS as u32), 1);
+        let grid = ((w.rows as u32).div_ceil(warps), (x.rows as u32).div_ceil(mt as u32), 1);
         let args = Args::new()
             .ptr(x.buf.at(x.offset))
             .i32(x.stride)
@@ -350,7 +392,7 @@ impl CudaBackend {
         let out_ptr = out.buf.at(out.offset);
         if let Some(b) = bias {
             let args = Args::new().ptr(b.buf.ptr).ptr(out_ptr).i32(m).i32(n).i32(out.stride);
-            self.launch(Kernel::BiasRows, args, (((m * n) as u32).div_ceil(ROW_THREADS).min(65535), 1, 1), ROW_THREADS)?;
+            self.launch(Kernel::BiasRows, args, ((n as u32).div_ceil(ROW_THREADS), (m as u32).min(65535), 1), ROW_THREADS)?;
         }
         let beta = if bias.is_some() { 1.0 } else { 0.0 };
         let mut g = Gemm { m, n, k, x: x.buf.at(x.offset), x_stride: x.stride, w: w.buf.ptr, dtype: w.dtype, out: out_ptr, out_stride: out.stride, beta };
@@ -360,12 +402,14 @@ impl CudaBackend {
             self.ensure(&mut scratch.half, m * k * 2, "half activations")?;
             let code = if w.dtype == DType::BF16 { 1 } else { 2 };
             let args = Args::new().ptr(g.x).i32(m).i32(k).i32(x.stride).ptr(scratch.half.ptr).u32(code);
-            self.launch(Kernel::ToHalf, args, (((m * k) as u32).div_ceil(ROW_THREADS).min(65535), 1, 1), ROW_THREADS)?;
+            self.launch(Kernel::ToHalf, args, ((k as u32).div_ceil(ROW_THREADS), (m as u32).min(65535), 1), ROW_THREADS)?;
             g.x = scratch.half.ptr;
             g.x_stride = k;
         }
-        self.launches.set(self.launches.get() + 1);
-        self.blas.gemm(&g)
+        self.profiled(|| format!("cublas gemm m{m} n{n} k{k} {}", w.dtype), || {
+            self.launches.set(self.launches.get() + 1);
+            self.blas.gemm(&g)
+        })
     }
 
     fn ssm_layout_args(state: &CudaVec, layout: super::PoolLayout, layer: usize) -> (u64, u64, u64) {
@@ -643,13 +687,42 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let lanes = scan_lanes(n);
-        let k = match lanes {
-            4 => Kernel::Mamba1ScanL4,
-            8 => Kernel::Mamba1ScanL8,
-            16 => Kernel::Mamba1ScanL16,
-            _ => Kernel::Mamba1ScanL32,
-        };
         let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
+        let cpb = 128 / lanes;
+        let grid = ((d as u32).div_ceil(cpb as u32), batch.n_seqs as u32, 1);
+        if lanes <= 16 {
+            // One state per lane: the register-staged kernel.
+            let k = match lanes {
+                4 => Kernel::Mamba1ScanFastL4,
+                8 => Kernel::Mamba1ScanFastL8,
+                _ => Kernel::Mamba1ScanFastL16,
+            };
+            let a = Args::new()
+                .ptr(args.x.buf.at(args.x.offset))
+                .i32(args.x.stride)
+                .ptr(args.dt.buf.at(args.dt.offset))
+                .i32(args.dt.stride)
+                .ptr(args.dt_bias.buf.ptr)
+                .ptr(args.a.buf.ptr)
+                .ptr(args.b.buf.at(args.b.offset))
+                .i32(args.b.stride)
+                .ptr(args.c.buf.at(args.c.offset))
+                .i32(args.c.stride)
+                .ptr(args.skip.buf.ptr)
+                .ptr(args.z.buf.at(args.z.offset))
+                .i32(args.z.stride)
+                .ptr(state)
+                .u64(slot_stride)
+                .u64(layer_off)
+                .ptr(batch.cu_seqlens.buf.ptr)
+                .ptr(batch.slots.buf.ptr)
+                .i32(d)
+                .i32(n)
+                .ptr(out.buf.at(out.offset))
+                .i32(out.stride);
+            return self.launch(k, a, grid, 128);
+        }
+        let k = Kernel::Mamba1ScanL32;
         let a = Args::new()
             .ptr(args.x.buf.at(args.x.offset))
             .i32(args.x.stride)
@@ -678,8 +751,7 @@ impl Backend for CudaBackend {
             .f32(f32::INFINITY)
             .ptr(out.buf.at(out.offset))
             .i32(out.stride);
-        let cpb = 128 / lanes;
-        self.launch(k, a, ((d as u32).div_ceil(cpb as u32), batch.n_seqs as u32, 1), 128)
+        self.launch(k, a, grid, 128)
     }
 
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
@@ -720,13 +792,26 @@ impl Backend for CudaBackend {
             (DType::F16, false) => Kernel::Mamba1StepF16V1,
         };
         let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
-        let spb = if s >= 64 { 4 } else { 1 };
+        // Large batches: dt_low · dt_projᵀ as one matrix product (the weights
+        // read once), not one dot product per (sequence, channel).
+        let mut step_dt = self.step_dt.borrow_mut();
+        let dtpre = if s > STEP_FUSED_DT_MAX_SEQS {
+            self.ensure(&mut step_dt.buf, s * d * 4, "time steps")?;
+            step_dt.len = step_dt.buf.bytes / 4;
+            self.linear(args.xdbl.columns(0, r), args.dt_proj, None, ViewMut::dense(&mut step_dt, s, d))?;
+            Some(step_dt.buf.ptr)
+        } else {
+            None
+        };
+        let vec_dot = r % 8 == 0 && args.xdbl.offset % 4 == 0 && args.xdbl.stride % 4 == 0;
         let a = Args::new()
             .ptr(args.x.buf.at(args.x.offset))
             .i32(args.x.stride)
             .ptr(args.xdbl.buf.at(args.xdbl.offset))
             .i32(args.xdbl.stride)
             .ptr(args.dt_proj.buf.ptr)
+            .ptr(dtpre.unwrap_or(0))
+            .i32(d)
             .ptr(args.dt_bias.buf.ptr)
             .ptr(args.a.buf.ptr)
             .ptr(args.skip.buf.ptr)
@@ -743,12 +828,13 @@ impl Backend for CudaBackend {
             .u32(args.norm_eps.is_some() as u32)
             .f32(args.norm_eps.unwrap_or(0.0))
             .i32(lanes)
-            .i32(spb)
+            .u32(vec_dot as u32)
             .ptr(out.buf.at(out.offset))
             .i32(out.stride);
+        drop(step_dt);
         let threads = 128u32;
         let cpb = threads / lanes as u32;
-        self.launch(k, a, ((d as u32).div_ceil(cpb), (s as u32).div_ceil(spb as u32), 1), threads)
+        self.launch(k, a, ((d as u32).div_ceil(cpb), s as u32, 1), threads)
     }
 
     fn mamba2_scan(&self, args: Mamba2ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
@@ -879,6 +965,9 @@ impl Backend for CudaBackend {
         let mut s = self.scratch.borrow_mut();
         let s = &mut *s;
         self.ensure(&mut s.half, max_rows * max_cols * 2, "half activations")?;
+        let mut dt = self.step_dt.borrow_mut();
+        self.ensure(&mut dt.buf, max_rows * max_cols * 4, "time steps")?;
+        dt.len = dt.buf.bytes / 4;
         sample::reserve(self, s, sample_rows, vocab)
     }
 
@@ -918,6 +1007,29 @@ impl Backend for CudaBackend {
         self.no_capture("replay")?;
         self.launches.set(self.launches.get() + 1);
         graph.0.launch().map_err(dev("graph launch"))
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let Some(profile) = self.profile.take() else { return };
+        if self.sync().is_err() {
+            return;
+        }
+        let mut by_name: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+        for (name, start, end) in profile.into_inner() {
+            let ms = start.elapsed_ms(&end).unwrap_or(f32::NAN) as f64;
+            let e = by_name.entry(name).or_default();
+            e.0 += 1;
+            e.1 += ms;
+        }
+        let mut rows: Vec<_> = by_name.into_iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let total: f64 = rows.iter().map(|r| r.1 .1).sum();
+        eprintln!("kernel profile ({}): {total:.3} ms in launches", self.name);
+        for (name, (count, ms)) in rows {
+            eprintln!("{:>10.3} ms {:>5.1}% {count:>7} × {:>9.2} us  {name}", ms, 100.0 * ms / total, 1e3 * ms / count as f64);
+        }
     }
 }
 
