@@ -7,6 +7,7 @@
 //! `gemm` crate (SIMD, multi-threaded on rayon's pool); the scans and the
 //! conv are parallel over (sequence, channel block).
 
+mod gemv;
 mod math;
 mod parallel;
 pub mod sample;
