@@ -105,12 +105,28 @@ extern "C" __global__ void mamba2_scan_l8(SCAN_ARGS) { ssm_scan_impl<8, true>(SC
 extern "C" __global__ void mamba2_scan_l16(SCAN_ARGS) { ssm_scan_impl<16, true>(SCAN_PASS); }
 extern "C" __global__ void mamba2_scan_l32(SCAN_ARGS) { ssm_scan_impl<32, true>(SCAN_PASS); }
 
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+#define LOG2E 1.4426950408889634f
+
 // Mamba-1 prefill for d_state <= L: one state per lane. Each chunk of L
 // tokens first loads everything it needs into registers (lane i: token
 // t0 + i's x, dt and z; lane n: state n's B and C for all L tokens), so the
 // recurrence itself touches no memory; the L per-token sums over the states
 // are then reduced with a butterfly that leaves token i's sum in lane i
-// (L - 1 shuffles per chunk instead of log2(L) per token).
+// (L - 1 shuffles per chunk instead of log2(L) per token). exp(dt * a) is
+// one ex2.approx of dt * (a * log2 e).
+//
+// Long segments are split in time (blockIdx.z = part of `part_len` tokens)
+// so that one sequence fills the GPU: a `summary` pass runs each part but
+// the last from a zero state and stores its end state and the sum of its
+// time steps (the part's decay is exp(a * sum dt)); the output pass then
+// starts part p from the slot's state carried through parts 0..p-1, and the
+// last part writes the state back. With part_len 0 there is one part.
 template <int L>
 __device__ void mamba1_scan_fast_impl(const float* __restrict__ x, int xs, const float* __restrict__ dt, int dts,
                                       const float* __restrict__ dt_bias, const float* __restrict__ a,
@@ -118,44 +134,73 @@ __device__ void mamba1_scan_fast_impl(const float* __restrict__ x, int xs, const
                                       const float* __restrict__ skip, const float* __restrict__ z, int zs,
                                       float* __restrict__ state, u64 slot_stride, u64 layer_off,
                                       const u32* __restrict__ cu, const u32* __restrict__ slots, int channels,
-                                      int d_state, float* __restrict__ out, int os) {
+                                      int d_state, float* __restrict__ out, int os, int part_len,
+                                      float* __restrict__ parts, int summary) {
     const int lane = threadIdx.x % L;
     const int cpb = blockDim.x / L;
     const int c = blockIdx.x * cpb + threadIdx.x / L;
     const bool active = c < channels;
     const int cc = active ? c : channels - 1;
     const int s = blockIdx.y;
+    const int p = blockIdx.z;
     const u32 start = cu[s], end = cu[s + 1];
+    const u32 lo = part_len ? start + (u32)p * part_len : start;
+    const u32 hi = part_len ? min(lo + (u32)part_len, end) : end;
+    if (lo >= hi) return;
+    const bool last = hi == end;
     const u32 slot = slots[s];
     const bool valid = lane < d_state;
     float* st = slot == PAD_SLOT ? 0 : state + (u64)slot * slot_stride + layer_off + (u64)cc * d_state;
-    float h = (valid && st) ? st[lane] : 0.0f;
-    const float av = valid ? a[(u64)cc * d_state + lane] : 0.0f;
+    const float av2 = valid ? a[(u64)cc * d_state + lane] * LOG2E : 0.0f;
+    // Summaries of (sequence s, part q, channel c): d_state end-state values
+    // then the sum of the part's time steps; after the gridDim.z parts, a
+    // copy of the slot's starting state (the last part overwrites the slot
+    // while other parts may still start, so they read the copy).
+    const int stride_c = d_state + 1;
+    const u64 part_step = (u64)channels * stride_c;
+    float* part_base = parts ? parts + (u64)s * (gridDim.z + 1) * part_step + (u64)cc * stride_c : 0;
+    float* stash = parts ? part_base + gridDim.z * part_step : 0;
+    float h = 0.0f;
+    if (summary) {
+        if (p == 0 && valid && active) stash[lane] = st ? st[lane] : 0.0f;
+        if (last) return;
+    } else {
+        if (stash) h = valid ? stash[lane] : 0.0f;
+        else h = (valid && st) ? st[lane] : 0.0f;
+        for (int q = 0; q < p; ++q) {
+            const float* sq = part_base + q * part_step;
+            const float sq_h = valid ? sq[lane] : 0.0f;
+            h = ex2_approx(av2 * sq[d_state]) * h + sq_h;
+        }
+    }
     const float bias = dt_bias[cc];
     const float dskip = skip[cc];
-    for (u32 t0 = start; t0 < end; t0 += L) {
+    float dt_sum = 0.0f;
+    for (u32 t0 = lo; t0 < hi; t0 += L) {
         const u32 tl = t0 + lane;
-        const bool have = tl < end;
+        const bool have = tl < hi;
         const float xr = have ? x[(u64)tl * xs + cc] : 0.0f;
-        const float zr = have ? z[(u64)tl * zs + cc] : 0.0f;
         const float sp = softplus_f((have ? dt[(u64)tl * dts + cc] : 0.0f) + bias);
+        if (have) dt_sum += sp;
         float bv[L], cv[L];
 #pragma unroll
         for (int i = 0; i < L; ++i) {
-            const bool ok = valid && t0 + i < end;
+            const bool ok = valid && t0 + i < hi;
             const u64 row = t0 + i;
             bv[i] = ok ? B[row * bs + lane] : 0.0f;
-            cv[i] = ok ? C[row * cs + lane] : 0.0f;
+            cv[i] = (ok && !summary) ? C[row * cs + lane] : 0.0f;
         }
         float yp[L];
 #pragma unroll
         for (int i = 0; i < L; ++i) {
             const float xv = __shfl_sync(FULL_MASK, xr, i, L);
             const float dv = __shfl_sync(FULL_MASK, sp, i, L);
-            const float hn = expf(dv * av) * h + (dv * bv[i]) * xv;
-            h = t0 + i < end ? hn : h;
+            const float hn = ex2_approx(dv * av2) * h + (dv * bv[i]) * xv;
+            h = t0 + i < hi ? hn : h;
             yp[i] = h * cv[i];
         }
+        if (summary) continue;
+        const float zr = have ? z[(u64)tl * zs + cc] : 0.0f;
 #pragma unroll
         for (int o = L / 2; o > 0; o >>= 1) {
             const bool up = (lane & o) != 0;
@@ -168,16 +213,27 @@ __device__ void mamba1_scan_fast_impl(const float* __restrict__ x, int xs, const
         }
         if (have && active) out[(u64)tl * os + cc] = (yp[0] + xr * dskip) * silu_f(zr);
     }
-    if (st && valid && active) st[lane] = h;
+    if (summary) {
+#pragma unroll
+        for (int o = L / 2; o > 0; o >>= 1) dt_sum += __shfl_xor_sync(FULL_MASK, dt_sum, o, L);
+        if (active) {
+            float* sp_out = part_base + p * part_step;
+            if (valid) sp_out[lane] = h;
+            if (lane == 0) sp_out[d_state] = dt_sum;
+        }
+        return;
+    }
+    if (last && st && valid && active) st[lane] = h;
 }
 
 #define FAST_ARGS                                                                                                  \
     const float *x, int xs, const float *dt, int dts, const float *dt_bias, const float *a, const float *B, int bs, \
         const float *C, int cs, const float *skip, const float *z, int zs, float *state, u64 slot_stride,          \
-        u64 layer_off, const u32 *cu, const u32 *slots, int channels, int d_state, float *out, int os
+        u64 layer_off, const u32 *cu, const u32 *slots, int channels, int d_state, float *out, int os,             \
+        int part_len, float *parts, int summary
 #define FAST_PASS                                                                                                  \
     x, xs, dt, dts, dt_bias, a, B, bs, C, cs, skip, z, zs, state, slot_stride, layer_off, cu, slots, channels,     \
-        d_state, out, os
+        d_state, out, os, part_len, parts, summary
 
 extern "C" __global__ void mamba1_scan_fast_l4(FAST_ARGS) { mamba1_scan_fast_impl<4>(FAST_PASS); }
 extern "C" __global__ void mamba1_scan_fast_l8(FAST_ARGS) { mamba1_scan_fast_impl<8>(FAST_PASS); }

@@ -7,7 +7,7 @@
 #            executables built with `--features gpu-tests`.
 #   LOG_DIR  receives env.log, tests.log, bench.log (tables and JSON lines)
 #            and hf.log.
-#   PHASE    any of: env tests server profile bench bench-quick hf hf-quick
+#   PHASE    any of: env tests server profile bench bench-quick hf hf-quick hf-rest
 #            (default: env tests bench hf).
 # Environment: SHAPES (bench/hf shapes, comma separated), BENCH_ARGS (extra
 # flags for `mamba-serve bench`).
@@ -67,8 +67,10 @@ for phase in $phases; do
     bench | bench-quick)
       [ "$phase" = bench-quick ] && list=mamba-130m,mamba-1.4b || list=$shapes
       for s in ${list//,/ }; do
+        survey=""
+        [ "$s" = mamba-1.4b ] && survey=--gemm-survey
         run bench 240 "$bin/mamba-serve" bench --random-shape "$s" --device cuda --prompt-len 512,2048 --chunk 2048 \
-          --batch 1,16,64,256,1024 --steps 64 ${BENCH_ARGS:-}
+          --batch 1,16,64,256,1024 --steps 64 $survey ${BENCH_ARGS:-}
       done
       run bench 120 "$bin/mamba-serve" bench --random-shape mamba-130m --device cuda --prompt-len 512 --chunk 2048 \
         --batch 1,64 --steps 64 --no-graphs --no-ceilings
@@ -82,8 +84,12 @@ for phase in $phases; do
       MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 1 --steps 16
       MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 256 --steps 8
       ;;
-    hf | hf-quick)
-      [ "$phase" = hf-quick ] && list=mamba-130m,mamba-1.4b || list=$shapes
+    hf | hf-quick | hf-rest)
+      case $phase in
+        hf-quick) list=mamba-130m,mamba-1.4b ;;
+        hf-rest) list=mamba-370m,mamba-790m,mamba-2.8b ;;
+        *) list=$shapes ;;
+      esac
       PYTHONUNBUFFERED=1 run hf 420 python3 "$here/hf_bench.py" --shapes "$list" --time-limit 300
       ;;
     *) echo "unknown phase $phase" >&2 ;;

@@ -48,11 +48,22 @@ pub struct Gemm {
     /// `w`, dense `[n, k]`, in `dtype`.
     pub w: u64,
     pub dtype: DType,
-    /// f32 output.
+    /// Output, f32 (or `out_dtype` when set).
     pub out: u64,
     pub out_stride: usize,
     pub beta: f32,
 }
+
+impl Gemm {
+    /// The same product with a 16-bit output of the input dtype (for the
+    /// GEMM survey).
+    pub fn half_output(&self) -> HalfOut<'_> {
+        HalfOut(self)
+    }
+}
+
+/// A product whose output takes the input dtype instead of f32.
+pub struct HalfOut<'a>(&'a Gemm);
 
 impl Blas {
     /// A handle bound to `stream`, using `workspace` (WORKSPACE_BYTES).
@@ -69,6 +80,15 @@ impl Blas {
     }
 
     pub fn gemm(&self, g: &Gemm) -> Result<()> {
+        self.gemm_typed(g, cudaDataType::CUDA_R_32F)
+    }
+
+    /// [`Blas::gemm`] writing the output in the input dtype.
+    pub fn gemm_half_out(&self, h: &HalfOut<'_>) -> Result<()> {
+        self.gemm_typed(h.0, data_type(h.0.dtype))
+    }
+
+    fn gemm_typed(&self, g: &Gemm, out_type: cudaDataType) -> Result<()> {
         let int = |v: usize| i32::try_from(v).map_err(|_| BackendError::Shape { op: "linear", detail: format!("{v} exceeds cuBLAS's int") });
         let (alpha, beta) = (1.0f32, g.beta);
         // Row-major out[m, n] is column-major out^T[n, m] = w · x^T, where
@@ -93,7 +113,7 @@ impl Blas {
                 int(g.x_stride)?,
                 &beta as *const f32 as *const c_void,
                 g.out as *mut c_void,
-                cudaDataType::CUDA_R_32F,
+                out_type,
                 int(g.out_stride)?,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

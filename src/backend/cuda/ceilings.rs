@@ -94,3 +94,35 @@ pub fn measure(ordinal: usize) -> Result<Ceilings> {
         gemm_n: n,
     })
 }
+
+/// Times cuBLAS bf16 products of the shapes a Mamba forward issues (rows
+/// m of activations, n outputs, k inputs), with f32 and with bf16 outputs:
+/// one line each, TFLOP/s and the weight bandwidth they reach.
+pub fn gemm_survey(ordinal: usize, shapes: &[(usize, usize, usize)]) -> Result<Vec<String>> {
+    let be = CudaBackend::new(ordinal)?;
+    be.bind()?;
+    let mut lines = vec![];
+    for &(m, n, k) in shapes {
+        let x = DevBuf::alloc(&be.ctx, m * k * 2, "gemm survey")?;
+        let w = DevBuf::alloc(&be.ctx, n * k * 2, "gemm survey")?;
+        let c = DevBuf::alloc(&be.ctx, m * n * 4, "gemm survey")?;
+        be.upload_bytes(x.ptr, &random_bf16(m * k, 3))?;
+        be.upload_bytes(w.ptr, &random_bf16(n * k, 4))?;
+        let g = Gemm { m, n, k, x: x.ptr, x_stride: k, w: w.ptr, dtype: DType::BF16, out: c.ptr, out_stride: n, beta: 0.0 };
+        let f32_ms = time_ms(&be, 3, 10, &|| be.blas.gemm(&g))?;
+        let h = g.half_output();
+        let bf16_ms = time_ms(&be, 3, 10, &|| be.blas.gemm_half_out(&h))?;
+        let flop = 2.0 * (m * n * k) as f64;
+        let wbytes = (n * k * 2) as f64;
+        lines.push(format!(
+            "gemm m{m} n{n} k{k}: f32 out {:.1} us ({:.0} TFLOP/s, weights {:.0} GB/s); bf16 out {:.1} us ({:.0} TFLOP/s)",
+            f32_ms * 1e3,
+            flop / (f32_ms * 1e-3) / 1e12,
+            wbytes / (f32_ms * 1e-3) / 1e9,
+            bf16_ms * 1e3,
+            flop / (bf16_ms * 1e-3) / 1e12
+        ));
+        be.sync()?;
+    }
+    Ok(lines)
+}

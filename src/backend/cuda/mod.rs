@@ -32,13 +32,21 @@ use super::{
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
-/// Up to this many rows, products use the GEMV kernel (f32 activations).
-const GEMV_MAX_ROWS: usize = 8;
+/// Rows of x one GEMV block takes (the weights are read once per tile).
+const GEMV_TILE_ROWS: usize = 16;
+/// Prefill batches of at most this many sequences split long segments in
+/// time (parts of SCAN_PART_LEN tokens) so the scan has enough parallelism.
+const SCAN_SPLIT_MAX_SEQS: usize = 4;
+const SCAN_PART_LEN: usize = 256;
 /// Up to this many sequences, the decode step computes dt inside its kernel.
 const STEP_FUSED_DT_MAX_SEQS: usize = 16;
 /// Products of at most this many multiply-adds also stay on the exact f32
 /// activation path (so tiny models match the CPU closely).
 const SMALL_GEMM_MACS: usize = 1 << 24;
+/// Products whose weights, re-read once per tile of rows, come to at most
+/// this many bytes use the GEMV kernel: small outputs (x_proj, dt_proj)
+/// stay in L2 and need no 16-bit copy of the activations.
+const GEMV_MAX_REREAD_BYTES: usize = 64 << 20;
 
 fn dev(op: &'static str) -> impl Fn(result::DriverError) -> BackendError {
     move |e| BackendError::Device { op, detail: e.to_string() }
@@ -161,6 +169,8 @@ pub struct CudaBackend {
     scratch: RefCell<Scratch>,
     /// Time steps of a large decode batch (`mamba1_step`), `[rows, d_inner]`.
     step_dt: RefCell<CudaVec>,
+    /// Per-part summaries of a time-split prefill scan.
+    scan_parts: RefCell<DevBuf>,
     capturing: Cell<bool>,
     launches: Cell<u64>,
     /// Per-launch timing events, when `MAMBA_SERVE_CUDA_PROFILE` is set:
@@ -219,6 +229,7 @@ impl CudaBackend {
         let staging = RefCell::new(Staging { ptr, cap: STAGING, used: 0 });
         let empty = || DevBuf::alloc(&ctx, 0, "scratch");
         let step_dt = RefCell::new(CudaVec { buf: empty()?, len: 0 });
+        let scan_parts = RefCell::new(empty()?);
         let scratch = RefCell::new(Scratch {
             half: empty()?,
             params: empty()?,
@@ -236,6 +247,7 @@ impl CudaBackend {
             staging,
             scratch,
             step_dt,
+            scan_parts,
             capturing: Cell::new(false),
             launches: Cell::new(0),
             profile: std::env::var_os("MAMBA_SERVE_CUDA_PROFILE").map(|_| RefCell::new(vec![])),
@@ -350,30 +362,19 @@ impl CudaBackend {
     }
 
     fn gemv(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>) -> Result<()> {
-        use Kernel::*;
         let vec = w.cols % 8 == 0 && x.offset % 4 == 0 && x.stride % 4 == 0;
-        // Rows of x per block: the smallest tile holding them all (at most 8).
-        let mt = x.rows.min(GEMV_MAX_ROWS).next_power_of_two();
-        let k = match (w.dtype, vec, mt) {
-            (DType::F32, true, 1) => GemvF32VecM1,
-            (DType::F32, true, 2) => GemvF32VecM2,
-            (DType::F32, true, 4) => GemvF32VecM4,
-            (DType::F32, true, _) => GemvF32VecM8,
-            (DType::BF16, true, 1) => GemvBf16VecM1,
-            (DType::BF16, true, 2) => GemvBf16VecM2,
-            (DType::BF16, true, 4) => GemvBf16VecM4,
-            (DType::BF16, true, _) => GemvBf16VecM8,
-            (DType::F16, true, 1) => GemvF16VecM1,
-            (DType::F16, true, 2) => GemvF16VecM2,
-            (DType::F16, true, 4) => GemvF16VecM4,
-            (DType::F16, true, _) => GemvF16VecM8,
-            (DType::F32, false, _) => GemvF32Scalar,
-            (DType::BF16, false, _) => GemvBf16Scalar,
-            (DType::F16, false, _) => GemvF16Scalar,
+        // Rows of x per block: the smallest tile holding them all (at most
+        // 16); wide outputs share x chunks between 4 columns per warp.
+        let mt = x.rows.min(GEMV_TILE_ROWS).next_power_of_two();
+        let r = if mt <= 8 && w.rows >= 4096 { 4 } else { 1 };
+        let (k, mt, r) = match (vec, w.dtype) {
+            (true, dtype) => (Kernel::gemv(dtype, mt, r), mt, r),
+            (false, DType::F32) => (Kernel::GemvF32Scalar, 8, 1),
+            (false, DType::BF16) => (Kernel::GemvBf16Scalar, 8, 1),
+            (false, DType::F16) => (Kernel::GemvF16Scalar, 8, 1),
         };
-        let mt = if vec { mt } else { GEMV_MAX_ROWS };
         let warps = 4u32;
-        let grid = ((w.rows as u32).div_ceil(warps), (x.rows as u32).div_ceil(mt as u32), 1);
+        let grid = ((w.rows as u32).div_ceil(warps * r as u32), (x.rows as u32).div_ceil(mt as u32), 1);
         let args = Args::new()
             .ptr(x.buf.at(x.offset))
             .i32(x.stride)
@@ -559,7 +560,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let macs = x.rows * w.rows * w.cols;
-        if x.rows <= GEMV_MAX_ROWS || (w.dtype != DType::F32 && macs <= SMALL_GEMM_MACS) || w.cols == 0 {
+        let reread = w.rows * w.cols * w.dtype.size() * x.rows.div_ceil(GEMV_TILE_ROWS);
+        if x.rows <= GEMV_TILE_ROWS || (w.dtype != DType::F32 && macs <= SMALL_GEMM_MACS) || reread <= GEMV_MAX_REREAD_BYTES || w.cols == 0 {
             self.gemv(x, w, bias, &out)
         } else {
             self.blas_gemm(x, w, bias, &out)
@@ -697,30 +699,44 @@ impl Backend for CudaBackend {
                 8 => Kernel::Mamba1ScanFastL8,
                 _ => Kernel::Mamba1ScanFastL16,
             };
-            let a = Args::new()
-                .ptr(args.x.buf.at(args.x.offset))
-                .i32(args.x.stride)
-                .ptr(args.dt.buf.at(args.dt.offset))
-                .i32(args.dt.stride)
-                .ptr(args.dt_bias.buf.ptr)
-                .ptr(args.a.buf.ptr)
-                .ptr(args.b.buf.at(args.b.offset))
-                .i32(args.b.stride)
-                .ptr(args.c.buf.at(args.c.offset))
-                .i32(args.c.stride)
-                .ptr(args.skip.buf.ptr)
-                .ptr(args.z.buf.at(args.z.offset))
-                .i32(args.z.stride)
-                .ptr(state)
-                .u64(slot_stride)
-                .u64(layer_off)
-                .ptr(batch.cu_seqlens.buf.ptr)
-                .ptr(batch.slots.buf.ptr)
-                .i32(d)
-                .i32(n)
-                .ptr(out.buf.at(out.offset))
-                .i32(out.stride);
-            return self.launch(k, a, grid, 128);
+            let fast_args = |part_len: usize, parts: u64, summary: u32| {
+                Args::new()
+                    .ptr(args.x.buf.at(args.x.offset))
+                    .i32(args.x.stride)
+                    .ptr(args.dt.buf.at(args.dt.offset))
+                    .i32(args.dt.stride)
+                    .ptr(args.dt_bias.buf.ptr)
+                    .ptr(args.a.buf.ptr)
+                    .ptr(args.b.buf.at(args.b.offset))
+                    .i32(args.b.stride)
+                    .ptr(args.c.buf.at(args.c.offset))
+                    .i32(args.c.stride)
+                    .ptr(args.skip.buf.ptr)
+                    .ptr(args.z.buf.at(args.z.offset))
+                    .i32(args.z.stride)
+                    .ptr(state)
+                    .u64(slot_stride)
+                    .u64(layer_off)
+                    .ptr(batch.cu_seqlens.buf.ptr)
+                    .ptr(batch.slots.buf.ptr)
+                    .i32(d)
+                    .i32(n)
+                    .ptr(out.buf.at(out.offset))
+                    .i32(out.stride)
+                    .i32(part_len)
+                    .ptr(parts)
+                    .u32(summary)
+            };
+            if batch.n_seqs <= SCAN_SPLIT_MAX_SEQS && batch.n_tokens >= 2 * SCAN_PART_LEN {
+                // Few long segments: split them in time so they fill the GPU.
+                let n_parts = batch.n_tokens.div_ceil(SCAN_PART_LEN);
+                let mut parts = self.scan_parts.borrow_mut();
+                self.ensure(&mut parts, batch.n_seqs * (n_parts + 1) * d * (n + 1) * 4, "scan part summaries")?;
+                let grid = (grid.0, grid.1, n_parts as u32);
+                self.launch(k, fast_args(SCAN_PART_LEN, parts.ptr, 1), grid, 128)?;
+                return self.launch(k, fast_args(SCAN_PART_LEN, parts.ptr, 0), grid, 128);
+            }
+            return self.launch(k, fast_args(0, 0, 0), grid, 128);
         }
         let k = Kernel::Mamba1ScanL32;
         let a = Args::new()
