@@ -158,6 +158,10 @@ struct BenchArgs {
     /// limits every figure is set against).
     #[arg(long)]
     no_ceilings: bool,
+    /// Also time cuBLAS on the product shapes of this model (prefill and
+    /// decode batches), with f32 and bf16 outputs.
+    #[arg(long)]
+    gemm_survey: bool,
     /// Print the report as JSON only.
     #[arg(long)]
     json: bool,
@@ -358,6 +362,19 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     if let Some(c) = &ceilings {
         tracing::info!(device = %c.device, copy_gb_per_s = c.copy_gb_per_s, bf16_tflop_per_s = c.bf16_tflop_per_s, "ceilings measured");
+    }
+    if a.gemm_survey {
+        let name = a.random_shape.as_deref().context("--gemm-survey needs --random-shape")?;
+        let cfg = shapes::public_shape(name).with_context(|| format!("unknown shape {name}"))?;
+        let (d, di, r, n) = (cfg.hidden_size, cfg.d_inner, cfg.dt_rank, cfg.d_state);
+        let ordinal = if let DeviceChoice::Cuda(o) = a.device { o } else { 0 };
+        let mut list = vec![];
+        for m in [16, 64, 256, 1024, 2048] {
+            list.extend([(m, 2 * di, d), (m, d, di), (m, r + 2 * n, di), (m, di, r)]);
+        }
+        for line in mamba_serve::backend::cuda::ceilings::gemm_survey(ordinal, &list)? {
+            println!("{line}");
+        }
     }
     let (mut runner, name, params, width) = if let Some(name) = &a.random_shape {
         let cfg = shapes::public_shape(name).with_context(|| format!("unknown shape {name}; known: {}", shapes::NAMES.join(", ")))?;
