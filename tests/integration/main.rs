@@ -4,6 +4,7 @@
 mod common;
 #[cfg(feature = "gpu-tests")]
 mod cuda;
+mod deploy;
 mod http;
 mod serving;
 mod golden;
