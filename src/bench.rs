@@ -134,7 +134,9 @@ pub fn run(
     let mut prefill = vec![];
     for &len in plan.prompt_lens {
         let prompt = tokens(len, ids_below, len as u64);
-        prefill_once(runner, &prompt, vocab)?;
+        for _ in 0..2 {
+            prefill_once(runner, &prompt, vocab)?;
+        }
         let runs = plan.prefill_runs.max(1);
         let seconds = median((0..runs).map(|_| prefill_once(runner, &prompt, vocab)).collect::<Result<_, _>>()?);
         let tokens_per_s = len as f64 / seconds;
@@ -168,7 +170,8 @@ pub fn run(
         step(runner)?;
         let first = runner.launches() - before;
         let kernels_per_step = (first > 0).then(|| first.saturating_sub(1 + plan.graphs as u64));
-        for _ in 0..2 {
+        // Warm-up, long enough for the GPU's clocks to settle.
+        for _ in 0..8 {
             step(runner)?;
         }
         let start = Instant::now();

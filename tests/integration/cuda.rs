@@ -136,8 +136,7 @@ fn linear_matches_the_cpu() -> TestResult {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(11);
     // (m, n, k): GEMV tiles (vector and scalar, 1 or 4 columns a warp), the
-    // small exact path, and cuBLAS (the last, whose weights are too large to
-    // re-read per tile).
+    // small exact path, and cuBLAS (more than 8 rows and 2^24 products).
     let shapes = [(1, 33, 17), (1, 64, 64), (3, 100, 256), (8, 257, 96), (2, 4100, 64), (16, 4096, 32), (20, 64, 48), (70, 192, 48), (300, 512, 384), (64, 1024, 512), (512, 4096, 1024)];
     for (m, n, k) in shapes {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
@@ -150,8 +149,7 @@ fn linear_matches_the_cpu() -> TestResult {
                 let got = linear_on(&g, &x, (m, k, stride, off), &w, n, dtype, bias.as_deref())?;
                 // Products rounded to 16-bit activations (cuBLAS path) get
                 // the bf16 tolerance; the rest are f32 arithmetic.
-                let reread = n * k * 2 * m.div_ceil(16);
-                let rounded = dtype != DType::F32 && m > 16 && m * n * k > 1 << 24 && reread > 64 << 20;
+                let rounded = dtype != DType::F32 && m > 8 && m * n * k > 1 << 24;
                 let tol = if rounded { 1e-2 } else { 1e-5 };
                 check_close(&format!("linear m{m} n{n} k{k} {dtype} bias {with_bias}"), &got, &want, tol);
             }
@@ -384,7 +382,8 @@ fn mamba1_scan_matches_the_cpu() -> TestResult {
     let Some(g) = gpu("mamba1_scan_matches_the_cpu") else { return Ok(()) };
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(14);
-    // The last three are long enough to be split in time (parts of 256).
+    // The last three are long and narrow enough to be split in time (parts
+    // of 256 tokens).
     let cases: &[(&[usize], usize, usize)] = &[
         (&[5, 1, 40, 3], 37, 16),
         (&[1, 1, 1, 1], 96, 16),

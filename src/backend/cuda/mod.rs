@@ -34,19 +34,20 @@ use super::{
 const ROW_THREADS: u32 = 256;
 /// Rows of x one GEMV block takes (the weights are read once per tile).
 const GEMV_TILE_ROWS: usize = 16;
-/// Prefill batches of at most this many sequences split long segments in
-/// time (parts of SCAN_PART_LEN tokens) so the scan has enough parallelism.
-const SCAN_SPLIT_MAX_SEQS: usize = 4;
+/// Up to this many rows, products use the GEMV kernel (f32 activations).
+const GEMV_MAX_ROWS: usize = 8;
+/// Prefill batches with at most this many (sequence, channel) pairs split
+/// long segments in time (parts of SCAN_PART_LEN tokens). Measured on an
+/// H200, splitting did not pay for real widths (4096 channels: 37.8 ms
+/// against 35.6 ms for a 2048-token mamba-1.4b prefill), so it is kept for
+/// very narrow models only (see docs/perf-notes.md).
+const SCAN_SPLIT_MAX_PAIRS: usize = 1024;
 const SCAN_PART_LEN: usize = 256;
 /// Up to this many sequences, the decode step computes dt inside its kernel.
 const STEP_FUSED_DT_MAX_SEQS: usize = 16;
 /// Products of at most this many multiply-adds also stay on the exact f32
 /// activation path (so tiny models match the CPU closely).
 const SMALL_GEMM_MACS: usize = 1 << 24;
-/// Products whose weights, re-read once per tile of rows, come to at most
-/// this many bytes use the GEMV kernel: small outputs (x_proj, dt_proj)
-/// stay in L2 and need no 16-bit copy of the activations.
-const GEMV_MAX_REREAD_BYTES: usize = 64 << 20;
 
 fn dev(op: &'static str) -> impl Fn(result::DriverError) -> BackendError {
     move |e| BackendError::Device { op, detail: e.to_string() }
@@ -544,7 +545,9 @@ impl Backend for CudaBackend {
             .f32(eps)
             .i32(dim)
             .ptr(out.buf.ptr);
-        self.launch(Kernel::AddRmsNorm, args, (rows as u32, 1, 1), ROW_THREADS)
+        // Few rows (decode): a wide block per row shortens its serial loops.
+        let threads = if rows < 128 { 1024 } else { ROW_THREADS };
+        self.launch(Kernel::AddRmsNorm, args, (rows as u32, 1, 1), threads)
     }
 
     fn linear(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: ViewMut<'_, CudaVec>) -> Result<()> {
@@ -559,9 +562,11 @@ impl Backend for CudaBackend {
         if x.rows == 0 || w.rows == 0 {
             return Ok(());
         }
+        // GEMV for decode-sized batches and tiny products; above that every
+        // output column would re-read x (L1/L2 traffic of 2 × rows / columns
+        // per warp times the weights), so tensor cores take over.
         let macs = x.rows * w.rows * w.cols;
-        let reread = w.rows * w.cols * w.dtype.size() * x.rows.div_ceil(GEMV_TILE_ROWS);
-        if x.rows <= GEMV_TILE_ROWS || (w.dtype != DType::F32 && macs <= SMALL_GEMM_MACS) || reread <= GEMV_MAX_REREAD_BYTES || w.cols == 0 {
+        if x.rows <= GEMV_MAX_ROWS || (w.dtype != DType::F32 && macs <= SMALL_GEMM_MACS) || w.cols == 0 {
             self.gemv(x, w, bias, &out)
         } else {
             self.blas_gemm(x, w, bias, &out)
@@ -727,7 +732,7 @@ impl Backend for CudaBackend {
                     .ptr(parts)
                     .u32(summary)
             };
-            if batch.n_seqs <= SCAN_SPLIT_MAX_SEQS && batch.n_tokens >= 2 * SCAN_PART_LEN {
+            if batch.n_seqs * d <= SCAN_SPLIT_MAX_PAIRS && batch.n_tokens >= 2 * SCAN_PART_LEN {
                 // Few long segments: split them in time so they fill the GPU.
                 let n_parts = batch.n_tokens.div_ceil(SCAN_PART_LEN);
                 let mut parts = self.scan_parts.borrow_mut();
