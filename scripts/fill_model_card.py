@@ -3,7 +3,7 @@
 
 Usage (from the repository root, after scripts/train_shakespeare.py):
 
-    python3 scripts/fill_model_card.py                     # models/shakespeare-mamba/README.md in place
+    python3 scripts/fill_model_card.py       # scripts/model_card_template.md -> models/shakespeare-mamba/README.md
     python3 scripts/fill_model_card.py --model-dir DIR --template T.md --out OUT.md
 
 Standard library only. Fails, writing nothing, if a placeholder has no value or a value
@@ -36,6 +36,7 @@ def values(log: dict, cfg: dict) -> dict[str, str]:
     train_loss = res["train_loss"]  # plain transformers, saved weights, like val_loss
     return {
         "WEIGHTS_MB": f"{res['weights_file_bytes'] / 1e6:.1f}",
+        "WEIGHTS_DTYPE": {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(cfg.get("dtype", ""), cfg.get("dtype", "?")),
         "TRAIN_WORKS": str(d["train_works"]),
         "TRAIN_CHARS": fmt_int(d["train_chars"]),
         "VAL_CHARS": fmt_int(d["val_chars"]),
@@ -96,13 +97,13 @@ def scan_text(used: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default="models/shakespeare-mamba")
-    ap.add_argument("--template", default=None, help="default: MODEL_DIR/README.md")
-    ap.add_argument("--out", default=None, help="default: the template, in place")
+    ap.add_argument("--template", default="scripts/model_card_template.md")
+    ap.add_argument("--out", default=None, help="default: MODEL_DIR/README.md")
     args = ap.parse_args()
 
     model_dir = Path(args.model_dir)
-    template = Path(args.template) if args.template else model_dir / "README.md"
-    out = Path(args.out) if args.out else template
+    template = Path(args.template)
+    out = Path(args.out) if args.out else model_dir / "README.md"
     text = template.read_text(encoding="utf-8")
     wanted = sorted(set(PLACEHOLDER.findall(text)))
     if not wanted:

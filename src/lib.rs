@@ -115,11 +115,13 @@ pub fn build_from(settings: &Settings, dir: &Path) -> Result<Server, BuildError>
     };
     drop(ckpt);
     let label = dir.display().to_string();
+    let pool_memory_fraction = e.gpu_memory_fraction;
     let engine = EngineHandle::spawn(
         move || {
             let ckpt = Checkpoint::open(&load_dir)?;
             let mut progress = progress::reporter(&label);
-            let (runner, why) = model::load(device, cfg, &ckpt, opts, &mut progress)?;
+            let dev = model::DeviceOptions { pool_memory_fraction, ..Default::default() };
+            let (runner, why) = model::load_with(device, dev, cfg, &ckpt, opts, &mut progress)?;
             tracing::info!(backend = %runner.backend_name(), "{why}");
             Ok(runner)
         },

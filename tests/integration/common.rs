@@ -66,3 +66,9 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 pub fn name(dir: &Path) -> String {
     dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
+
+/// The device the server tests run on: `cpu`, or what MAMBA_TEST_DEVICE says
+/// (the GPU run sets `cuda`).
+pub fn test_device() -> String {
+    std::env::var("MAMBA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}

@@ -82,3 +82,21 @@ fn tokenizer_matches_the_reference() -> TestResult {
     }
     Ok(())
 }
+
+/// The bundled default model: our greedy continuation of its card's prompt
+/// is transformers' (recorded in its training log).
+#[test]
+fn the_default_model_generates_what_transformers_generates() -> TestResult {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(mamba_serve::DEFAULT_MODEL_DIR);
+    let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("training_log.json"))?)?;
+    let samples = &log["samples"];
+    let prompt: Vec<u32> = serde_json::from_value(samples["prompt_token_ids"].clone())?;
+    let want: Vec<u32> = serde_json::from_value(samples["greedy_token_ids"].clone())?;
+    assert!(want.len() >= 100, "the log holds a long greedy sample");
+    let tok = Tokenizer::from_dir(&dir)?;
+    assert_eq!(tok.encode(samples["prompt"].as_str().expect("prompt"))?, prompt);
+    let mut m = load_cpu(&dir, opts(1, 256))?;
+    let g = offline::generate(&mut m, &prompt, want.len(), &SamplingParams::greedy(), tok.vocab_size(), &[0], &mut |_| {})?;
+    assert_eq!(g.generated, want);
+    Ok(())
+}

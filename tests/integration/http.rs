@@ -16,7 +16,8 @@ use crate::common::*;
 pub fn settings(edit: impl FnOnce(&mut Settings)) -> Settings {
     let mut s = Settings::load(None, &[], &[]).expect("defaults load");
     s.model.path = fixtures_dir().join("mamba1-tiny").display().to_string();
-    s.model.device = "cpu".into();
+    // The GPU run of these tests sets MAMBA_TEST_DEVICE=cuda.
+    s.model.device = test_device();
     s.engine.slots = 4;
     s.engine.max_queue = 16;
     s.engine.max_prompt_tokens = 256;
