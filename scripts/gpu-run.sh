@@ -7,7 +7,7 @@
 #            executables built with `--features gpu-tests`.
 #   LOG_DIR  receives env.log, tests.log, bench.log (tables and JSON lines)
 #            and hf.log.
-#   PHASE    any of: env tests server profile bench bench-quick hf hf-quick hf-rest
+#   PHASE    any of: env tests server e2e profile bench bench-quick hf hf-quick hf-rest
 #            (default: env tests bench hf).
 # Environment: SHAPES (bench/hf shapes, comma separated), BENCH_ARGS (extra
 # flags for `mamba-serve bench`).
@@ -62,7 +62,24 @@ for phase in $phases; do
       run tests 300 "$integration" cuda:: --test-threads=1 --nocapture
       ;;
     server)
-      run tests 300 "$integration" --skip cuda:: --test-threads=4
+      # The server's integration tests on the GPU backend. The deployment
+      # tests need nginx and the client test the `openai` package, which
+      # this machine lacks.
+      MAMBA_TEST_SERVE_BIN="$PWD/$bin/mamba-serve" MAMBA_TEST_DEVICE=cuda run server 300 "$integration" --skip cuda:: --skip deploy:: \
+        --skip the_openai_python_client_works --test-threads=4
+      ;;
+    e2e)
+      # The server end to end against the engine alone, on the default model.
+      model=${E2E_MODEL:-models/shakespeare-mamba}
+      run e2e 120 "$bin/mamba-serve" bench --model "$model" --device cuda --prompt-len 64 --batch 1,64,256 --steps 64 --no-ceilings
+      "$bin/mamba-serve" serve --model "$model" --device cuda --port 18080 >"$log/e2e-server.log" 2>&1 &
+      srv=$!
+      for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18080/ready >/dev/null 2>&1 && break; sleep 0.2; done
+      for c in 1 64 256; do
+        run e2e 120 "$bin/mamba-serve" loadtest --url http://127.0.0.1:18080 --concurrency $c --requests $((c * 4 > 16 ? c * 4 : 16)) \
+          --prompt-len 32 --max-tokens 256 --stream
+      done
+      kill -TERM $srv; wait $srv; echo "server exit $?" >>"$log/e2e.log"
       ;;
     bench | bench-quick)
       [ "$phase" = bench-quick ] && list=mamba-130m,mamba-1.4b || list=$shapes

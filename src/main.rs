@@ -250,6 +250,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         );
         anyhow::Ok(mamba_serve::api::server::serve(listener, server.router.clone(), server.state.clone()).await?)
     })?;
+    // Release the device on the engine's own thread before the process exits.
+    server.state.engine.stop();
+    drop(runtime);
     match stopped {
         mamba_serve::api::server::Stopped::Drained => {
             tracing::info!("drained; exiting");

@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     pub abort: AtomicBool,
     /// Set when the loop has exited or a device error made it unusable.
     pub dead: AtomicBool,
+    /// Asks the loop to end (process shutdown).
+    pub stop: AtomicBool,
     /// Milliseconds since `epoch` at the loop's last turn.
     pub heartbeat_ms: AtomicU64,
     pub epoch: Instant,
@@ -74,6 +76,8 @@ pub struct EngineHandle {
     queue: SyncSender<Submission>,
     shared: Arc<Shared>,
     info: Arc<EngineInfo>,
+    /// The loop's thread, joined by [`EngineHandle::stop`].
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// The receiving end of one request's events.
@@ -94,12 +98,13 @@ impl EngineHandle {
             draining: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<EngineInfo, ModelError>>();
         let thread_shared = shared.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
                 // Whatever happens, the handle learns the loop is gone.
@@ -132,7 +137,7 @@ impl EngineHandle {
         let info = ready_rx.recv().map_err(|_| ModelError::Batch("the engine thread died while loading".into()))??;
         shared.metrics.slots_total.store(info.slots as i64, Ordering::Relaxed);
         shared.metrics.state_bytes_per_slot.store(info.state_bytes_per_slot as i64, Ordering::Relaxed);
-        Ok(EngineHandle { queue: queue_tx, shared, info: Arc::new(info) })
+        Ok(EngineHandle { queue: queue_tx, shared, info: Arc::new(info), thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -174,6 +179,19 @@ impl EngineHandle {
     /// Cuts running sequences with `Draining` (the drain deadline passed).
     pub fn abort_running(&self) {
         self.shared.abort.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends the loop and waits for its thread, which releases the device
+    /// before the process exits (device teardown racing a live thread can
+    /// crash at exit). Whatever still runs fails with `Stopped`.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let thread = self.thread.lock().map(|mut t| t.take()).unwrap_or(None);
+        if let Some(t) = thread {
+            if t.join().is_err() {
+                tracing::error!("the engine thread panicked");
+            }
+        }
     }
 
     pub fn is_draining(&self) -> bool {

@@ -63,6 +63,15 @@ pub(super) fn run(runner: Box<dyn Runner>, queue: Receiver<Submission>, shared: 
     let mut queue_open = true;
     loop {
         l.beat();
+        if l.shared.stop.load(Ordering::SeqCst) {
+            let all: Vec<usize> = (0..l.running.len()).collect();
+            l.retire(all, |_| Exit::Failed(EngineError::Stopped));
+            while let Ok(sub) = queue.try_recv() {
+                l.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                let _ = sub.events.try_send(Event::Failed(EngineError::Stopped));
+            }
+            break;
+        }
         if l.shared.abort.load(Ordering::SeqCst) {
             let all: Vec<usize> = (0..l.running.len()).collect();
             l.retire(all, |_| Exit::Failed(EngineError::Draining));
@@ -80,6 +89,8 @@ pub(super) fn run(runner: Box<dyn Runner>, queue: Receiver<Submission>, shared: 
         }
         l.step();
     }
+    // The model (and its device memory) is released here, on this thread.
+    drop(l);
     tracing::info!("engine loop finished");
 }
 

@@ -72,3 +72,9 @@ pub fn name(dir: &Path) -> String {
 pub fn test_device() -> String {
     std::env::var("MAMBA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
+
+/// The `mamba-serve` binary the tests start: the one cargo built, or
+/// MAMBA_TEST_SERVE_BIN (a GPU run staged elsewhere).
+pub fn serve_binary() -> std::path::PathBuf {
+    std::env::var_os("MAMBA_TEST_SERVE_BIN").map(Into::into).unwrap_or_else(|| env!("CARGO_BIN_EXE_mamba-serve").into())
+}

@@ -285,7 +285,7 @@ impl Drop for ServerProcess {
 fn spawn_binary(extra: &[&str]) -> ServerProcess {
     let model = fixtures_dir().join("mamba1-tiny");
     let device = test_device();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mamba-serve"))
+    let mut child = Command::new(serve_binary())
         .args(["serve", "--model", model.to_str().expect("utf-8 path"), "--port", "0", "--device", &device])
         .args(extra)
         .env("RUST_LOG", "warn")
@@ -418,7 +418,7 @@ async fn the_generate_command_matches_the_reference_and_the_server() -> TestResu
     let dir = fixtures_dir().join("mamba1-tiny");
     let r = reference(&dir);
     let p = &r.prompts[2];
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mamba-serve"))
+    let out = tokio::process::Command::new(serve_binary())
         .args(["generate", "--model", dir.to_str().expect("utf-8"), "--prompt", &p.text, "--max-tokens", "24", "--ignore-eos", "--json", "--device", &test_device()])
         .env("RUST_LOG", "warn")
         .output()
