@@ -22,4 +22,14 @@ if [ -z "${MAMBA_TEST_NGINX:-}" ] && ! command -v nginx >/dev/null 2>&1 && [ ! -
     exit 1
   fi
 fi
+# The quick-start test runs the README's curl commands.
+if ! command -v curl >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+  else
+    echo "scripts/test.sh: the quick-start test needs curl: install it" >&2
+    exit 1
+  fi
+fi
 exec cargo test --release "$@"

@@ -10,3 +10,4 @@ mod serving;
 mod golden;
 mod invariance;
 mod loader;
+mod quickstart;
