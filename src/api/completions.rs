@@ -202,27 +202,24 @@ impl Formatter for CompletionStream {
                 (out, false)
             }
             Piece::Error { error, .. } => {
-                out.push(error.sse_event());
-                out.push(sse::done_event());
-                (out, true)
+                let (end, stop) = sse::error_end(&error);
+                out.extend(end);
+                (out, stop)
             }
         }
     }
 
     fn finish(&mut self) -> Vec<Event> {
-        let mut out = vec![];
-        if self.include_usage {
-            let (p, c) = self.usage;
-            out.push(sse::json_event(&CompletionResponse {
+        let (p, c) = self.usage;
+        sse::closing(self.include_usage.then(|| {
+            sse::json_event(&CompletionResponse {
                 id: self.id.clone(),
                 object: "text_completion",
                 created: self.created,
                 model: self.model.clone(),
                 choices: vec![],
                 usage: Some(Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c }),
-            }));
-        }
-        out.push(sse::done_event());
-        out
+            })
+        }))
     }
 }

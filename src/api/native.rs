@@ -150,6 +150,7 @@ impl Formatter for TgiStream {
                 last.details = Some(TgiStreamDetails { finish_reason: finish.tgi(), generated_tokens: completion_tokens, seed: self.seed, input_length: self.input_length });
                 (vec![sse::json_event(&last)], false)
             }
+            // text-generation-inference streams end without [DONE].
             Piece::Error { error, .. } => (vec![error.sse_event()], true),
         }
     }

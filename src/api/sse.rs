@@ -32,6 +32,17 @@ where
     res
 }
 
+/// The end of a stream that failed: the error event, then `[DONE]`.
+pub fn error_end(error: &super::ApiError) -> (Vec<Event>, bool) {
+    (vec![error.sse_event(), done_event()], true)
+}
+
+/// The end of a stream whose choices all finished: the usage chunk when
+/// asked for, then `[DONE]`.
+pub fn closing(usage_chunk: Option<Event>) -> Vec<Event> {
+    usage_chunk.into_iter().chain(std::iter::once(done_event())).collect()
+}
+
 /// Turns generation pieces into SSE events for one endpoint's wire shape.
 pub trait Formatter: Send + 'static {
     /// Events for one piece; `true` ends the stream after them (an error).

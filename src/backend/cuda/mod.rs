@@ -419,6 +419,43 @@ impl CudaBackend {
     }
 }
 
+/// The arguments every packed-scan kernel starts with: the inputs and their
+/// strides, the parameters, the gate (or none), the state pool and the
+/// packed batch's offsets and slots.
+#[allow(clippy::too_many_arguments)]
+fn scan_args(
+    x: &View<'_, CudaVec>,
+    dt: &View<'_, CudaVec>,
+    dt_bias: &CudaVec,
+    a: &CudaVec,
+    b: &View<'_, CudaVec>,
+    c: &View<'_, CudaVec>,
+    skip: &CudaVec,
+    z: Option<&View<'_, CudaVec>>,
+    (state, slot_stride, layer_off): (u64, u64, u64),
+    batch: &Packed<'_, CudaBackend>,
+) -> Args {
+    Args::new()
+        .ptr(x.buf.at(x.offset))
+        .i32(x.stride)
+        .ptr(dt.buf.at(dt.offset))
+        .i32(dt.stride)
+        .ptr(dt_bias.buf.ptr)
+        .ptr(a.buf.ptr)
+        .ptr(b.buf.at(b.offset))
+        .i32(b.stride)
+        .ptr(c.buf.at(c.offset))
+        .i32(c.stride)
+        .ptr(skip.buf.ptr)
+        .ptr(z.map_or(0, |z| z.buf.at(z.offset)))
+        .i32(z.map_or(0, |z| z.stride))
+        .ptr(state)
+        .u64(slot_stride)
+        .u64(layer_off)
+        .ptr(batch.cu_seqlens.buf.ptr)
+        .ptr(batch.slots.buf.ptr)
+}
+
 /// Threads per channel group of the packed scan for `d_state`.
 fn scan_lanes(d_state: usize) -> usize {
     d_state.next_power_of_two().clamp(4, 32)
@@ -705,25 +742,7 @@ impl Backend for CudaBackend {
                 _ => Kernel::Mamba1ScanFastL16,
             };
             let fast_args = |part_len: usize, parts: u64, summary: u32| {
-                Args::new()
-                    .ptr(args.x.buf.at(args.x.offset))
-                    .i32(args.x.stride)
-                    .ptr(args.dt.buf.at(args.dt.offset))
-                    .i32(args.dt.stride)
-                    .ptr(args.dt_bias.buf.ptr)
-                    .ptr(args.a.buf.ptr)
-                    .ptr(args.b.buf.at(args.b.offset))
-                    .i32(args.b.stride)
-                    .ptr(args.c.buf.at(args.c.offset))
-                    .i32(args.c.stride)
-                    .ptr(args.skip.buf.ptr)
-                    .ptr(args.z.buf.at(args.z.offset))
-                    .i32(args.z.stride)
-                    .ptr(state)
-                    .u64(slot_stride)
-                    .u64(layer_off)
-                    .ptr(batch.cu_seqlens.buf.ptr)
-                    .ptr(batch.slots.buf.ptr)
+                scan_args(&args.x, &args.dt, args.dt_bias, args.a, &args.b, &args.c, args.skip, Some(&args.z), (state, slot_stride, layer_off), batch)
                     .i32(d)
                     .i32(n)
                     .ptr(out.buf.at(out.offset))
@@ -744,25 +763,7 @@ impl Backend for CudaBackend {
             return self.launch(k, fast_args(0, 0, 0), grid, 128);
         }
         let k = Kernel::Mamba1ScanL32;
-        let a = Args::new()
-            .ptr(args.x.buf.at(args.x.offset))
-            .i32(args.x.stride)
-            .ptr(args.dt.buf.at(args.dt.offset))
-            .i32(args.dt.stride)
-            .ptr(args.dt_bias.buf.ptr)
-            .ptr(args.a.buf.ptr)
-            .ptr(args.b.buf.at(args.b.offset))
-            .i32(args.b.stride)
-            .ptr(args.c.buf.at(args.c.offset))
-            .i32(args.c.stride)
-            .ptr(args.skip.buf.ptr)
-            .ptr(args.z.buf.at(args.z.offset))
-            .i32(args.z.stride)
-            .ptr(state)
-            .u64(slot_stride)
-            .u64(layer_off)
-            .ptr(batch.cu_seqlens.buf.ptr)
-            .ptr(batch.slots.buf.ptr)
+        let a = scan_args(&args.x, &args.dt, args.dt_bias, args.a, &args.b, &args.c, args.skip, Some(&args.z), (state, slot_stride, layer_off), batch)
             .ptr(batch.prompt.buf.ptr)
             .i32(d)
             .i32(n)
@@ -888,25 +889,7 @@ impl Backend for CudaBackend {
         };
         let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
         let channels = h * p;
-        let a = Args::new()
-            .ptr(args.x.buf.at(args.x.offset))
-            .i32(args.x.stride)
-            .ptr(args.dt.buf.at(args.dt.offset))
-            .i32(args.dt.stride)
-            .ptr(args.dt_bias.buf.ptr)
-            .ptr(args.a.buf.ptr)
-            .ptr(args.b.buf.at(args.b.offset))
-            .i32(args.b.stride)
-            .ptr(args.c.buf.at(args.c.offset))
-            .i32(args.c.stride)
-            .ptr(args.skip.buf.ptr)
-            .ptr(0)
-            .i32(0)
-            .ptr(state)
-            .u64(slot_stride)
-            .u64(layer_off)
-            .ptr(batch.cu_seqlens.buf.ptr)
-            .ptr(batch.slots.buf.ptr)
+        let a = scan_args(&args.x, &args.dt, args.dt_bias, args.a, &args.b, &args.c, args.skip, None, (state, slot_stride, layer_off), batch)
             .ptr(batch.prompt.buf.ptr)
             .i32(channels)
             .i32(n)
