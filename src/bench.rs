@@ -160,8 +160,7 @@ pub fn run(
         let ids = tokens(batch, ids_below, 7 + batch as u64);
         let rows: Vec<Option<SampleRow>> = (0..batch).map(|_| Some(greedy(vocab))).collect();
         let step = |runner: &mut dyn Runner| -> Result<(), ModelError> {
-            let chunks: Vec<SeqChunk<'_>> =
-                (0..batch).map(|s| SeqChunk { slot: s, tokens: &ids[s..s + 1], is_prompt: false }).collect();
+            let chunks: Vec<SeqChunk<'_>> = (0..batch).map(|s| SeqChunk { slot: s, tokens: &ids[s..s + 1], is_prompt: false }).collect();
             runner.forward_sample(&chunks, &rows).map(|_| ())
         };
         // The first step records the graph (when graphs are on): its launch

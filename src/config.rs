@@ -143,7 +143,8 @@ impl Settings {
                 .ok_or_else(|| ConfigError::UnknownKey { key: key.to_string(), origin: "command-line flags".into() })?;
             *slot = value.clone();
         }
-        let settings: Settings = Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        let settings: Settings =
+            Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -195,7 +196,10 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "[server]\nport = 9000\nhost = \"0.0.0.0\"\n[engine]\nslots = 4\n")?;
-        let env = vec![("MAMBA_SERVE_SERVER_PORT".to_string(), "9100".to_string()), ("MAMBA_SERVE_SERVER_API_KEYS".to_string(), "[\"a\", \"b\"]".to_string())];
+        let env = vec![
+            ("MAMBA_SERVE_SERVER_PORT".to_string(), "9100".to_string()),
+            ("MAMBA_SERVE_SERVER_API_KEYS".to_string(), "[\"a\", \"b\"]".to_string()),
+        ];
         let s = Settings::load(Some(&f), &env, &[("engine.slots", Value::Integer(7))])?;
         assert_eq!((s.server.port, s.server.host.as_str(), s.engine.slots), (9100, "0.0.0.0", 7));
         assert_eq!(s.server.api_keys, vec!["a", "b"]);

@@ -130,7 +130,11 @@ pub fn build_from(settings: &Settings, dir: &Path) -> Result<Server, BuildError>
     )?;
     let info = engine.info().clone();
     let model_name = if settings.model.served_name.is_empty() {
-        dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        dir.canonicalize()
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
     } else {
         settings.model.served_name.clone()
     };

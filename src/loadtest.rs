@@ -105,7 +105,14 @@ async fn one(client: &reqwest::Client, spec: &LoadSpec, i: usize) -> Outcome {
     if let Some(k) = &spec.api_key {
         req = req.bearer_auth(k);
     }
-    let fail = |e: String| Outcome { error: Some(e), ttft: None, gaps: vec![], e2e: start.elapsed().as_secs_f64(), output_tokens: 0, prompt_tokens: 0 };
+    let fail = |e: String| Outcome {
+        error: Some(e),
+        ttft: None,
+        gaps: vec![],
+        e2e: start.elapsed().as_secs_f64(),
+        output_tokens: 0,
+        prompt_tokens: 0,
+    };
     let res = match req.send().await {
         Ok(r) => r,
         Err(e) if e.is_timeout() => return fail("timeout".into()),

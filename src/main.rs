@@ -11,9 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use mamba_serve::backend::DType;
 use mamba_serve::config::Settings;
 use mamba_serve::engine::offline;
-use mamba_serve::model::{
-    self, Checkpoint, DeviceChoice, LoadProgress, ModelConfig, ModelOptions, RandomWeights, Runner, shapes,
-};
+use mamba_serve::model::{self, Checkpoint, DeviceChoice, LoadProgress, ModelConfig, ModelOptions, RandomWeights, Runner, shapes};
 use mamba_serve::sampling::SamplingParams;
 use mamba_serve::tokenizer::{DecodeStream, Tokenizer};
 
@@ -313,8 +311,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut text = String::new();
     let mut emit_err = None;
-    let output = offline::generate(runner.as_mut(), &prompt, a.max_tokens, &params, valid_vocab, &eos, &mut |id| {
-        match stream.step(&tok, id) {
+    let output =
+        offline::generate(runner.as_mut(), &prompt, a.max_tokens, &params, valid_vocab, &eos, &mut |id| match stream.step(&tok, id) {
             Ok(Some(piece)) => {
                 text.push_str(&piece);
                 let _ = out.write_all(piece.as_bytes());
@@ -322,8 +320,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             }
             Ok(None) => {}
             Err(e) => emit_err = Some(e),
-        }
-    })?;
+        })?;
     if let Some(e) = emit_err {
         return Err(e.into());
     }

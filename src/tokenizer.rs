@@ -65,10 +65,12 @@ impl Tokenizer {
         if !path.exists() {
             return Err(TokenizerError::Missing { path });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load { path: path.clone(), detail: e.to_string() })?;
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load { path: path.clone(), detail: e.to_string() })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| TokenizerError::Load { path: cfg_path.clone(), detail: e.to_string() })?;
+            let text =
+                std::fs::read_to_string(&cfg_path).map_err(|e| TokenizerError::Load { path: cfg_path.clone(), detail: e.to_string() })?;
             serde_json::from_str(&text).map_err(|e| TokenizerError::Load { path: cfg_path.clone(), detail: e.to_string() })?
         } else {
             Value::Null
@@ -78,9 +80,9 @@ impl Tokenizer {
         let chat_template = match cfg.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
             // A list of named templates: take "default".
-            Some(Value::Array(items)) => items.iter().find_map(|t| {
-                (t.get("name")?.as_str()? == "default").then(|| t.get("template")?.as_str().map(str::to_owned)).flatten()
-            }),
+            Some(Value::Array(items)) => items
+                .iter()
+                .find_map(|t| (t.get("name")?.as_str()? == "default").then(|| t.get("template")?.as_str().map(str::to_owned)).flatten()),
             _ => None,
         };
         let model_max_length = cfg.get("model_max_length").and_then(Value::as_f64).filter(|&x| x > 0.0 && x < 1e12).map(|x| x as usize);

@@ -203,7 +203,10 @@ impl Validator {
             if n == 0 {
                 Err(ValidationError::new("prompt", "`prompt` must not be empty"))
             } else if n > self.limits.max_batch_prompts {
-                Err(ValidationError::new("prompt", format!("{n} prompts in one request; at most {} are accepted", self.limits.max_batch_prompts)))
+                Err(ValidationError::new(
+                    "prompt",
+                    format!("{n} prompts in one request; at most {} are accepted", self.limits.max_batch_prompts),
+                ))
             } else {
                 Ok(())
             }
@@ -262,7 +265,9 @@ impl Validator {
         let top_k = match g.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 && k <= u32::MAX as i64 => k as u32,
-            Some(k) => return Err(ValidationError::new("top_k", format!("`top_k` must be a positive integer, or -1 or 0 for no limit; got {k}"))),
+            Some(k) => {
+                return Err(ValidationError::new("top_k", format!("`top_k` must be a positive integer, or -1 or 0 for no limit; got {k}")));
+            }
         };
         let n = match g.n {
             None => 1,
@@ -276,14 +281,20 @@ impl Validator {
             ));
         }
         if g.stop.len() > self.limits.max_stop {
-            return Err(ValidationError::new("stop", format!("at most {} stop sequences are accepted, got {}", self.limits.max_stop, g.stop.len())));
+            return Err(ValidationError::new(
+                "stop",
+                format!("at most {} stop sequences are accepted, got {}", self.limits.max_stop, g.stop.len()),
+            ));
         }
         for s in &g.stop {
             if s.is_empty() {
                 return Err(ValidationError::new("stop", "stop sequences must not be empty"));
             }
             if s.chars().count() > self.limits.max_stop_chars {
-                return Err(ValidationError::new("stop", format!("stop sequences may have at most {} characters", self.limits.max_stop_chars)));
+                return Err(ValidationError::new(
+                    "stop",
+                    format!("stop sequences may have at most {} characters", self.limits.max_stop_chars),
+                ));
             }
         }
         let mut stop_ids: Vec<u32> = g.stop_token_ids.iter().map(|&i| self.token_id("stop_token_ids", i)).collect::<Result<_, _>>()?;
@@ -297,7 +308,10 @@ impl Validator {
             Some(entries) => entries
                 .iter()
                 .map(|(k, v)| {
-                    let id: i64 = k.trim().parse().map_err(|_| ValidationError::new("logit_bias", format!("`logit_bias` keys must be token ids, got \"{k}\"")))?;
+                    let id: i64 = k
+                        .trim()
+                        .parse()
+                        .map_err(|_| ValidationError::new("logit_bias", format!("`logit_bias` keys must be token ids, got \"{k}\"")))?;
                     let id = self.token_id("logit_bias", id)?;
                     if !(v.is_finite() && (-100.0..=100.0).contains(v)) {
                         return Err(ValidationError::new("logit_bias", format!("`logit_bias` values must be in [-100, 100], got {v}")));

@@ -75,7 +75,11 @@ fn chat_logprobs(tokens: &[TokenOut]) -> ChatLogprobs {
                 token: t.text.clone(),
                 logprob: t.logprob,
                 bytes: t.text.as_bytes().to_vec(),
-                top_logprobs: t.top.iter().map(|(_, text, l)| TopLogprob { token: text.clone(), logprob: *l, bytes: text.as_bytes().to_vec() }).collect(),
+                top_logprobs: t
+                    .top
+                    .iter()
+                    .map(|(_, text, l)| TopLogprob { token: text.clone(), logprob: *l, bytes: text.as_bytes().to_vec() })
+                    .collect(),
             })
             .collect(),
     }
@@ -193,7 +197,12 @@ impl Formatter for ChatStream {
                     self.usage.0 = prompt_tokens;
                 }
                 self.usage.1 += completion_tokens;
-                out.push(self.chunk(ChatChunkChoice { index: choice, delta: ChatDelta::default(), logprobs: None, finish_reason: Some(finish.openai()) }));
+                out.push(self.chunk(ChatChunkChoice {
+                    index: choice,
+                    delta: ChatDelta::default(),
+                    logprobs: None,
+                    finish_reason: Some(finish.openai()),
+                }));
                 (out, false)
             }
             Piece::Error { error, .. } => {

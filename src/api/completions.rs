@@ -119,7 +119,18 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
     let n = v.n;
     if stream {
         let pieces = futures_util::stream::select_all(streams.into_iter().map(|s| s.into_stream().boxed()));
-        let f = CompletionStream { id, created, model, n, include_usage, want_tokens, echoes, echoed: vec![false; v.prompts.len() * n], usage: (0, 0), offsets: vec![0; v.prompts.len() * n] };
+        let f = CompletionStream {
+            id,
+            created,
+            model,
+            n,
+            include_usage,
+            want_tokens,
+            echoes,
+            echoed: vec![false; v.prompts.len() * n],
+            usage: (0, 0),
+            offsets: vec![0; v.prompts.len() * n],
+        };
         let keepalive = Duration::from_secs(state.server.sse_keepalive_secs);
         return Ok(sse::response(sse::events(pieces, f), keepalive));
     }
@@ -198,7 +209,12 @@ impl Formatter for CompletionStream {
                     self.usage.0 += prompt_tokens;
                 }
                 self.usage.1 += completion_tokens;
-                out.push(self.chunk(CompletionChoice { index: choice, text: String::new(), logprobs: None, finish_reason: Some(finish.openai()) }));
+                out.push(self.chunk(CompletionChoice {
+                    index: choice,
+                    text: String::new(),
+                    logprobs: None,
+                    finish_reason: Some(finish.openai()),
+                }));
                 (out, false)
             }
             Piece::Error { error, .. } => {

@@ -59,7 +59,12 @@ impl ApiError {
     }
 
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), "missing or invalid API key (send `Authorization: Bearer <key>`)")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "missing or invalid API key (send `Authorization: Bearer <key>`)",
+        )
     }
 
     pub fn overloaded() -> Self {
@@ -67,11 +72,21 @@ impl ApiError {
     }
 
     pub fn draining() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable_error", Some("draining"), "the server is shutting down; retry on another replica")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable_error",
+            Some("draining"),
+            "the server is shutting down; retry on another replica",
+        )
     }
 
     pub fn engine_unavailable() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable_error", Some("engine_unavailable"), "the generation engine is not running")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable_error",
+            Some("engine_unavailable"),
+            "the generation engine is not running",
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

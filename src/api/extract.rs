@@ -88,7 +88,12 @@ where
             }
             let status = if timed_out { StatusCode::REQUEST_TIMEOUT } else { status };
             if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(status, "invalid_request_error", Some("request_too_large"), "the request body is larger than this server accepts")
+                ApiError::new(
+                    status,
+                    "invalid_request_error",
+                    Some("request_too_large"),
+                    "the request body is larger than this server accepts",
+                )
             } else if status == StatusCode::REQUEST_TIMEOUT {
                 ApiError::new(status, "invalid_request_error", Some("request_timeout"), "the request body was not received in time")
             } else {
@@ -121,7 +126,8 @@ mod tests {
 
     #[test]
     fn syntax_errors_have_no_param() {
-        for body in [r#"{"prompt":"hi","#, "[1, 2]", r#"{"prompt": "a"} trailing"#, r#"{"prompt": NaN}"#, r#"{"x": 1e400}"#, "\"\\ud800\""] {
+        for body in [r#"{"prompt":"hi","#, "[1, 2]", r#"{"prompt": "a"} trailing"#, r#"{"prompt": NaN}"#, r#"{"x": 1e400}"#, "\"\\ud800\""]
+        {
             let e = parse::<CompletionRequest>(body.as_bytes()).err().expect("refused");
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
         }

@@ -60,9 +60,21 @@ pub struct TokenOut {
 pub enum Piece {
     /// New text (possibly empty while a character or stop string is
     /// incomplete) and the tokens that produced it.
-    Text { choice: usize, text: String, tokens: Vec<TokenOut> },
-    End { choice: usize, finish: Finish, prompt_tokens: usize, completion_tokens: usize },
-    Error { choice: usize, error: ApiError },
+    Text {
+        choice: usize,
+        text: String,
+        tokens: Vec<TokenOut>,
+    },
+    End {
+        choice: usize,
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error {
+        choice: usize,
+        error: ApiError,
+    },
 }
 
 /// The pieces of one choice, pulled from the engine's events.

@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use super::{AppState, ApiError};
+use super::{ApiError, AppState};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const REPLICA: HeaderName = HeaderName::from_static("x-replica");
@@ -99,11 +99,8 @@ pub async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next:
 /// A panic in a handler becomes a 500 with OpenAI error JSON; the server
 /// keeps serving.
 pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
-    let detail = err
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| err.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic");
+    let detail =
+        err.downcast_ref::<String>().map(String::as_str).or_else(|| err.downcast_ref::<&str>().copied()).unwrap_or("unknown panic");
     tracing::error!(detail, "handler panicked");
     ApiError::internal("internal error while handling the request").into_response()
 }
@@ -118,12 +115,11 @@ pub fn cors(origins: &[String]) -> Option<CorsLayer> {
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
-    Some(
-        CorsLayer::new()
-            .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID]),
-    )
+    Some(CorsLayer::new().allow_origin(allow).allow_methods([Method::GET, Method::POST, Method::OPTIONS]).allow_headers([
+        header::AUTHORIZATION,
+        header::CONTENT_TYPE,
+        REQUEST_ID,
+    ]))
 }
 
 #[cfg(test)]

@@ -86,10 +86,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(native::tokenize))
         .route("/detokenize", post(native::detokenize))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
-    let open = Router::new()
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready))
-        .route("/metrics", get(ops::metrics));
+    let open = Router::new().route("/health", get(ops::health)).route("/ready", get(ops::ready)).route("/metrics", get(ops::metrics));
     let read_timeout = Duration::from_secs(state.server.request_read_timeout_secs);
     let router = inference
         .merge(open)

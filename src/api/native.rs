@@ -9,6 +9,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Json, Response};
 use futures_util::StreamExt;
 
+use super::AppState;
 use super::chat::{messages, render};
 use super::completions::validate_blocking;
 use super::error::ApiError;
@@ -19,7 +20,6 @@ use super::wire::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, TgiDetails, TgiStreamDetails, TgiStreamResponse, TgiToken,
     TokenizeRequest, TokenizeResponse,
 };
-use super::AppState;
 use crate::validate::{GenerationInput, PromptInput, Validated};
 
 fn tgi_token(t: &TokenOut) -> TgiToken {
@@ -42,7 +42,9 @@ async fn prepare(state: &Arc<AppState>, req: GenerateRequest) -> Result<(Validat
         return Err(ApiError::bad_request(format!("`{name}` is not supported")).with_param(*name));
     }
     if p.temperature.is_some_and(|t| t <= 0.0) {
-        return Err(ApiError::bad_request("`temperature` must be strictly positive (use `do_sample: false` for greedy)").with_param("temperature"));
+        return Err(
+            ApiError::bad_request("`temperature` must be strictly positive (use `do_sample: false` for greedy)").with_param("temperature")
+        );
     }
     // Sampling when asked for, or when a sampling parameter is given.
     let sample = p.do_sample.unwrap_or(false) || p.temperature.is_some() || p.top_k.is_some() || p.top_p.is_some();
@@ -80,7 +82,12 @@ pub async fn generate(State(state): State<Arc<AppState>>, JsonBody(req): JsonBod
             seed: if sample && v.seeded { seed } else { None },
             prefill: vec![],
             top_tokens: top.then(|| {
-                r.tokens.iter().map(|t| t.top.iter().map(|(id, text, lp)| TgiToken { id: *id, text: text.clone(), logprob: *lp, special: false }).collect()).collect()
+                r.tokens
+                    .iter()
+                    .map(|t| {
+                        t.top.iter().map(|(id, text, lp)| TgiToken { id: *id, text: text.clone(), logprob: *lp, special: false }).collect()
+                    })
+                    .collect()
             }),
             tokens: r.tokens.iter().map(tgi_token).collect(),
         });
@@ -127,7 +134,9 @@ impl Formatter for TgiStream {
                         }
                         let mut token = tgi_token(t);
                         token.text = text;
-                        let top = (!t.top.is_empty()).then(|| t.top.iter().map(|(id, s, lp)| TgiToken { id: *id, text: s.clone(), logprob: *lp, special: false }).collect());
+                        let top = (!t.top.is_empty()).then(|| {
+                            t.top.iter().map(|(id, s, lp)| TgiToken { id: *id, text: s.clone(), logprob: *lp, special: false }).collect()
+                        });
                         self.prev = Some(TgiStreamResponse { index: 0, token, top_tokens: top, generated_text: None, details: None });
                     }
                     None => {
@@ -147,7 +156,12 @@ impl Formatter for TgiStream {
                     details: None,
                 });
                 last.generated_text = Some(std::mem::take(&mut self.text));
-                last.details = Some(TgiStreamDetails { finish_reason: finish.tgi(), generated_tokens: completion_tokens, seed: self.seed, input_length: self.input_length });
+                last.details = Some(TgiStreamDetails {
+                    finish_reason: finish.tgi(),
+                    generated_tokens: completion_tokens,
+                    seed: self.seed,
+                    input_length: self.input_length,
+                });
                 (vec![sse::json_event(&last)], false)
             }
             // text-generation-inference streams end without [DONE].
@@ -190,7 +204,8 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, JsonBody(req): JsonB
             return Err(ApiError::bad_request("too many tokens").with_param("tokens"));
         }
         let ids = req.tokens.iter().map(|&t| state.validator.token_id("tokens", t)).collect::<Result<Vec<u32>, _>>()?;
-        let prompt = state.tokenizer.decode(&ids, false).map_err(|e| ApiError::bad_request(format!("cannot decode: {e}")).with_param("tokens"))?;
+        let prompt =
+            state.tokenizer.decode(&ids, false).map_err(|e| ApiError::bad_request(format!("cannot decode: {e}")).with_param("tokens"))?;
         Ok(Json(DetokenizeResponse { prompt }).into_response())
     }
     .await

@@ -8,9 +8,9 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 
+use super::AppState;
 use super::error::ApiError;
 use super::wire::{ModelCard, ModelList};
-use super::AppState;
 
 /// How long the engine loop may go without turning before `/health` fails.
 /// Long enough for one big prefill step on a CPU.
@@ -43,7 +43,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![ModelCard { id: state.model_name.clone(), object: "model", created: state.created, owned_by: "mamba-serve", max_model_len: state.max_model_len() }],
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: "model",
+            created: state.created,
+            owned_by: "mamba-serve",
+            max_model_len: state.max_model_len(),
+        }],
     })
 }
 
@@ -52,5 +58,6 @@ pub async fn not_found() -> Response {
 }
 
 pub async fn method_not_allowed() -> Response {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), "method not allowed on this route").into_response()
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), "method not allowed on this route")
+        .into_response()
 }

@@ -70,10 +70,7 @@ pub struct CompletionRequest {
 pub fn prompt_input(v: Option<&Value>) -> Result<PromptInput, ValidationError> {
     let bad = |m: &str| ValidationError::new("prompt", m.to_string());
     let ids = |items: &[Value]| -> Result<Vec<i64>, ValidationError> {
-        items
-            .iter()
-            .map(|x| x.as_i64().ok_or_else(|| bad(&format!("token ids in `prompt` must be integers, got {x}"))))
-            .collect()
+        items.iter().map(|x| x.as_i64().ok_or_else(|| bad(&format!("token ids in `prompt` must be integers, got {x}")))).collect()
     };
     match v {
         None | Some(Value::Null) => Err(bad("`prompt` is required")),

@@ -16,7 +16,6 @@ pub mod cpu;
 pub mod cuda;
 pub mod rng;
 
-
 use std::fmt;
 
 /// Element type of a checkpoint tensor as stored on disk.
@@ -410,13 +409,7 @@ pub trait Backend: Send + 'static {
 
     /// `out = x · wᵀ (+ bias)`, x `[m, k]`, w `[n, k]`, out `[m, n]`;
     /// fp32 accumulation.
-    fn linear(
-        &self,
-        x: View<'_, Self::Vec>,
-        w: &Self::Mat,
-        bias: Option<&Self::Vec>,
-        out: ViewMut<'_, Self::Vec>,
-    ) -> Result<()>;
+    fn linear(&self, x: View<'_, Self::Vec>, w: &Self::Mat, bias: Option<&Self::Vec>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
 
     /// Causal depthwise conv1d over a packed batch; see [`ConvArgs`].
     fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
@@ -426,24 +419,14 @@ pub trait Backend: Send + 'static {
     fn rms_norm_columns(&self, x: ViewMut<'_, Self::Vec>, groups: &[(usize, usize)], eps: f32) -> Result<()>;
 
     /// Mamba-1 selective scan; see [`Mamba1ScanArgs`].
-    fn mamba1_scan(
-        &self,
-        args: Mamba1ScanArgs<'_, Self>,
-        batch: &Packed<'_, Self>,
-        out: ViewMut<'_, Self::Vec>,
-    ) -> Result<()>;
+    fn mamba1_scan(&self, args: Mamba1ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
 
     /// Mamba-1 decode step (every segment one token); see
     /// [`Mamba1StepArgs`].
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
 
     /// Mamba-2 SSD scan; see [`Mamba2ScanArgs`].
-    fn mamba2_scan(
-        &self,
-        args: Mamba2ScanArgs<'_, Self>,
-        batch: &Packed<'_, Self>,
-        out: ViewMut<'_, Self::Vec>,
-    ) -> Result<()>;
+    fn mamba2_scan(&self, args: Mamba2ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
 
     /// Mamba-2 gated RMSNorm: `g = y * silu(z)`, normalised per group of
     /// `group_size` channels, times `weight`.

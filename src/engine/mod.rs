@@ -15,9 +15,9 @@ pub mod scheduler;
 pub mod slots;
 mod step_loop;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use request::{EngineError, Event, FinishReason, Request, SubmitError};

@@ -46,9 +46,19 @@ pub enum EngineError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The request holds a state slot; generation has begun.
-    Admitted { queue_seconds: f64 },
-    Token { id: u32, logprob: f32, top: Vec<(u32, f32)> },
-    Finished { reason: FinishReason, prompt_tokens: usize, generated_tokens: usize },
+    Admitted {
+        queue_seconds: f64,
+    },
+    Token {
+        id: u32,
+        logprob: f32,
+        top: Vec<(u32, f32)>,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        generated_tokens: usize,
+    },
     Failed(EngineError),
 }
 

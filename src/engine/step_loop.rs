@@ -6,9 +6,9 @@
 //! its end. A failed step fails the sequences in it and frees their slots;
 //! the loop goes on serving.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
@@ -54,11 +54,7 @@ struct Loop {
 
 pub(super) fn run(runner: Box<dyn Runner>, queue: Receiver<Submission>, shared: Arc<Shared>, opts: EngineOptions) {
     let model = runner.options();
-    let budget = Budget {
-        max_tokens: model.max_batch_tokens,
-        max_seqs: model.max_batch_seqs,
-        prefill_chunk: opts.prefill_chunk,
-    };
+    let budget = Budget { max_tokens: model.max_batch_tokens, max_seqs: model.max_batch_seqs, prefill_chunk: opts.prefill_chunk };
     let mut l = Loop { slots: SlotAllocator::new(model.n_slots), runner, shared, opts, running: vec![], steps: 0, budget };
     let mut queue_open = true;
     loop {
@@ -186,11 +182,8 @@ impl Loop {
             let r = self.running.swap_remove(i);
             match exit(&r) {
                 Exit::Finished(reason) => {
-                    let _ = r.events.try_send(Event::Finished {
-                        reason,
-                        prompt_tokens: r.request.prompt.len(),
-                        generated_tokens: r.generated,
-                    });
+                    let _ =
+                        r.events.try_send(Event::Finished { reason, prompt_tokens: r.request.prompt.len(), generated_tokens: r.generated });
                 }
                 Exit::Failed(e) => {
                     let _ = r.events.try_send(Event::Failed(e));

@@ -61,10 +61,10 @@ impl Checkpoint {
             let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::Io { path: index_path.clone(), source: e })?;
             let value: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::Safetensors { path: index_path.clone(), detail: format!("index is not valid JSON: {e}") })?;
-            let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
-                path: index_path.clone(),
-                detail: "index has no `weight_map` object".into(),
-            })?;
+            let map = value
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Safetensors { path: index_path.clone(), detail: "index has no `weight_map` object".into() })?;
             let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect();
             names.sort();
             names.dedup();
@@ -134,11 +134,7 @@ impl TensorSource for Checkpoint {
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
             other => {
-                return Err(ModelError::UnsupportedDType {
-                    name: name.to_owned(),
-                    dtype: format!("{other:?}"),
-                    path: shard.path.clone(),
-                });
+                return Err(ModelError::UnsupportedDType { name: name.to_owned(), dtype: format!("{other:?}"), path: shard.path.clone() });
             }
         };
         let bytes = &shard.map[shard.data_start + start..shard.data_start + end];

@@ -201,7 +201,9 @@ impl Fields<'_> {
     fn usize(&self, names: &[&str]) -> Result<Option<usize>, String> {
         match self.get(names) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| format!("`{}` must be a non-negative integer, got {v}", names[0])),
+            Some(v) => {
+                v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| format!("`{}` must be a non-negative integer, got {v}", names[0]))
+            }
         }
     }
 
@@ -222,10 +224,9 @@ impl Fields<'_> {
     fn token_ids(&self, name: &str) -> Result<Vec<u32>, String> {
         match self.get(&[name]) {
             None => Ok(vec![]),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_u64().map(|x| x as u32).ok_or_else(|| format!("`{name}` must hold token ids, got {v}")))
-                .collect(),
+            Some(Value::Array(items)) => {
+                items.iter().map(|v| v.as_u64().map(|x| x as u32).ok_or_else(|| format!("`{name}` must hold token ids, got {v}"))).collect()
+            }
             Some(v) => v.as_u64().map(|x| vec![x as u32]).ok_or_else(|| format!("`{name}` must be a token id, got {v}")),
         }
     }
@@ -321,8 +322,8 @@ impl Fields<'_> {
         let tie_embeddings = self.bool(&["tie_word_embeddings", "tie_embeddings"])?.unwrap_or(tie_default);
         let residual_in_fp32 = self.bool(&["residual_in_fp32"])?.unwrap_or(true);
         let act_name = self.get(&["hidden_act"]).and_then(Value::as_str).unwrap_or("silu");
-        let activation =
-            Activation::from_hf_name(act_name).ok_or_else(|| format!("`hidden_act` \"{act_name}\" is not supported (use silu, relu, gelu or gelu_new)"))?;
+        let activation = Activation::from_hf_name(act_name)
+            .ok_or_else(|| format!("`hidden_act` \"{act_name}\" is not supported (use silu, relu, gelu or gelu_new)"))?;
         let time_step_limit = match self.get(&["time_step_limit"]).or_else(|| ssm("dt_limit")) {
             None => (0.0, f32::INFINITY),
             Some(Value::Array(v)) if v.len() == 2 => {
@@ -470,7 +471,9 @@ mod tests {
 
     #[test]
     fn auto_time_step_rank_is_ceil_hidden_over_16() -> Result<(), ModelError> {
-        let c = ModelConfig::from_json(r#"{"model_type": "mamba", "hidden_size": 40, "num_hidden_layers": 1, "vocab_size": 10, "time_step_rank": "auto"}"#)?;
+        let c = ModelConfig::from_json(
+            r#"{"model_type": "mamba", "hidden_size": 40, "num_hidden_layers": 1, "vocab_size": 10, "time_step_rank": "auto"}"#,
+        )?;
         assert_eq!(c.dt_rank, 3);
         assert_eq!(c.d_inner, 80);
         assert!(c.tie_embeddings);

@@ -9,13 +9,12 @@
 
 use std::collections::HashMap;
 
+use super::ModelError;
 use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
-use super::ModelError;
 use crate::backend::{
-    Backend, ConvArgs, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, PAD_SLOT, Packed, PoolLayout, SampleRow, SampledToken,
-    View, ViewMut,
+    Backend, ConvArgs, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, PAD_SLOT, Packed, PoolLayout, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
@@ -431,14 +430,7 @@ impl<B: Backend> Model<B> {
         for (l, lw) in w.layers.iter().enumerate() {
             let delta = if l == 0 { None } else { Some(&ws.mixed) };
             b.add_rmsnorm(&mut ws.residual, delta, &lw.norm, cfg.norm_eps, n_tokens, d, &mut ws.normed)?;
-            let batch = Packed {
-                n_tokens,
-                n_seqs,
-                cu_seqlens: &ws.cu,
-                slots: &ws.slots,
-                prompt: &ws.prompt,
-                single_token,
-            };
+            let batch = Packed { n_tokens, n_seqs, cu_seqlens: &ws.cu, slots: &ws.slots, prompt: &ws.prompt, single_token };
             let bufs = MixerBuffers {
                 normed: &ws.normed,
                 proj: &mut ws.proj,

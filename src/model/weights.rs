@@ -9,10 +9,10 @@
 
 use std::collections::HashMap;
 
+use super::ModelError;
 use super::checkpoint::{TensorData, TensorSource};
 use super::config::{Arch, ModelConfig};
-use super::ModelError;
-use crate::backend::{cpu::widen, Backend, HostMatrix};
+use crate::backend::{Backend, HostMatrix, cpu::widen};
 
 /// Weights of one Mamba block.
 pub struct LayerWeights<B: Backend> {
@@ -141,17 +141,17 @@ fn require<'s>(src: &'s dyn TensorSource, name: &str) -> Result<TensorData<'s>, 
 /// reconciled are errors.
 pub fn resolve_dims(mut cfg: ModelConfig, src: &dyn TensorSource) -> Result<ModelConfig, ModelError> {
     let emb = require(src, "backbone.embeddings.weight")?;
-    let bad = |name: &str, expected: String, got: &[usize]| ModelError::BadShape {
-        name: name.to_string(),
-        expected,
-        got: got.to_vec(),
-    };
+    let bad = |name: &str, expected: String, got: &[usize]| ModelError::BadShape { name: name.to_string(), expected, got: got.to_vec() };
     if emb.shape.len() != 2 || emb.shape[1] != cfg.hidden_size {
         return Err(bad("backbone.embeddings.weight", format!("[vocab, {}]", cfg.hidden_size), &emb.shape));
     }
     if emb.shape[0] != cfg.vocab_size {
         if emb.shape[0] < cfg.vocab_size {
-            return Err(bad("backbone.embeddings.weight", format!("[{}, {}] (vocab_size rows)", cfg.vocab_size, cfg.hidden_size), &emb.shape));
+            return Err(bad(
+                "backbone.embeddings.weight",
+                format!("[{}, {}] (vocab_size rows)", cfg.vocab_size, cfg.hidden_size),
+                &emb.shape,
+            ));
         }
         tracing::warn!(config = cfg.vocab_size, tensor = emb.shape[0], "vocab_size differs from the embedding rows; using the rows");
         cfg.vocab_size = emb.shape[0];
@@ -235,7 +235,11 @@ impl<'s> Fetcher<'s, '_> {
         }
         let expected_bytes = want.iter().product::<usize>() * t.dtype.size();
         if t.bytes.len() != expected_bytes {
-            return Err(ModelError::BadShape { name: name.to_string(), expected: format!("{want:?} ({expected_bytes} bytes)"), got: t.shape.clone() });
+            return Err(ModelError::BadShape {
+                name: name.to_string(),
+                expected: format!("{want:?} ({expected_bytes} bytes)"),
+                got: t.shape.clone(),
+            });
         }
         self.state.tensors_done += 1;
         self.state.bytes_done += t.bytes.len() as u64;

@@ -10,8 +10,8 @@ use mamba_serve::backend::cpu::CpuBackend;
 use mamba_serve::backend::cuda::CudaBackend;
 use mamba_serve::backend::rng::SplitMix64;
 use mamba_serve::backend::{
-    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, PoolLayout,
-    SampleRow, View, ViewMut,
+    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, PoolLayout, SampleRow, View,
+    ViewMut,
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
@@ -117,7 +117,15 @@ fn batch(rng: &mut Rng, lens: &[usize], n_slots: usize) -> Batch {
 
 // ---------------------------------------------------------------- linear
 
-fn linear_on<B: Backend>(b: &B, x: &[f32], (m, k, stride, off): (usize, usize, usize, usize), w: &[u8], n: usize, dtype: DType, bias: Option<&[f32]>) -> R<Vec<f32>> {
+fn linear_on<B: Backend>(
+    b: &B,
+    x: &[f32],
+    (m, k, stride, off): (usize, usize, usize, usize),
+    w: &[u8],
+    n: usize,
+    dtype: DType,
+    bias: Option<&[f32]>,
+) -> R<Vec<f32>> {
     let xb = b.upload(x)?;
     let wm = mat(b, n, k, dtype, w)?;
     let bb = bias.map(|v| b.upload(v)).transpose()?;
@@ -137,7 +145,19 @@ fn linear_matches_the_cpu() -> TestResult {
     let mut rng = Rng::new(11);
     // (m, n, k): GEMV tiles (vector and scalar, 1 or 4 columns a warp), the
     // small exact path, and cuBLAS (more than 8 rows and 2^24 products).
-    let shapes = [(1, 33, 17), (1, 64, 64), (3, 100, 256), (8, 257, 96), (2, 4100, 64), (16, 4096, 32), (20, 64, 48), (70, 192, 48), (300, 512, 384), (64, 1024, 512), (512, 4096, 1024)];
+    let shapes = [
+        (1, 33, 17),
+        (1, 64, 64),
+        (3, 100, 256),
+        (8, 257, 96),
+        (2, 4100, 64),
+        (16, 4096, 32),
+        (20, 64, 48),
+        (70, 192, 48),
+        (300, 512, 384),
+        (64, 1024, 512),
+        (512, 4096, 1024),
+    ];
     for (m, n, k) in shapes {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for with_bias in [false, true] {
@@ -267,7 +287,19 @@ impl<B: Backend> AnyBackend for B {
 
 // ------------------------------------------------------------ conv1d
 
-fn conv_on<B: Backend>(b: &B, bt: &Batch, x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, act: Activation, state: &[f32], layout: PoolLayout, layer: usize, ch: usize) -> R<(Vec<f32>, Vec<f32>)> {
+fn conv_on<B: Backend>(
+    b: &B,
+    bt: &Batch,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    act: Activation,
+    state: &[f32],
+    layout: PoolLayout,
+    layer: usize,
+    ch: usize,
+) -> R<(Vec<f32>, Vec<f32>)> {
     let t = bt.n_tokens();
     let xs = ch + 5;
     let xb = b.upload(x)?;
@@ -275,7 +307,14 @@ fn conv_on<B: Backend>(b: &B, bt: &Batch, x: &[f32], w: &[f32], bias: Option<&[f
     let bb = bias.map(|v| b.upload(v)).transpose()?;
     let mut st = b.upload(state)?;
     let (cu, slots, prompt) = bt.on(b)?;
-    let packed = Packed { n_tokens: t, n_seqs: bt.lens.len(), cu_seqlens: &cu, slots: &slots, prompt: &prompt, single_token: bt.lens.iter().all(|&l| l == 1) };
+    let packed = Packed {
+        n_tokens: t,
+        n_seqs: bt.lens.len(),
+        cu_seqlens: &cu,
+        slots: &slots,
+        prompt: &prompt,
+        single_token: bt.lens.iter().all(|&l| l == 1),
+    };
     let mut out = poisoned(b, t * ch)?;
     let args = ConvArgs {
         x: View { buf: &xb, offset: 5, rows: t, cols: ch, stride: xs },
@@ -296,7 +335,8 @@ fn conv1d_matches_the_cpu() -> TestResult {
     let Some(g) = gpu("conv1d_matches_the_cpu") else { return Ok(()) };
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(13);
-    let cases: &[(&[usize], usize, usize)] = &[(&[5, 1, 17, 3], 37, 4), (&[1, 1, 1, 1, 1], 96, 4), (&[2, 9], 40, 3), (&[12, 1, 4], 48, 5), (&[1, 1, 1], 33, 2)];
+    let cases: &[(&[usize], usize, usize)] =
+        &[(&[5, 1, 17, 3], 37, 4), (&[1, 1, 1, 1, 1], 96, 4), (&[2, 9], 40, 3), (&[12, 1, 4], 48, 5), (&[1, 1, 1], 33, 2)];
     for &(lens, ch, k) in cases {
         for act in [Activation::Silu, Activation::Identity, Activation::Gelu] {
             let n_slots = 6;
@@ -353,10 +393,18 @@ fn scan_case(rng: &mut Rng, t: usize, ch: usize, n: usize) -> ScanCase {
 fn mamba1_on<B: Backend>(b: &B, bt: &Batch, c: &ScanCase) -> R<(Vec<f32>, Vec<f32>)> {
     let t = bt.n_tokens();
     let (ch, n) = (c.ch, c.n);
-    let (x, dt, bias, a, bc, skip, z) = (b.upload(&c.x)?, b.upload(&c.dt)?, b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.bc)?, b.upload(&c.skip)?, b.upload(&c.z)?);
+    let (x, dt, bias, a, bc, skip, z) =
+        (b.upload(&c.x)?, b.upload(&c.dt)?, b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.bc)?, b.upload(&c.skip)?, b.upload(&c.z)?);
     let mut st = b.upload(&c.state)?;
     let (cu, slots, prompt) = bt.on(b)?;
-    let packed = Packed { n_tokens: t, n_seqs: bt.lens.len(), cu_seqlens: &cu, slots: &slots, prompt: &prompt, single_token: bt.lens.iter().all(|&l| l == 1) };
+    let packed = Packed {
+        n_tokens: t,
+        n_seqs: bt.lens.len(),
+        cu_seqlens: &cu,
+        slots: &slots,
+        prompt: &prompt,
+        single_token: bt.lens.iter().all(|&l| l == 1),
+    };
     let bcv = View::dense(&bc, t, 3 + 2 * n);
     let mut out = poisoned(b, t * ch)?;
     let args = Mamba1ScanArgs {
@@ -464,10 +512,18 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
 
 fn mamba2_on<B: Backend>(b: &B, bt: &Batch, (h, p, grp, n): (usize, usize, usize, usize), c: &ScanCase) -> R<(Vec<f32>, Vec<f32>)> {
     let t = bt.n_tokens();
-    let (x, dt, bias, a, skip, bc) = (b.upload(&c.x)?, b.upload(&c.dt)?, b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.bc)?);
+    let (x, dt, bias, a, skip, bc) =
+        (b.upload(&c.x)?, b.upload(&c.dt)?, b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.bc)?);
     let mut st = b.upload(&c.state)?;
     let (cu, slots, prompt) = bt.on(b)?;
-    let packed = Packed { n_tokens: t, n_seqs: bt.lens.len(), cu_seqlens: &cu, slots: &slots, prompt: &prompt, single_token: bt.lens.iter().all(|&l| l == 1) };
+    let packed = Packed {
+        n_tokens: t,
+        n_seqs: bt.lens.len(),
+        cu_seqlens: &cu,
+        slots: &slots,
+        prompt: &prompt,
+        single_token: bt.lens.iter().all(|&l| l == 1),
+    };
     let gn = grp * n;
     let bcv = View::dense(&bc, t, 3 + 2 * gn);
     let mut out = poisoned(b, t * h * p)?;
@@ -497,7 +553,13 @@ fn mamba2_scan_matches_the_cpu() -> TestResult {
     let Some(g) = gpu("mamba2_scan_matches_the_cpu") else { return Ok(()) };
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(16);
-    let cases: &[(&[usize], (usize, usize, usize, usize))] = &[(&[5, 1, 30, 3], (6, 8, 2, 16)), (&[1, 1, 1], (6, 8, 3, 16)), (&[12, 4], (8, 12, 4, 8)), (&[7], (4, 64, 1, 128)), (&[2, 3], (3, 5, 1, 5))];
+    let cases: &[(&[usize], (usize, usize, usize, usize))] = &[
+        (&[5, 1, 30, 3], (6, 8, 2, 16)),
+        (&[1, 1, 1], (6, 8, 3, 16)),
+        (&[12, 4], (8, 12, 4, 8)),
+        (&[7], (4, 64, 1, 128)),
+        (&[2, 3], (3, 5, 1, 5)),
+    ];
     for &(lens, dims) in cases {
         let (h, p, grp, n) = dims;
         let bt = batch(&mut rng, lens, 7);
@@ -669,11 +731,13 @@ fn a_sequence_decodes_the_same_alone_and_in_a_batch_of_64_on_the_gpu() -> TestRe
         let greedy_rows = |n: usize| -> Vec<Option<SampleRow>> {
             (0..n).map(|_| Some(mamba_serve::sampling::TokenHistory::new(&[]).row(&SamplingParams::greedy(), 0, valid))).collect()
         };
-        let prompts: Vec<Vec<u32>> = (0..64).map(|i| {
-            let p = &r.prompts[i % r.prompts.len()].ids;
-            // Vary lengths: drop a few leading tokens of the longer prompts.
-            p[(i / r.prompts.len()).min(p.len() - 1)..].to_vec()
-        }).collect();
+        let prompts: Vec<Vec<u32>> = (0..64)
+            .map(|i| {
+                let p = &r.prompts[i % r.prompts.len()].ids;
+                // Vary lengths: drop a few leading tokens of the longer prompts.
+                p[(i / r.prompts.len()).min(p.len() - 1)..].to_vec()
+            })
+            .collect();
         // Alone (slot 0), on the GPU and on the CPU.
         let mut alone = vec![];
         for p in &prompts {
@@ -686,11 +750,13 @@ fn a_sequence_decodes_the_same_alone_and_in_a_batch_of_64_on_the_gpu() -> TestRe
         for s in 1..=64 {
             m.reset_slot(s)?;
         }
-        let chunks: Vec<SeqChunk<'_>> = prompts.iter().enumerate().map(|(i, p)| SeqChunk { slot: i + 1, tokens: p, is_prompt: true }).collect();
+        let chunks: Vec<SeqChunk<'_>> =
+            prompts.iter().enumerate().map(|(i, p)| SeqChunk { slot: i + 1, tokens: p, is_prompt: true }).collect();
         let mut last: Vec<u32> = m.forward_sample(&chunks, &greedy_rows(64))?.into_iter().map(|t| t.expect("sampled").token).collect();
         let mut outs: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
         for _ in 1..n_new {
-            let chunks: Vec<SeqChunk<'_>> = last.iter().enumerate().map(|(i, t)| SeqChunk { slot: i + 1, tokens: std::slice::from_ref(t), is_prompt: false }).collect();
+            let chunks: Vec<SeqChunk<'_>> =
+                last.iter().enumerate().map(|(i, t)| SeqChunk { slot: i + 1, tokens: std::slice::from_ref(t), is_prompt: false }).collect();
             last = m.forward_sample(&chunks, &greedy_rows(64))?.into_iter().map(|t| t.expect("sampled").token).collect();
             for (o, &t) in outs.iter_mut().zip(&last) {
                 o.push(t);
@@ -703,11 +769,13 @@ fn a_sequence_decodes_the_same_alone_and_in_a_batch_of_64_on_the_gpu() -> TestRe
         for s in 1..=5 {
             m.reset_slot(s)?;
         }
-        let chunks: Vec<SeqChunk<'_>> = prompts[..5].iter().enumerate().map(|(i, p)| SeqChunk { slot: i + 1, tokens: p, is_prompt: true }).collect();
+        let chunks: Vec<SeqChunk<'_>> =
+            prompts[..5].iter().enumerate().map(|(i, p)| SeqChunk { slot: i + 1, tokens: p, is_prompt: true }).collect();
         let mut last: Vec<u32> = m.forward_sample(&chunks, &greedy_rows(5))?.into_iter().map(|t| t.expect("sampled").token).collect();
         let mut outs: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
         for _ in 1..n_new {
-            let chunks: Vec<SeqChunk<'_>> = last.iter().enumerate().map(|(i, t)| SeqChunk { slot: i + 1, tokens: std::slice::from_ref(t), is_prompt: false }).collect();
+            let chunks: Vec<SeqChunk<'_>> =
+                last.iter().enumerate().map(|(i, t)| SeqChunk { slot: i + 1, tokens: std::slice::from_ref(t), is_prompt: false }).collect();
             last = m.forward_sample(&chunks, &greedy_rows(5))?.into_iter().map(|t| t.expect("sampled").token).collect();
             for (o, &t) in outs.iter_mut().zip(&last) {
                 o.push(t);
@@ -730,7 +798,14 @@ fn seeded_generation_matches_the_cpu() -> TestResult {
     let mut cpu = load_cpu(dir, opts(1, 256))?;
     let valid = Tokenizer::from_dir(dir)?.vocab_size();
     for (i, p) in r.prompts.iter().enumerate() {
-        let params = SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, seed: 1000 + i as u64, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+            seed: 1000 + i as u64,
+            ..Default::default()
+        };
         let g = offline::generate(&mut m, &p.ids, 24, &params, valid, &[], &mut |_| {})?;
         let c = offline::generate(&mut cpu, &p.ids, 24, &params, valid, &[], &mut |_| {})?;
         assert_eq!(g.generated, c.generated, "prompt {i}: seeded GPU vs CPU");

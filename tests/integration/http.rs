@@ -104,7 +104,9 @@ async fn the_bad_input_table() {
     // 1-4, 6-7: malformed JSON.
     refused(r, r#"{"prompt":"hi","#, bad, None).await;
     refused(r, "", bad, None).await;
-    for body in ["[1, 2]", r#"{"prompt": "a"} x"#, r#"{"prompt": NaN}"#, r#"{"prompt": "a", "max_tokens": 1e400}"#, r#"{"prompt": "\ud800"}"#] {
+    for body in
+        ["[1, 2]", r#"{"prompt": "a"} x"#, r#"{"prompt": NaN}"#, r#"{"prompt": "a", "max_tokens": 1e400}"#, r#"{"prompt": "\ud800"}"#]
+    {
         refused(r, body, bad, None).await;
     }
     let invalid_utf8 = [&b"{\"prompt\": \""[..], &[0xff, 0xfe], &b"\"}"[..]].concat();
@@ -302,7 +304,13 @@ async fn completion_features_batch_n_echo_stop_logprobs_and_ids() -> TestResult 
     let tok = mamba_serve::tokenizer::Tokenizer::from_dir(&dir)?;
     let (p0, p1) = (&reference.prompts[1], &reference.prompts[2]);
     // A batch of prompts with n = 2, greedy: choices p*n + c, equal within a prompt.
-    let v = post_json(r, "/v1/completions", &json!({"prompt": [p0.text, p1.text], "n": 2, "max_tokens": 6, "temperature": 0, "ignore_eos": true})).await.json();
+    let v = post_json(
+        r,
+        "/v1/completions",
+        &json!({"prompt": [p0.text, p1.text], "n": 2, "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+    )
+    .await
+    .json();
     let texts: Vec<&str> = v["choices"].as_array().expect("choices").iter().map(|c| c["text"].as_str().expect("text")).collect();
     assert_eq!(texts.len(), 4);
     assert_eq!(texts[0], texts[1]);
@@ -311,10 +319,14 @@ async fn completion_features_batch_n_echo_stop_logprobs_and_ids() -> TestResult 
     assert_eq!(v["usage"]["prompt_tokens"], p0.ids.len() + p1.ids.len());
     assert_eq!(v["usage"]["completion_tokens"], 24);
     // Token-id prompts give the same as text.
-    let v2 = post_json(r, "/v1/completions", &json!({"prompt": p0.ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true})).await.json();
+    let v2 =
+        post_json(r, "/v1/completions", &json!({"prompt": p0.ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true})).await.json();
     assert_eq!(v2["choices"][0]["text"], texts[0]);
     // Echo prepends the prompt.
-    let v3 = post_json(r, "/v1/completions", &json!({"prompt": p0.text, "max_tokens": 6, "temperature": 0, "echo": true, "ignore_eos": true})).await.json();
+    let v3 =
+        post_json(r, "/v1/completions", &json!({"prompt": p0.text, "max_tokens": 6, "temperature": 0, "echo": true, "ignore_eos": true}))
+            .await
+            .json();
     assert_eq!(v3["choices"][0]["text"].as_str().expect("text"), format!("{}{}", p0.text, texts[0]));
     // A stop string cuts the text before it and finishes with "stop".
     let full = tok.decode(&p0.greedy[..12], true)?;
@@ -322,7 +334,12 @@ async fn completion_features_batch_n_echo_stop_logprobs_and_ids() -> TestResult 
     let stop: String = full[cut..].chars().take(2).collect();
     let before = &full[..full.find(&stop).expect("stop occurs")];
     for stream in [false, true] {
-        let res = post_json(r, "/v1/completions", &json!({"prompt": p0.text, "max_tokens": 12, "temperature": 0, "stop": stop, "stream": stream, "ignore_eos": true})).await;
+        let res = post_json(
+            r,
+            "/v1/completions",
+            &json!({"prompt": p0.text, "max_tokens": 12, "temperature": 0, "stop": stop, "stream": stream, "ignore_eos": true}),
+        )
+        .await;
         let (text, finish) = if stream {
             let evs = sse_data(&res.body);
             let chunks: Vec<Value> = evs[..evs.len() - 1].iter().map(|e| serde_json::from_str(e).expect("json")).collect();
@@ -337,7 +354,10 @@ async fn completion_features_batch_n_echo_stop_logprobs_and_ids() -> TestResult 
         assert_eq!(finish, "stop");
     }
     // Logprobs: one entry per token, alternatives sorted, the chosen one among them.
-    let v = post_json(r, "/v1/completions", &json!({"prompt": p0.text, "max_tokens": 5, "temperature": 0, "logprobs": 3, "ignore_eos": true})).await.json();
+    let v =
+        post_json(r, "/v1/completions", &json!({"prompt": p0.text, "max_tokens": 5, "temperature": 0, "logprobs": 3, "ignore_eos": true}))
+            .await
+            .json();
     let lp = &v["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().expect("tokens").len(), 5);
     for (i, top) in lp["top_logprobs"].as_array().expect("top").iter().enumerate() {
@@ -371,7 +391,8 @@ async fn chat_uses_the_template_and_refuses_without_one() -> TestResult {
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     let text = v["choices"][0]["message"]["content"].as_str().expect("content").to_string();
     let ids: Vec<i64> = serde_json::from_value(ex["ids"].clone())?;
-    let plain = post_json(r, "/v1/completions", &json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": true})).await.json();
+    let plain =
+        post_json(r, "/v1/completions", &json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": true})).await.json();
     assert_eq!(plain["choices"][0]["text"].as_str(), Some(text.as_str()));
     assert_eq!(v["usage"]["prompt_tokens"], ex["ids"].as_array().expect("ids").len());
     // Streamed: role first, content deltas, a finish chunk, [DONE].
@@ -389,7 +410,9 @@ async fn chat_uses_the_template_and_refuses_without_one() -> TestResult {
     // Bad chat requests.
     let e = post_json(r, "/v1/chat/completions", &json!({"messages": []})).await;
     assert_eq!((e.status, error_of(&e).2.as_deref()), (StatusCode::BAD_REQUEST, Some("messages")));
-    let e = post_json(r, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})).await;
+    let e =
+        post_json(r, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}))
+            .await;
     assert_eq!(e.status, StatusCode::BAD_REQUEST);
     let e = post_json(r, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "tools": []})).await;
     assert_eq!((e.status, error_of(&e).2.as_deref()), (StatusCode::BAD_REQUEST, Some("tools")));
@@ -440,7 +463,15 @@ async fn native_and_utility_routes() -> TestResult {
     assert_eq!(m["object"], "list");
     assert_eq!(m["data"][0]["id"], "mamba1-tiny");
     let metrics = String::from_utf8(send(r, Request::get("/metrics").body(Body::empty())?).await.body)?;
-    for name in ["mamba_requests_total{", "mamba_slots_total 4", "mamba_queue_depth", "mamba_time_to_first_token_seconds_bucket", "mamba_inter_token_latency_seconds_count", "mamba_step_seconds_sum", "mamba_generated_tokens_total"] {
+    for name in [
+        "mamba_requests_total{",
+        "mamba_slots_total 4",
+        "mamba_queue_depth",
+        "mamba_time_to_first_token_seconds_bucket",
+        "mamba_inter_token_latency_seconds_count",
+        "mamba_step_seconds_sum",
+        "mamba_generated_tokens_total",
+    ] {
         assert!(metrics.contains(name), "metrics lack {name}");
     }
     let ready = send(r, Request::get("/ready").body(Body::empty())?).await;

@@ -2,15 +2,21 @@
 //! decodes the same alone and in a mixed batch, slots carry nothing over and
 //! can be saved and restored.
 
+use mamba_serve::backend::cpu::CpuBackend;
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Model, SeqChunk};
-use mamba_serve::backend::cpu::CpuBackend;
-use mamba_serve::sampling::{argmax, SamplingParams};
+use mamba_serve::sampling::{SamplingParams, argmax};
 
 use crate::common::*;
 
 /// Greedy continuation of `prompt` in `slot`, fed by hand.
-fn greedy_in_slot(m: &mut Model<CpuBackend>, slot: usize, prompt: &[u32], n: usize, vocab: usize) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+fn greedy_in_slot(
+    m: &mut Model<CpuBackend>,
+    slot: usize,
+    prompt: &[u32],
+    n: usize,
+    vocab: usize,
+) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
     m.reset_slot(slot)?;
     let mut logits = m.forward(&[SeqChunk { slot, tokens: prompt, is_prompt: true }])?;
     let mut out = vec![];

@@ -103,7 +103,8 @@ fn unsupported_dtype_is_named() {
         ts.into_iter()
             .map(|(n, d, s, b)| {
                 if n == "backbone.norm_f.weight" {
-                    let wide: Vec<u8> = b.chunks(4).flat_map(|c| (f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).to_le_bytes()).collect();
+                    let wide: Vec<u8> =
+                        b.chunks(4).flat_map(|c| (f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).to_le_bytes()).collect();
                     (n, Dtype::F64, s, wide)
                 } else {
                     (n, d, s, b)

@@ -5,9 +5,9 @@ mod common;
 #[cfg(feature = "gpu-tests")]
 mod cuda;
 mod deploy;
-mod http;
-mod serving;
 mod golden;
+mod http;
 mod invariance;
 mod loader;
 mod quickstart;
+mod serving;

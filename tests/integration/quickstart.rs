@@ -64,12 +64,8 @@ fn the_readme_quick_start_works_as_written() -> TestResult {
     assert!(setup[0].split('#').next().unwrap_or("").trim() == "cargo run --release", "with no arguments: {:?}", setup[0]);
 
     // `cargo run --release` is the binary with no arguments, from the root.
-    let mut server = Command::new(serve_binary())
-        .current_dir(root)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut server =
+        Command::new(serve_binary()).current_dir(root).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     struct Kill(std::process::Child);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -128,7 +124,13 @@ fn the_readme_quick_start_works_as_written() -> TestResult {
     let offline = blocks.iter().filter(|(l, _)| l == "sh").nth(2).map(|b| commands(&b.1)).unwrap_or_default();
     let first = offline.first().expect("an offline generate example");
     let args = first.strip_prefix("cargo run --release -- ").expect("a cargo run example");
-    let out = Command::new("sh").arg("-c").arg(format!("\"$BIN\" {args}")).env("BIN", serve_binary()).current_dir(root).env("RUST_LOG", "warn").output()?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("\"$BIN\" {args}"))
+        .env("BIN", serve_binary())
+        .current_dir(root)
+        .env("RUST_LOG", "warn")
+        .output()?;
     assert!(out.status.success(), "{first}: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!String::from_utf8(out.stdout)?.trim().is_empty(), "{first}: no text");
     Ok(())

@@ -85,7 +85,16 @@ async fn thirty_two_concurrent_streams_each_get_their_solo_tokens() -> TestResul
     .await;
     let dir = fixtures_dir().join("mamba1-tiny");
     let tok = Tokenizer::from_dir(&dir)?;
-    let texts = ["The", "Le café est très bon", "你好世界", "Once upon a time there was a little robot who wanted to learn", "🙂🚀", "Über den Wolken", "x = y + 1;", "hello world, good morning"];
+    let texts = [
+        "The",
+        "Le café est très bon",
+        "你好世界",
+        "Once upon a time there was a little robot who wanted to learn",
+        "🙂🚀",
+        "Über den Wolken",
+        "x = y + 1;",
+        "hello world, good morning",
+    ];
     // The reference for every (prompt, length): generated alone, offline.
     let mut m = load_cpu(&dir, opts(1, 256))?;
     let mut cases = vec![];
@@ -140,7 +149,11 @@ async fn a_client_that_disconnects_frees_its_slot() -> TestResult {
     // Non-streamed: the handler's future is dropped with the connection.
     let mut sock = TcpStream::connect(addr)?;
     let payload = json!({"prompt": "The", "max_tokens": 90_000, "temperature": 0, "ignore_eos": true}).to_string();
-    write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}", payload.len())?;
+    write!(
+        sock,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )?;
     wait_metric(addr, "mamba_slots_used", 1.0, Duration::from_secs(2)).await;
     drop(sock);
     wait_metric(addr, "mamba_slots_used", 0.0, Duration::from_secs(2)).await;
@@ -163,7 +176,8 @@ async fn a_client_that_disconnects_frees_its_slot() -> TestResult {
     assert!(metric(addr, "mamba_cancelled_total").await >= 4.0);
 
     // The freed slot serves the next request normally.
-    let v: Value = c.post(format!("http://{addr}/v1/completions")).json(&json!({"prompt": "The", "max_tokens": 3})).send().await?.json().await?;
+    let v: Value =
+        c.post(format!("http://{addr}/v1/completions")).json(&json!({"prompt": "The", "max_tokens": 3})).send().await?.json().await?;
     assert_eq!(v["usage"]["completion_tokens"].as_u64().map(|n| n <= 3), Some(true));
     Ok(())
 }
@@ -224,7 +238,9 @@ async fn bad_requests_during_streams_change_nothing() -> TestResult {
         .map(|_| {
             let c = c.clone();
             let good = good.clone();
-            tokio::spawn(async move { read_sse(c.post(format!("http://{addr}/v1/completions")).json(&good).send().await.expect("send")).await })
+            tokio::spawn(
+                async move { read_sse(c.post(format!("http://{addr}/v1/completions")).json(&good).send().await.expect("send")).await },
+            )
         })
         .collect();
     let bad: Vec<_> = (0..100)
@@ -419,7 +435,19 @@ async fn the_generate_command_matches_the_reference_and_the_server() -> TestResu
     let r = reference(&dir);
     let p = &r.prompts[2];
     let out = tokio::process::Command::new(serve_binary())
-        .args(["generate", "--model", dir.to_str().expect("utf-8"), "--prompt", &p.text, "--max-tokens", "24", "--ignore-eos", "--json", "--device", &test_device()])
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().expect("utf-8"),
+            "--prompt",
+            &p.text,
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--json",
+            "--device",
+            &test_device(),
+        ])
         .env("RUST_LOG", "warn")
         .output()
         .await?;

@@ -106,7 +106,19 @@ fn dots<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
 /// `[n, k]` dense; out rows start at `o_off + i * o_stride`. The caller
 /// checked every range.
 #[allow(clippy::too_many_arguments)]
-pub fn skinny(x: &[f32], x_off: usize, x_stride: usize, m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>, out: &mut [f32], o_off: usize, o_stride: usize) {
+pub fn skinny(
+    x: &[f32],
+    x_off: usize,
+    x_stride: usize,
+    m: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    o_off: usize,
+    o_stride: usize,
+) {
     assert!(m <= MAX_ROWS && w.len() >= n * k, "skinny product outside its shape");
     let rows: Vec<&[f32]> = (0..m).map(|i| &x[x_off + i * x_stride..x_off + i * x_stride + k]).collect();
     let outp = SharedMut::new(out);

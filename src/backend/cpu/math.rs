@@ -9,8 +9,8 @@ use rayon::prelude::*;
 
 use super::CpuMat;
 use super::parallel::SharedMut;
-use crate::backend::{Activation, ConvArgs, Mamba1ScanArgs, Mamba2ScanArgs, Packed, View, ViewMut};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::{Activation, ConvArgs, Mamba1ScanArgs, Mamba2ScanArgs, Packed, View, ViewMut};
 
 /// `x * sigmoid(x)`.
 #[inline]
@@ -129,9 +129,7 @@ const CHANNEL_BLOCK: usize = 32;
 
 /// The (row start, row end, slot) of each segment.
 fn segments(batch: &Packed<'_, CpuBackend>) -> Vec<(usize, usize, usize)> {
-    (0..batch.n_seqs)
-        .map(|s| (batch.cu_seqlens[s] as usize, batch.cu_seqlens[s + 1] as usize, batch.slots[s] as usize))
-        .collect()
+    (0..batch.n_seqs).map(|s| (batch.cu_seqlens[s] as usize, batch.cu_seqlens[s + 1] as usize, batch.slots[s] as usize)).collect()
 }
 
 pub fn conv1d(args: ConvArgs<'_, CpuBackend>, batch: &Packed<'_, CpuBackend>, out: ViewMut<'_, Vec<f32>>) {
@@ -275,14 +273,7 @@ pub fn mamba2_scan(args: Mamba2ScanArgs<'_, CpuBackend>, batch: &Packed<'_, CpuB
     });
 }
 
-pub fn gated_rmsnorm(
-    y: View<'_, Vec<f32>>,
-    z: View<'_, Vec<f32>>,
-    w: &[f32],
-    eps: f32,
-    group: usize,
-    out: ViewMut<'_, Vec<f32>>,
-) {
+pub fn gated_rmsnorm(y: View<'_, Vec<f32>>, z: View<'_, Vec<f32>>, w: &[f32], eps: f32, group: usize, out: ViewMut<'_, Vec<f32>>) {
     let d = y.cols;
     let (o_off, o_stride) = (out.offset, out.stride);
     let outp = SharedMut::new(out.buf.as_mut_slice());

@@ -2,8 +2,8 @@
 //! [`crate::backend::SampleRow`] specifies. It is the reference for the
 //! device sampler.
 
-use crate::backend::{SampleRow, SampledToken};
 use crate::backend::rng;
+use crate::backend::{SampleRow, SampledToken};
 
 /// Applies bias and penalties and masks padded ids, in place.
 fn process(logits: &mut [f32], row: &SampleRow) {
@@ -61,8 +61,7 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
 /// Temperature, top-k, top-p, min-p, then the seeded inverse-CDF draw.
 fn draw(logits: &[f32], row: &SampleRow) -> usize {
     let t = row.temperature;
-    let mut cand: Vec<(usize, f32)> =
-        logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i, l / t)).collect();
+    let mut cand: Vec<(usize, f32)> = logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i, l / t)).collect();
     if cand.is_empty() {
         return argmax(logits);
     }

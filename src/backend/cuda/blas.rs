@@ -21,11 +21,7 @@ pub struct Blas {
 unsafe impl Send for Blas {}
 
 fn check(op: &'static str, s: sys::cublasStatus_t) -> Result<()> {
-    if s == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        Err(BackendError::Device { op, detail: format!("{s:?}") })
-    }
+    if s == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS { Ok(()) } else { Err(BackendError::Device { op, detail: format!("{s:?}") }) }
 }
 
 fn data_type(d: DType) -> cudaDataType {
@@ -89,7 +85,8 @@ impl Blas {
     }
 
     fn gemm_typed(&self, g: &Gemm, out_type: cudaDataType) -> Result<()> {
-        let int = |v: usize| i32::try_from(v).map_err(|_| BackendError::Shape { op: "linear", detail: format!("{v} exceeds cuBLAS's int") });
+        let int =
+            |v: usize| i32::try_from(v).map_err(|_| BackendError::Shape { op: "linear", detail: format!("{v} exceeds cuBLAS's int") });
         let (alpha, beta) = (1.0f32, g.beta);
         // Row-major out[m, n] is column-major out^T[n, m] = w · x^T, where
         // the row-major w[n, k] is a column-major [k, n] matrix (transposed)

@@ -26,8 +26,8 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaStream, result, sys}
 use self::blas::{Blas, Gemm};
 use self::kernels::{Args, Kernel, Kernels};
 use super::{
-    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed,
-    Result, SampleRow, SampledToken, View, ViewMut,
+    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, Result, SampleRow,
+    SampledToken, View, ViewMut,
 };
 
 /// Threads per block of the row-wise kernels.
@@ -231,14 +231,8 @@ impl CudaBackend {
         let empty = || DevBuf::alloc(&ctx, 0, "scratch");
         let step_dt = RefCell::new(CudaVec { buf: empty()?, len: 0 });
         let scan_parts = RefCell::new(empty()?);
-        let scratch = RefCell::new(Scratch {
-            half: empty()?,
-            params: empty()?,
-            out: empty()?,
-            proc: empty()?,
-            keys: empty()?,
-            weights: empty()?,
-        });
+        let scratch =
+            RefCell::new(Scratch { half: empty()?, params: empty()?, out: empty()?, proc: empty()?, keys: empty()?, weights: empty()? });
         Ok(CudaBackend {
             ctx,
             stream,
@@ -271,10 +265,13 @@ impl CudaBackend {
     }
 
     fn launch(&self, k: Kernel, args: Args, grid: (u32, u32, u32), block: u32) -> Result<()> {
-        self.profiled(|| format!("{k:?}"), || {
-            self.launches.set(self.launches.get() + 1);
-            args.launch(self.kernels.get(k), self.cu_stream(), grid, block)
-        })
+        self.profiled(
+            || format!("{k:?}"),
+            || {
+                self.launches.set(self.launches.get() + 1);
+                args.launch(self.kernels.get(k), self.cu_stream(), grid, block)
+            },
+        )
     }
 
     /// Runs `f` (one launch), bracketed by timing events when profiling and
@@ -397,7 +394,18 @@ impl CudaBackend {
             self.launch(Kernel::BiasRows, args, ((n as u32).div_ceil(ROW_THREADS), (m as u32).min(65535), 1), ROW_THREADS)?;
         }
         let beta = if bias.is_some() { 1.0 } else { 0.0 };
-        let mut g = Gemm { m, n, k, x: x.buf.at(x.offset), x_stride: x.stride, w: w.buf.ptr, dtype: w.dtype, out: out_ptr, out_stride: out.stride, beta };
+        let mut g = Gemm {
+            m,
+            n,
+            k,
+            x: x.buf.at(x.offset),
+            x_stride: x.stride,
+            w: w.buf.ptr,
+            dtype: w.dtype,
+            out: out_ptr,
+            out_stride: out.stride,
+            beta,
+        };
         if w.dtype != DType::F32 {
             // Tensor cores take 16-bit operands: round this activation once.
             let mut scratch = self.scratch.borrow_mut();
@@ -408,10 +416,13 @@ impl CudaBackend {
             g.x = scratch.half.ptr;
             g.x_stride = k;
         }
-        self.profiled(|| format!("cublas gemm m{m} n{n} k{k} {}", w.dtype), || {
-            self.launches.set(self.launches.get() + 1);
-            self.blas.gemm(&g)
-        })
+        self.profiled(
+            || format!("cublas gemm m{m} n{n} k{k} {}", w.dtype),
+            || {
+                self.launches.set(self.launches.get() + 1);
+                self.blas.gemm(&g)
+            },
+        )
     }
 
     fn ssm_layout_args(state: &CudaVec, layout: super::PoolLayout, layer: usize) -> (u64, u64, u64) {
@@ -575,13 +586,8 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let args = Args::new()
-            .ptr(residual.buf.ptr)
-            .ptr(delta.map_or(0, |d| d.buf.ptr))
-            .ptr(weight.buf.ptr)
-            .f32(eps)
-            .i32(dim)
-            .ptr(out.buf.ptr);
+        let args =
+            Args::new().ptr(residual.buf.ptr).ptr(delta.map_or(0, |d| d.buf.ptr)).ptr(weight.buf.ptr).f32(eps).i32(dim).ptr(out.buf.ptr);
         // Few rows (decode): a wide block per row shortens its serial loops.
         let threads = if rows < 128 { 1024 } else { ROW_THREADS };
         self.launch(Kernel::AddRmsNorm, args, (rows as u32, 1, 1), threads)
@@ -742,14 +748,25 @@ impl Backend for CudaBackend {
                 _ => Kernel::Mamba1ScanFastL16,
             };
             let fast_args = |part_len: usize, parts: u64, summary: u32| {
-                scan_args(&args.x, &args.dt, args.dt_bias, args.a, &args.b, &args.c, args.skip, Some(&args.z), (state, slot_stride, layer_off), batch)
-                    .i32(d)
-                    .i32(n)
-                    .ptr(out.buf.at(out.offset))
-                    .i32(out.stride)
-                    .i32(part_len)
-                    .ptr(parts)
-                    .u32(summary)
+                scan_args(
+                    &args.x,
+                    &args.dt,
+                    args.dt_bias,
+                    args.a,
+                    &args.b,
+                    &args.c,
+                    args.skip,
+                    Some(&args.z),
+                    (state, slot_stride, layer_off),
+                    batch,
+                )
+                .i32(d)
+                .i32(n)
+                .ptr(out.buf.at(out.offset))
+                .i32(out.stride)
+                .i32(part_len)
+                .ptr(parts)
+                .u32(summary)
             };
             if batch.n_seqs * d <= SCAN_SPLIT_MAX_PAIRS && batch.n_tokens >= 2 * SCAN_PART_LEN {
                 // Few long segments: split them in time so they fill the GPU.
@@ -763,16 +780,27 @@ impl Backend for CudaBackend {
             return self.launch(k, fast_args(0, 0, 0), grid, 128);
         }
         let k = Kernel::Mamba1ScanL32;
-        let a = scan_args(&args.x, &args.dt, args.dt_bias, args.a, &args.b, &args.c, args.skip, Some(&args.z), (state, slot_stride, layer_off), batch)
-            .ptr(batch.prompt.buf.ptr)
-            .i32(d)
-            .i32(n)
-            .i32(1)
-            .i32(1)
-            .f32(0.0)
-            .f32(f32::INFINITY)
-            .ptr(out.buf.at(out.offset))
-            .i32(out.stride);
+        let a = scan_args(
+            &args.x,
+            &args.dt,
+            args.dt_bias,
+            args.a,
+            &args.b,
+            &args.c,
+            args.skip,
+            Some(&args.z),
+            (state, slot_stride, layer_off),
+            batch,
+        )
+        .ptr(batch.prompt.buf.ptr)
+        .i32(d)
+        .i32(n)
+        .i32(1)
+        .i32(1)
+        .f32(0.0)
+        .f32(f32::INFINITY)
+        .ptr(out.buf.at(out.offset))
+        .i32(out.stride);
         self.launch(k, a, grid, 128)
     }
 
@@ -889,16 +917,17 @@ impl Backend for CudaBackend {
         };
         let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
         let channels = h * p;
-        let a = scan_args(&args.x, &args.dt, args.dt_bias, args.a, &args.b, &args.c, args.skip, None, (state, slot_stride, layer_off), batch)
-            .ptr(batch.prompt.buf.ptr)
-            .i32(channels)
-            .i32(n)
-            .i32(p)
-            .i32(h / g)
-            .f32(args.dt_limit.0)
-            .f32(args.dt_limit.1)
-            .ptr(out.buf.at(out.offset))
-            .i32(out.stride);
+        let a =
+            scan_args(&args.x, &args.dt, args.dt_bias, args.a, &args.b, &args.c, args.skip, None, (state, slot_stride, layer_off), batch)
+                .ptr(batch.prompt.buf.ptr)
+                .i32(channels)
+                .i32(n)
+                .i32(p)
+                .i32(h / g)
+                .f32(args.dt_limit.0)
+                .f32(args.dt_limit.1)
+                .ptr(out.buf.at(out.offset))
+                .i32(out.stride);
         let cpb = 128 / lanes;
         self.launch(k, a, ((channels as u32).div_ceil(cpb as u32), batch.n_seqs as u32, 1), 128)
     }
@@ -987,9 +1016,7 @@ impl Backend for CudaBackend {
     fn begin_capture(&self) -> Result<bool> {
         self.no_capture("begin_capture")?;
         self.bind()?;
-        self.stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(dev("begin graph capture"))?;
+        self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(dev("begin graph capture"))?;
         self.capturing.set(true);
         Ok(true)
     }
@@ -1028,8 +1055,8 @@ impl Drop for CudaBackend {
             e.1 += ms;
         }
         let mut rows: Vec<_> = by_name.into_iter().collect();
-        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        let total: f64 = rows.iter().map(|r| r.1 .1).sum();
+        rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+        let total: f64 = rows.iter().map(|r| r.1.1).sum();
         eprintln!("kernel profile ({}): {total:.3} ms in launches", self.name);
         for (name, (count, ms)) in rows {
             eprintln!("{:>10.3} ms {:>5.1}% {count:>7} × {:>9.2} us  {name}", ms, 100.0 * ms / total, 1e3 * ms / count as f64);
@@ -1041,7 +1068,10 @@ impl Drop for CudaBackend {
 /// on the device; the model layer built them and checked their values).
 fn check_packed(op: &'static str, batch: &Packed<'_, CudaBackend>) -> Result<()> {
     check(op, batch.cu_seqlens.len > batch.n_seqs && batch.slots.len >= batch.n_seqs && batch.prompt.len >= batch.n_seqs, || {
-        format!("{} sequences but offsets {} slots {} prompt flags {}", batch.n_seqs, batch.cu_seqlens.len, batch.slots.len, batch.prompt.len)
+        format!(
+            "{} sequences but offsets {} slots {} prompt flags {}",
+            batch.n_seqs, batch.cu_seqlens.len, batch.slots.len, batch.prompt.len
+        )
     })?;
     check(op, !batch.single_token || batch.n_tokens == batch.n_seqs, || {
         format!("single-token batch of {} tokens in {} sequences", batch.n_tokens, batch.n_seqs)

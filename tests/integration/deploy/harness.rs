@@ -198,7 +198,8 @@ impl Nginx {
         std::fs::write(dir.path().join("nginx.conf"), main).expect("write nginx.conf");
         let nginx = nginx_binary();
         let args = |test: bool| {
-            let mut a = vec!["-p".to_string(), format!("{d}/"), "-c".into(), format!("{d}/nginx.conf"), "-e".into(), format!("{d}/error.log")];
+            let mut a =
+                vec!["-p".to_string(), format!("{d}/"), "-c".into(), format!("{d}/nginx.conf"), "-e".into(), format!("{d}/error.log")];
             if test {
                 a.push("-t".into());
             }
@@ -294,4 +295,3 @@ pub fn lockstep_upstream(events: Vec<String>, read: std::sync::mpsc::Receiver<()
     });
     addr
 }
-

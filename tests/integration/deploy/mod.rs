@@ -122,7 +122,6 @@ async fn streams_one_per_replica(cl: &Cluster, c: &reqwest::Client, max_tokens: 
     out
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_spread_over_replicas_and_streams_pass_token_by_token() -> TestResult {
     let cl = Cluster::start(&[]);
@@ -190,7 +189,8 @@ async fn nginx_passes_each_event_and_keep_alive_on_at_once() -> TestResult {
     let nginx = Nginx::start_for(&[upstream]);
     // As a browser would: compression, if nginx applied it here, would hold
     // events back too.
-    let res = client().post(format!("{}/v1/completions", nginx.url)).header("accept-encoding", "gzip").json(&body("x", 5, true)).send().await?;
+    let res =
+        client().post(format!("{}/v1/completions", nginx.url)).header("accept-encoding", "gzip").json(&body("x", 5, true)).send().await?;
     assert_eq!(res.status(), 200);
     let mut chunks = res.bytes_stream();
     let mut got = String::new();
@@ -373,4 +373,3 @@ async fn saturated_replicas_answer_429_through_nginx_and_stay_in_rotation() -> T
     assert_eq!(served.len(), 3, "a replica left the rotation after its 429s: {served:?}");
     Ok(())
 }
-
