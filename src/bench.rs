@@ -130,7 +130,7 @@ pub fn run(
     let cfg = runner.config().clone();
     let opts = runner.options();
     let vocab = cfg.vocab_size;
-    let ids_below = vocab.min(1000).max(1);
+    let ids_below = vocab.clamp(1, 1000);
     let mut prefill = vec![];
     for &len in plan.prompt_lens {
         let prompt = tokens(len, ids_below, len as u64);

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use mamba_serve::backend::DType;
 use mamba_serve::config::Settings;
 use mamba_serve::engine::offline;
-use mamba_serve::model::{self, Checkpoint, DeviceChoice, LoadProgress, ModelConfig, ModelOptions, RandomWeights, Runner, shapes};
+use mamba_serve::model::{self, Checkpoint, DeviceChoice, ModelConfig, ModelOptions, RandomWeights, Runner, shapes};
 use mamba_serve::sampling::SamplingParams;
 use mamba_serve::tokenizer::{DecodeStream, Tokenizer};
 
@@ -260,22 +260,10 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
 }
 
-/// Logs load progress every ~10 % of the bytes.
-fn progress_logger() -> impl FnMut(LoadProgress) {
-    let mut next = 0.0;
-    move |p: LoadProgress| {
-        let frac = p.bytes_done as f64 / p.bytes_total.max(1) as f64;
-        if frac >= next || p.tensors_done == p.tensors_total {
-            tracing::debug!(tensors = p.tensors_done, of = p.tensors_total, mb = p.bytes_done / 1_000_000, "loading weights");
-            next = frac + 0.1;
-        }
-    }
-}
-
 fn load_dir(dir: &Path, device: DeviceChoice, opts: ModelOptions) -> Result<Box<dyn Runner>> {
     let cfg = ModelConfig::from_dir(dir)?;
     let ckpt = Checkpoint::open(dir)?;
-    let (runner, why) = model::load(device, cfg, &ckpt, opts, &mut progress_logger())?;
+    let (runner, why) = model::load(device, cfg, &ckpt, opts, &mut mamba_serve::progress::reporter("weights"))?;
     tracing::info!(backend = %runner.backend_name(), "{why}");
     Ok(runner)
 }
@@ -386,14 +374,14 @@ fn bench(a: BenchArgs) -> Result<()> {
         };
         let params = shapes::param_count(&cfg);
         let src = RandomWeights::new(dtype, model::weights::expected_tensors(&cfg), 1);
-        let (runner, why) = model::load_with(a.device, dev, cfg, &src, opts, &mut progress_logger())?;
+        let (runner, why) = model::load_with(a.device, dev, cfg, &src, opts, &mut mamba_serve::progress::reporter("weights"))?;
         tracing::info!(backend = %runner.backend_name(), "{why}");
         (runner, format!("{name} (random {dtype})"), params, dtype.size())
     } else {
         let dir = a.model.as_ref().context("--model or --random-shape is required")?;
         let cfg = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        let (runner, why) = model::load_with(a.device, dev, cfg, &ckpt, opts, &mut progress_logger())?;
+        let (runner, why) = model::load_with(a.device, dev, cfg, &ckpt, opts, &mut mamba_serve::progress::reporter("weights"))?;
         tracing::info!(backend = %runner.backend_name(), "{why}");
         let params = shapes::param_count(runner.config());
         (runner, dir.display().to_string(), params, 2)

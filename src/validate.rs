@@ -100,7 +100,7 @@ impl Validated {
         let mut out = Vec::with_capacity(self.prompts.len() * self.n);
         for p in &self.prompts {
             for c in 0..self.n {
-                let seed = if self.seeded { self.params.seed.wrapping_add(c as u64) } else { random_seed() };
+                let seed = if self.seeded { self.params.seed.wrapping_add(c as u64) } else { crate::backend::rng::fresh_u64() };
                 out.push(Request {
                     prompt: p.ids.clone(),
                     max_tokens: self.max_tokens,
@@ -112,15 +112,6 @@ impl Validated {
         }
         out
     }
-}
-
-/// A fresh seed from the clock and a counter (unpredictable enough for
-/// sampling, not for secrets).
-fn random_seed() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    crate::backend::rng::mix64(t ^ crate::backend::rng::mix64(COUNTER.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// Checks requests against the configured limits and the tokenizer.

@@ -67,10 +67,7 @@ pub fn unix_now() -> u64 {
 
 /// A response id: a prefix and 24 hex digits.
 pub fn response_id(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let r = crate::backend::rng::mix64(nanos ^ crate::backend::rng::mix64(COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let r = crate::backend::rng::fresh_u64();
     format!("{prefix}-{r:016x}{:08x}", (r >> 17) as u32)
 }
 

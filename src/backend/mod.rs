@@ -12,6 +12,7 @@
 //! never sees them. Every op has a CPU implementation (`cpu/`), which is the
 //! oracle for the CUDA one (`cuda/`).
 
+pub mod checks;
 pub mod cpu;
 pub mod cuda;
 pub mod rng;
@@ -363,12 +364,12 @@ pub type Result<T> = std::result::Result<T, BackendError>;
 /// row-major; all weights are uploaded once.
 pub trait Backend: Send + 'static {
     /// A device buffer of f32.
-    type Vec: Send;
+    type Vec: Send + checks::Buffer;
     /// A device buffer of u32 (token ids, offsets, slot indices).
-    type Ids: Send;
+    type Ids: Send + checks::Buffer;
     /// A weight matrix `[rows, cols]` on the device, in the dtype the
     /// backend's GEMM wants (the CUDA backend keeps the stored dtype).
-    type Mat: Send;
+    type Mat: Send + checks::Matrix;
     /// A recorded sequence of ops (see [`Backend::begin_capture`]).
     type Graph: Send;
 

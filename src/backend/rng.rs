@@ -32,6 +32,15 @@ impl SplitMix64 {
     }
 }
 
+/// A fresh, unpredictable-enough 64-bit value (clock and a process-wide
+/// counter, mixed): for unseeded sampling and ids, never for secrets.
+pub fn fresh_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    mix64(nanos ^ mix64(COUNTER.fetch_add(1, Ordering::Relaxed)))
+}
+
 /// The uniform draw in [0, 1) of a sequence with `seed` at step `step`
 /// (53 random bits).
 #[inline]

@@ -41,8 +41,11 @@ struct Shard {
     map: Mmap,
     /// Byte offset of the data section in the file.
     data_start: usize,
-    tensors: HashMap<String, (Dtype, Vec<usize>, (usize, usize))>,
+    tensors: HashMap<String, StoredTensor>,
 }
+
+/// A tensor's dtype, shape and byte range in the data section.
+type StoredTensor = (Dtype, Vec<usize>, (usize, usize));
 
 /// A Hugging Face checkpoint folder, memory-mapped.
 pub struct Checkpoint {

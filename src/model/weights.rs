@@ -193,7 +193,7 @@ pub fn resolve_dims(mut cfg: ModelConfig, src: &dyn TensorSource) -> Result<Mode
             }
             let head_dim = cfg.d_inner / cfg.n_heads;
             set("head_dim", &mut cfg.head_dim, head_dim);
-            let bc = conv[0].checked_sub(cfg.d_inner).unwrap_or(0);
+            let bc = conv[0].saturating_sub(cfg.d_inner);
             if bc == 0 || bc % (2 * cfg.d_state) != 0 {
                 return Err(bad(
                     &layer(0, "mixer.conv1d.weight"),

@@ -44,16 +44,22 @@ fn dots_portable<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
     }
     let mut out = [0.0f32; R];
     for r in 0..R {
-        let a = &acc[r];
-        let s4 = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-        let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
-        let mut s = s2[0] + s2[1];
-        for c in body..k {
-            s = xs[r][c].mul_add(w[c], s);
-        }
-        out[r] = s;
+        out[r] = finish(acc[r], xs[r], w, body);
     }
     out
+}
+
+/// Sums the 8 lanes pairwise, then adds the tail `body..k` in order: the
+/// one reduction both versions share, so they give the same bits.
+#[inline(always)]
+fn finish(a: [f32; 8], x: &[f32], w: &[f32], body: usize) -> f32 {
+    let s4 = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
+    let mut s = s2[0] + s2[1];
+    for c in body..w.len() {
+        s = x[c].mul_add(w[c], s);
+    }
+    s
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -80,13 +86,7 @@ unsafe fn dots_avx2<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
         let mut a = [0.0f32; 8];
         // SAFETY: `a` holds 8 floats.
         unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[r]) };
-        let s4 = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-        let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
-        let mut s = s2[0] + s2[1];
-        for c in body..k {
-            s = xs[r][c].mul_add(w[c], s);
-        }
-        out[r] = s;
+        out[r] = finish(a, xs[r], w, body);
     }
     out
 }

@@ -25,6 +25,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaStream, result, sys}
 
 use self::blas::{Blas, Gemm};
 use self::kernels::{Args, Kernel, Kernels};
+use super::checks::{self, check};
 use super::{
     Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, Result, SampleRow,
     SampledToken, View, ViewMut,
@@ -51,18 +52,6 @@ const SMALL_GEMM_MACS: usize = 1 << 24;
 
 fn dev(op: &'static str) -> impl Fn(result::DriverError) -> BackendError {
     move |e| BackendError::Device { op, detail: e.to_string() }
-}
-
-fn check(op: &'static str, ok: bool, detail: impl FnOnce() -> String) -> Result<()> {
-    if ok { Ok(()) } else { Err(BackendError::Shape { op, detail: detail() }) }
-}
-
-/// The last element a `[rows, cols]` view with `stride` touches, checked
-/// against the buffer length.
-fn check_view(op: &'static str, what: &str, len: usize, offset: usize, rows: usize, cols: usize, stride: usize) -> Result<()> {
-    let end = if rows == 0 { offset } else { offset + (rows - 1) * stride + cols };
-    check(op, cols <= stride || rows <= 1, || format!("{what}: {cols} columns exceed stride {stride}"))?;
-    check(op, end <= len, || format!("{what}: view ends at {end} but the buffer holds {len}"))
 }
 
 /// Device memory owned by the backend: freed on drop.
@@ -114,6 +103,27 @@ pub struct CudaMat {
     dtype: DType,
     rows: usize,
     cols: usize,
+}
+
+impl checks::Buffer for CudaVec {
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl checks::Buffer for CudaIds {
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl checks::Matrix for CudaMat {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
 }
 
 impl CudaVec {
@@ -552,8 +562,8 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &CudaMat, ids: &CudaIds, n: usize, out: &mut CudaVec) -> Result<()> {
+        checks::embed::<Self>(table, ids, n, out)?;
         let d = table.cols;
-        check("embed", n <= ids.len && n * d <= out.len, || format!("{n} ids, out holds {}", out.len))?;
         if n == 0 {
             return Ok(());
         }
@@ -576,13 +586,7 @@ impl Backend for CudaBackend {
         dim: usize,
         out: &mut CudaVec,
     ) -> Result<()> {
-        let n = rows * dim;
-        check("add_rmsnorm", residual.len >= n && out.len >= n && weight.len == dim, || {
-            format!("rows {rows} dim {dim}: residual {} out {} weight {}", residual.len, out.len, weight.len)
-        })?;
-        if let Some(delta) = delta {
-            check("add_rmsnorm", delta.len >= n, || format!("delta holds {} < {n}", delta.len))?;
-        }
+        checks::add_rmsnorm::<Self>(residual, delta, weight, rows, dim, out)?;
         if rows == 0 {
             return Ok(());
         }
@@ -594,14 +598,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: ViewMut<'_, CudaVec>) -> Result<()> {
-        check("linear", x.cols == w.cols && out.cols == w.rows && out.rows == x.rows, || {
-            format!("x [{}, {}] · w[{}, {}]ᵀ into out [{}, {}]", x.rows, x.cols, w.rows, w.cols, out.rows, out.cols)
-        })?;
-        check_view("linear", "x", x.buf.len, x.offset, x.rows, x.cols, x.stride)?;
-        check_view("linear", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
-        if let Some(b) = bias {
-            check("linear", b.len == w.rows, || format!("bias of {} for {} outputs", b.len, w.rows))?;
-        }
+        checks::linear::<Self>(&x, w, bias, &out)?;
         if x.rows == 0 || w.rows == 0 {
             return Ok(());
         }
@@ -617,24 +614,8 @@ impl Backend for CudaBackend {
     }
 
     fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
-        let ch = args.x.cols;
-        let k = args.kernel;
-        check("conv1d", k >= 1 && args.weight.len == ch * k, || format!("weight {} for {ch} channels × {k}", args.weight.len))?;
-        check("conv1d", args.layout.per_layer == ch * (k - 1), || {
-            format!("conv state per layer {} for {ch} channels × {}", args.layout.per_layer, k - 1)
-        })?;
-        check("conv1d", out.cols == ch && out.rows == batch.n_tokens && args.x.rows == batch.n_tokens, || {
-            format!("x [{}, {ch}] out [{}, {}] for {} tokens", args.x.rows, out.rows, out.cols, batch.n_tokens)
-        })?;
-        check("conv1d", args.state.len == args.layout.len() && args.layer < args.layout.n_layers, || {
-            "state buffer does not match its layout".to_string()
-        })?;
-        if let Some(b) = args.bias {
-            check("conv1d", b.len == ch, || format!("bias of {} for {ch} channels", b.len))?;
-        }
-        check_view("conv1d", "x", args.x.buf.len, args.x.offset, args.x.rows, args.x.cols, args.x.stride)?;
-        check_view("conv1d", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
-        check_packed("conv1d", batch)?;
+        checks::conv1d(&args, batch, &out)?;
+        let (ch, k) = (args.x.cols, args.kernel);
         if batch.n_tokens == 0 || ch == 0 {
             return Ok(());
         }
@@ -695,11 +676,8 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm_columns(&self, x: ViewMut<'_, CudaVec>, groups: &[(usize, usize)], eps: f32) -> Result<()> {
-        check("rms_norm_columns", groups.iter().all(|&(s, l)| s + l <= x.cols && l > 0), || {
-            format!("groups {groups:?} outside {} columns", x.cols)
-        })?;
+        checks::rms_norm_columns(&x, groups)?;
         check("rms_norm_columns", groups.len() <= 4, || format!("{} groups, at most 4", groups.len()))?;
-        check_view("rms_norm_columns", "x", x.buf.len, x.offset, x.rows, x.cols, x.stride)?;
         if x.rows == 0 || groups.is_empty() {
             return Ok(());
         }
@@ -712,27 +690,9 @@ impl Backend for CudaBackend {
     }
 
     fn mamba1_scan(&self, args: Mamba1ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
-        let d = args.x.cols;
-        let n = args.d_state;
-        let t = batch.n_tokens;
-        check("mamba1_scan", args.layout.per_layer == d * n && args.state.len == args.layout.len(), || {
-            format!("state per layer {} for {d} channels × {n}", args.layout.per_layer)
-        })?;
-        check("mamba1_scan", args.a.len == d * n && args.dt_bias.len == d && args.skip.len == d, || {
-            format!("a {} dt_bias {} D {} for {d} channels × {n}", args.a.len, args.dt_bias.len, args.skip.len)
-        })?;
-        check("mamba1_scan", n >= 1 && n <= 128, || format!("state size {n} outside 1..=128"))?;
-        for (what, v) in [("x", &args.x), ("dt", &args.dt), ("z", &args.z)] {
-            check("mamba1_scan", v.rows == t && v.cols == d, || format!("{what} is [{}, {}], want [{t}, {d}]", v.rows, v.cols))?;
-            check_view("mamba1_scan", what, v.buf.len, v.offset, v.rows, v.cols, v.stride)?;
-        }
-        for (what, v) in [("B", &args.b), ("C", &args.c)] {
-            check("mamba1_scan", v.rows == t && v.cols == n, || format!("{what} is [{}, {}], want [{t}, {n}]", v.rows, v.cols))?;
-            check_view("mamba1_scan", what, v.buf.len, v.offset, v.rows, v.cols, v.stride)?;
-        }
-        check("mamba1_scan", out.rows == t && out.cols == d, || format!("out is [{}, {}]", out.rows, out.cols))?;
-        check_view("mamba1_scan", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
-        check_packed("mamba1_scan", batch)?;
+        checks::mamba1_scan(&args, batch, &out)?;
+        let (d, n, t) = (args.x.cols, args.d_state, batch.n_tokens);
+        check("mamba1_scan", (1..=128).contains(&n), || format!("state size {n} outside 1..=128"))?;
         if t == 0 || d == 0 {
             return Ok(());
         }
@@ -805,28 +765,8 @@ impl Backend for CudaBackend {
     }
 
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
-        let d = args.x.cols;
-        let (n, r) = (args.d_state, args.dt_rank);
-        let s = batch.n_seqs;
-        check("mamba1_step", batch.single_token && batch.n_tokens == s, || "every segment must hold one token".into())?;
-        check("mamba1_step", args.layout.per_layer == d * n && args.state.len == args.layout.len(), || {
-            format!("state per layer {} for {d} channels × {n}", args.layout.per_layer)
-        })?;
-        check("mamba1_step", args.a.len == d * n && args.dt_bias.len == d && args.skip.len == d, || {
-            format!("a {} dt_bias {} D {} for {d} channels × {n}", args.a.len, args.dt_bias.len, args.skip.len)
-        })?;
-        check("mamba1_step", args.dt_proj.rows == d && args.dt_proj.cols == r, || {
-            format!("dt_proj [{}, {}] for {d} channels, rank {r}", args.dt_proj.rows, args.dt_proj.cols)
-        })?;
-        check("mamba1_step", args.xdbl.rows == s && args.xdbl.cols == r + 2 * n, || {
-            format!("xdbl is [{}, {}], want [{s}, {}]", args.xdbl.rows, args.xdbl.cols, r + 2 * n)
-        })?;
-        for (what, v) in [("x", &args.x), ("z", &args.z), ("xdbl", &args.xdbl)] {
-            check("mamba1_step", v.rows == s && (what == "xdbl" || v.cols == d), || format!("{what} is [{}, {}]", v.rows, v.cols))?;
-            check_view("mamba1_step", what, v.buf.len, v.offset, v.rows, v.cols, v.stride)?;
-        }
-        check("mamba1_step", out.rows == s && out.cols == d, || format!("out is [{}, {}]", out.rows, out.cols))?;
-        check_view("mamba1_step", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        checks::mamba1_step(&args, batch, &out)?;
+        let (d, n, r, s) = (args.x.cols, args.d_state, args.dt_rank, batch.n_seqs);
         let v4 = n % 4 == 0;
         let lanes = if v4 { n / 4 } else { n }.next_power_of_two();
         check("mamba1_step", lanes <= 32, || format!("state size {n} too large for the step kernel"))?;
@@ -888,23 +828,10 @@ impl Backend for CudaBackend {
     }
 
     fn mamba2_scan(&self, args: Mamba2ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        checks::mamba2_scan(&args, batch, &out)?;
         let (h, p, g, n) = (args.n_heads, args.head_dim, args.n_groups, args.d_state);
         let t = batch.n_tokens;
-        check("mamba2_scan", g >= 1 && h % g == 0, || format!("{h} heads not divisible into {g} groups"))?;
-        check("mamba2_scan", args.layout.per_layer == h * p * n && args.state.len == args.layout.len(), || {
-            format!("state per layer {} for {h} heads × {p} × {n}", args.layout.per_layer)
-        })?;
-        check("mamba2_scan", args.a.len == h && args.dt_bias.len == h && args.skip.len == h, || {
-            format!("a {} dt_bias {} D {} for {h} heads", args.a.len, args.dt_bias.len, args.skip.len)
-        })?;
-        check("mamba2_scan", n >= 1 && n <= 128, || format!("state size {n} outside 1..=128"))?;
-        for (what, v, cols) in [("x", &args.x, h * p), ("dt", &args.dt, h), ("B", &args.b, g * n), ("C", &args.c, g * n)] {
-            check("mamba2_scan", v.rows == t && v.cols == cols, || format!("{what} is [{}, {}], want [{t}, {cols}]", v.rows, v.cols))?;
-            check_view("mamba2_scan", what, v.buf.len, v.offset, v.rows, v.cols, v.stride)?;
-        }
-        check("mamba2_scan", out.rows == t && out.cols == h * p, || format!("out is [{}, {}]", out.rows, out.cols))?;
-        check_view("mamba2_scan", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
-        check_packed("mamba2_scan", batch)?;
+        check("mamba2_scan", (1..=128).contains(&n), || format!("state size {n} outside 1..=128"))?;
         if t == 0 || h * p == 0 {
             return Ok(());
         }
@@ -941,14 +868,8 @@ impl Backend for CudaBackend {
         group_size: usize,
         out: ViewMut<'_, CudaVec>,
     ) -> Result<()> {
+        checks::gated_rmsnorm(&y, &z, weight, group_size, &out)?;
         let d = y.cols;
-        check("gated_rmsnorm", z.cols == d && out.cols == d && weight.len == d && z.rows == y.rows && out.rows == y.rows, || {
-            format!("y [{}, {d}] z [{}, {}] out [{}, {}] weight {}", y.rows, z.rows, z.cols, out.rows, out.cols, weight.len)
-        })?;
-        check("gated_rmsnorm", group_size > 0 && d % group_size == 0, || format!("group size {group_size} does not divide {d}"))?;
-        check_view("gated_rmsnorm", "y", y.buf.len, y.offset, y.rows, y.cols, y.stride)?;
-        check_view("gated_rmsnorm", "z", z.buf.len, z.offset, z.rows, z.cols, z.stride)?;
-        check_view("gated_rmsnorm", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
         if y.rows == 0 {
             return Ok(());
         }
@@ -966,21 +887,13 @@ impl Backend for CudaBackend {
     }
 
     fn sample(&self, logits: View<'_, CudaVec>, rows: &[SampleRow]) -> Result<Vec<SampledToken>> {
-        check("sample", logits.rows == rows.len(), || format!("{} logit rows for {} samples", logits.rows, rows.len()))?;
-        check_view("sample", "logits", logits.buf.len, logits.offset, logits.rows, logits.cols, logits.stride)?;
-        check("sample", rows.iter().all(|r| r.valid_vocab as usize <= logits.cols && r.valid_vocab > 0), || {
-            format!("valid_vocab outside 1..={}", logits.cols)
-        })?;
+        checks::sample(&logits, rows)?;
         self.no_capture("sample")?;
         sample::sample(self, logits, rows)
     }
 
     fn gather_rows(&self, src: View<'_, CudaVec>, rows: &CudaIds, n: usize, out: ViewMut<'_, CudaVec>) -> Result<()> {
-        check("gather_rows", n <= rows.len && out.rows >= n && out.cols == src.cols, || {
-            format!("{n} rows of width {} into [{}, {}]", src.cols, out.rows, out.cols)
-        })?;
-        check_view("gather_rows", "src", src.buf.len, src.offset, src.rows, src.cols, src.stride)?;
-        check_view("gather_rows", "out", out.buf.len, out.offset, out.rows, out.cols, out.stride)?;
+        checks::gather_rows::<Self>(&src, rows, n, &out)?;
         if n == 0 {
             return Ok(());
         }
@@ -1062,20 +975,6 @@ impl Drop for CudaBackend {
             eprintln!("{:>10.3} ms {:>5.1}% {count:>7} × {:>9.2} us  {name}", ms, 100.0 * ms / total, 1e3 * ms / count as f64);
         }
     }
-}
-
-/// Checks the host-side facts of a packed batch (the offsets and slots live
-/// on the device; the model layer built them and checked their values).
-fn check_packed(op: &'static str, batch: &Packed<'_, CudaBackend>) -> Result<()> {
-    check(op, batch.cu_seqlens.len > batch.n_seqs && batch.slots.len >= batch.n_seqs && batch.prompt.len >= batch.n_seqs, || {
-        format!(
-            "{} sequences but offsets {} slots {} prompt flags {}",
-            batch.n_seqs, batch.cu_seqlens.len, batch.slots.len, batch.prompt.len
-        )
-    })?;
-    check(op, !batch.single_token || batch.n_tokens == batch.n_seqs, || {
-        format!("single-token batch of {} tokens in {} sequences", batch.n_tokens, batch.n_seqs)
-    })
 }
 
 fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
