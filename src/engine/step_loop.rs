@@ -61,7 +61,7 @@ pub(super) fn run(runner: Box<dyn Runner>, queue: Receiver<Submission>, shared: 
         l.beat();
         if l.shared.stop.load(Ordering::SeqCst) {
             let all: Vec<usize> = (0..l.running.len()).collect();
-            l.retire(all, |_| Exit::Failed(EngineError::Stopped));
+            l.retire(all.into_iter().map(|i| (i, Exit::Failed(EngineError::Stopped))).collect());
             while let Ok(sub) = queue.try_recv() {
                 l.shared.queued.fetch_sub(1, Ordering::SeqCst);
                 let _ = sub.events.try_send(Event::Failed(EngineError::Stopped));
@@ -70,7 +70,7 @@ pub(super) fn run(runner: Box<dyn Runner>, queue: Receiver<Submission>, shared: 
         }
         if l.shared.abort.load(Ordering::SeqCst) {
             let all: Vec<usize> = (0..l.running.len()).collect();
-            l.retire(all, |_| Exit::Failed(EngineError::Draining));
+            l.retire(all.into_iter().map(|i| (i, Exit::Failed(EngineError::Draining))).collect());
         }
         if queue_open {
             queue_open = l.admit(&queue);
@@ -169,18 +169,20 @@ impl Loop {
         let gone: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].events.is_closed()).collect();
         if !gone.is_empty() {
             self.shared.metrics.cancelled.fetch_add(gone.len() as u64, Ordering::Relaxed);
-            self.retire(gone, |_| Exit::Cancelled);
+            self.retire(gone.into_iter().map(|i| (i, Exit::Cancelled)).collect());
         }
     }
 
-    /// Removes the sequences at `indices` (any order), telling each how it
-    /// ended and returning its slot.
-    fn retire(&mut self, mut indices: Vec<usize>, exit: impl Fn(&Running) -> Exit) {
-        indices.sort_unstable();
-        indices.dedup();
-        for &i in indices.iter().rev() {
+    /// Removes the sequences at the given indices (any order), telling each
+    /// how it ended and returning its slot.
+    fn retire(&mut self, mut exits: Vec<(usize, Exit)>) {
+        // Highest index first: `swap_remove` then only moves sequences that
+        // are staying.
+        exits.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        exits.dedup_by_key(|e| e.0);
+        for (i, exit) in exits {
             let r = self.running.swap_remove(i);
-            match exit(&r) {
+            match exit {
                 Exit::Finished(reason) => {
                     let _ =
                         r.events.try_send(Event::Finished { reason, prompt_tokens: r.request.prompt.len(), generated_tokens: r.generated });
@@ -237,7 +239,7 @@ impl Loop {
             Err(e) => {
                 self.note_error(&e);
                 let msg = e.to_string();
-                self.retire(plan.iter().map(|i| i.seq).collect(), |_| Exit::Failed(EngineError::StepFailed(msg.clone())));
+                self.retire(plan.iter().map(|i| (i.seq, Exit::Failed(EngineError::StepFailed(msg.clone())))).collect());
                 return;
             }
         };
@@ -281,13 +283,7 @@ impl Loop {
             }
         }
         if !done.is_empty() {
-            let mut exits: std::collections::HashMap<usize, Exit> = done.into_iter().collect();
-            let idx: Vec<usize> = exits.keys().copied().collect();
-            // `retire` wants a function of the sequence; map by slot.
-            let by_slot: std::collections::HashMap<usize, Exit> =
-                idx.iter().map(|&i| (self.running[i].slot, exits.remove(&i).expect("present"))).collect();
-            let by_slot = std::cell::RefCell::new(by_slot);
-            self.retire(idx, |r| by_slot.borrow_mut().remove(&r.slot).expect("every retired slot has an exit"));
+            self.retire(done);
         }
     }
 }

@@ -318,6 +318,13 @@ async fn completion_features_batch_n_echo_stop_logprobs_and_ids() -> TestResult 
     assert_eq!(texts[2], tok.decode(&p1.greedy[..6], true)?);
     assert_eq!(v["usage"]["prompt_tokens"], p0.ids.len() + p1.ids.len());
     assert_eq!(v["usage"]["completion_tokens"], 24);
+    // `max_completion_tokens` is an alias of `max_tokens`.
+    let alias =
+        post_json(r, "/v1/completions", &json!({"prompt": p0.text, "max_completion_tokens": 6, "temperature": 0, "ignore_eos": true}))
+            .await
+            .json();
+    assert_eq!(alias["choices"][0]["text"].as_str(), Some(texts[0]));
+    assert_eq!(alias["usage"]["completion_tokens"], 6);
     // Token-id prompts give the same as text.
     let v2 =
         post_json(r, "/v1/completions", &json!({"prompt": p0.ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true})).await.json();
@@ -466,7 +473,11 @@ async fn native_and_utility_routes() -> TestResult {
     for name in [
         "mamba_requests_total{",
         "mamba_slots_total 4",
+        "mamba_slots_used ",
+        "mamba_running_sequences ",
         "mamba_queue_depth",
+        "mamba_state_bytes_per_slot ",
+        "mamba_prompt_tokens_total ",
         "mamba_time_to_first_token_seconds_bucket",
         "mamba_inter_token_latency_seconds_count",
         "mamba_step_seconds_sum",

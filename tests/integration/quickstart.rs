@@ -77,7 +77,9 @@ fn the_readme_quick_start_works_as_written() -> TestResult {
     let _guard = Kill(server);
     let mut banner = String::new();
     let started = Instant::now();
-    while !banner.contains("Content-Type") {
+    // Read until the curl line has arrived whole (up to its newline).
+    let complete = |b: &str| b.split_inclusive('\n').any(|l| l.trim_start().starts_with("curl ") && l.ends_with('\n'));
+    while !complete(&banner) {
         let mut b = [0u8; 1024];
         let n = stderr.read(&mut b)?;
         assert!(n > 0, "the server exited: {banner}");

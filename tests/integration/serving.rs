@@ -128,6 +128,31 @@ async fn thirty_two_concurrent_streams_each_get_their_solo_tokens() -> TestResul
     Ok(())
 }
 
+/// A seeded, sampled request gives the same text alone and while other
+/// sequences (seeded differently, of other lengths) share its steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seeded_request_samples_the_same_whatever_else_is_in_the_batch() -> TestResult {
+    let addr = start(|s| s.engine.slots = 8).await;
+    let c = client();
+    let body = |prompt: &str, seed: u64, n: usize| json!({"prompt": prompt, "max_tokens": n, "temperature": 1.0, "top_p": 0.9, "seed": seed, "ignore_eos": true});
+    let alone: Value = c.post(format!("http://{addr}/v1/completions")).json(&body("Once upon a time", 42, 40)).send().await?.json().await?;
+    let others: Vec<_> = (0..6)
+        .map(|i| {
+            let c = c.clone();
+            let b = body(["The", "Le café", "你好", "x = y"][i % 4], 100 + i as u64, 20 + 7 * i);
+            tokio::spawn(async move { c.post(format!("http://{addr}/v1/completions")).json(&b).send().await.expect("send").status() })
+        })
+        .collect();
+    let together: Value =
+        c.post(format!("http://{addr}/v1/completions")).json(&body("Once upon a time", 42, 40)).send().await?.json().await?;
+    for o in others {
+        assert_eq!(o.await?, 200);
+    }
+    assert_eq!(alone["choices"][0]["text"], together["choices"][0]["text"]);
+    assert!(!alone["choices"][0]["text"].as_str().unwrap_or("").is_empty());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_disconnects_frees_its_slot() -> TestResult {
     let addr = start(|s| {
@@ -222,7 +247,9 @@ async fn overload_gets_429_at_once_and_every_accepted_request_completes() -> Tes
     }
     assert_eq!(ok + refused, 24);
     assert!(refused > 0, "the queue never filled");
-    assert!(ok >= 4, "at least the slots and the queue were served");
+    // A burst may arrive before the engine pulls anything from the queue, so
+    // only the queue's capacity is sure to be accepted.
+    assert!(ok >= 2, "at least the queue's capacity was served");
     wait_metric(addr, "mamba_slots_used", 0.0, Duration::from_secs(2)).await;
     wait_metric(addr, "mamba_queue_depth", 0.0, Duration::from_secs(2)).await;
     Ok(())
