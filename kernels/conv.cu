@@ -12,7 +12,8 @@ __device__ __forceinline__ float* conv_state_ptr(float* state, u32 slot, u64 slo
 }
 
 // Outputs of every packed row; grid (tokens, channel blocks). Reads the old
-// state only: `conv1d_state` runs after it to advance the windows.
+// state only: `conv1d_state` runs after it to advance the windows. Used for
+// kernels of more than 8 taps only (conv1d_runs_k4/k8 below otherwise).
 extern "C" __global__ void conv1d_packed(const float* x, int x_stride, const float* weight, const float* bias, int k,
                                          int act, const float* state, u64 slot_stride, u64 layer_off, const u32* cu,
                                          const u32* slots, int n_seqs, int channels, float* out, int out_stride) {
@@ -37,6 +38,92 @@ extern "C" __global__ void conv1d_packed(const float* x, int x_stride, const flo
     out[(u64)t * out_stride + c] = activate(act, acc);
 }
 
+// Outputs of every packed row, one thread per channel over a run of
+// CONV_RUN consecutive packed rows: the last k - 1 inputs stay in registers,
+// so each input row is loaded once (coalesced across the block's channels)
+// besides the k - 1 rows before the run that start it. The segment of the
+// run's first row is looked up once and advanced at each segment boundary,
+// where the window restarts from that sequence's state (zeros for a padding
+// row). Kernels of k <= KMAX taps: the window is right-aligned in KMAX - 1
+// registers, and taps before KMAX - k are skipped. Reads the old state only,
+// like conv1d_packed (`conv1d_state` advances the windows afterwards); grid
+// (channel blocks, runs).
+#define CONV_RUN 32
+
+template <int KMAX>
+__device__ void conv1d_runs_impl(const float* __restrict__ x, int x_stride, const float* __restrict__ weight,
+                                 const float* __restrict__ bias, int k, int act, const float* __restrict__ state,
+                                 u64 slot_stride, u64 layer_off, const u32* __restrict__ cu,
+                                 const u32* __restrict__ slots, int n_seqs, int n_tokens, int channels,
+                                 float* __restrict__ out, int out_stride) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    const int r0 = blockIdx.y * CONV_RUN;
+    const int r1 = min(r0 + CONV_RUN, n_tokens);
+    const int hist = k - 1;
+    // Tap j of the KMAX-wide window multiplies the input of row t - (KMAX - 1) + j.
+    const int off = KMAX - k;
+    float wr[KMAX];
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) wr[j] = j >= off ? weight[(u64)c * k + (j - off)] : 0.0f;
+    const float b0 = bias ? bias[c] : 0.0f;
+
+    int s = segment_of(cu, n_seqs, (u32)r0);
+    int start = (int)cu[s], next = (int)cu[s + 1];
+    // win[j]: the input of row t - (KMAX - 1) + j, j < KMAX - 1 (t - 1 last),
+    // from the state for rows before the segment's start.
+    float win[KMAX > 1 ? KMAX - 1 : 1];
+    auto fill = [&](int t) {
+        const u32 slot = slots[s];
+        const float* st =
+            slot == PAD_SLOT ? 0 : conv_state_ptr((float*)state, slot, slot_stride, layer_off, c, hist);
+#pragma unroll
+        for (int j = 0; j < KMAX - 1; ++j) {
+            const int p = t - (KMAX - 1) + j;
+            if (j < off) win[j] = 0.0f;
+            else if (p >= start) win[j] = x[(u64)p * x_stride + c];
+            else win[j] = st ? st[hist + (p - start)] : 0.0f;
+        }
+    };
+    fill(r0);
+    for (int t0 = r0; t0 < r1; t0 += 8) {
+        float xv[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) xv[u] = t0 + u < r1 ? x[(u64)(t0 + u) * x_stride + c] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int t = t0 + u;
+            if (t >= r1) break;
+            if (t >= next) {
+                // A new segment starts at row t (past any empty ones).
+                while (t >= next) next = (int)cu[++s + 1];
+                start = t;
+                fill(t);
+            }
+            float acc = b0;
+#pragma unroll
+            for (int j = 0; j < KMAX - 1; ++j)
+                if (j >= off) acc += wr[j] * win[j];
+            acc += wr[KMAX - 1] * xv[u];
+            out[(u64)t * out_stride + c] = activate(act, acc);
+#pragma unroll
+            for (int j = 0; j + 1 < KMAX - 1; ++j) win[j] = win[j + 1];
+            if (KMAX > 1) win[KMAX - 2] = xv[u];
+        }
+    }
+}
+
+#define CONV_RUNS_ARGS                                                                                             \
+    const float *x, int x_stride, const float *weight, const float *bias, int k, int act, const float *state,     \
+        u64 slot_stride, u64 layer_off, const u32 *cu, const u32 *slots, int n_seqs, int n_tokens, int channels,   \
+        float *out, int out_stride
+#define CONV_RUNS_PASS                                                                                             \
+    x, x_stride, weight, bias, k, act, state, slot_stride, layer_off, cu, slots, n_seqs, n_tokens, channels, out, \
+        out_stride
+
+extern "C" __global__ void conv1d_runs_k4(CONV_RUNS_ARGS) { conv1d_runs_impl<4>(CONV_RUNS_PASS); }
+extern "C" __global__ void conv1d_runs_k8(CONV_RUNS_ARGS) { conv1d_runs_impl<8>(CONV_RUNS_PASS); }
+
 // Advances each sequence's window past its segment; grid (channel blocks,
 // sequences).
 extern "C" __global__ void conv1d_state(const float* x, int x_stride, int k, float* state, u64 slot_stride,
@@ -59,26 +146,54 @@ extern "C" __global__ void conv1d_state(const float* x, int x_stride, int k, flo
 }
 
 // One token per sequence (row s = sequence s): output and window update in
-// one pass; grid (channel blocks, sequences).
-extern "C" __global__ void conv1d_step(const float* x, int x_stride, const float* weight, const float* bias, int k,
-                                       int act, float* state, u64 slot_stride, u64 layer_off, const u32* slots,
-                                       int channels, float* out, int out_stride) {
+// one pass. Thread = channel; each block takes CONV_STEP_SEQS sequences and
+// loads all their windows before computing any, so several state loads per
+// thread are in flight, and loads the channel's weights once for all of
+// them. Kernels up to CONV_STEP_MAX_K taps. Grid (channel blocks, sequence
+// groups).
+#define CONV_STEP_SEQS 4
+#define CONV_STEP_MAX_K 8
+
+extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride, const float* __restrict__ weight,
+                                       const float* __restrict__ bias, int k, int act, float* __restrict__ state,
+                                       u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs,
+                                       int channels, float* __restrict__ out, int out_stride) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
-    const int s = blockIdx.y;
-    const u32 slot = slots[s];
     const int hist = k - 1;
-    const float xv = x[(u64)s * x_stride + c];
-    const float* w = weight + (u64)c * k;
-    float acc = bias ? bias[c] : 0.0f;
-    if (slot == PAD_SLOT) {
-        acc += w[hist] * xv;
-    } else {
-        float* st = conv_state_ptr(state, slot, slot_stride, layer_off, c, hist);
-        for (int j = 0; j < hist; ++j) acc += w[j] * st[j];
-        acc += w[hist] * xv;
-        for (int j = 0; j + 1 < hist; ++j) st[j] = st[j + 1];
-        if (hist > 0) st[hist - 1] = xv;
+    float w[CONV_STEP_MAX_K - 1];
+#pragma unroll
+    for (int j = 0; j < CONV_STEP_MAX_K - 1; ++j) w[j] = j < hist ? weight[(u64)c * k + j] : 0.0f;
+    const float w_last = weight[(u64)c * k + hist];
+    const float b = bias ? bias[c] : 0.0f;
+    const int s0 = blockIdx.y * CONV_STEP_SEQS;
+    float win[CONV_STEP_SEQS][CONV_STEP_MAX_K];
+    float* st[CONV_STEP_SEQS];
+#pragma unroll
+    for (int i = 0; i < CONV_STEP_SEQS; ++i) {
+        const int s = s0 + i;
+        const u32 slot = s < n_seqs ? slots[s] : PAD_SLOT;
+        st[i] = slot == PAD_SLOT ? 0 : conv_state_ptr(state, slot, slot_stride, layer_off, c, hist);
+#pragma unroll
+        for (int j = 0; j < CONV_STEP_MAX_K - 1; ++j) win[i][j] = (st[i] && j < hist) ? st[i][j] : 0.0f;
+        win[i][CONV_STEP_MAX_K - 1] = s < n_seqs ? x[(u64)s * x_stride + c] : 0.0f;
     }
-    out[(u64)s * out_stride + c] = activate(act, acc);
+#pragma unroll
+    for (int i = 0; i < CONV_STEP_SEQS; ++i) {
+        const int s = s0 + i;
+        if (s >= n_seqs) break;
+        const float xv = win[i][CONV_STEP_MAX_K - 1];
+        float acc = b;
+#pragma unroll
+        for (int j = 0; j < CONV_STEP_MAX_K - 1; ++j)
+            if (j < hist) acc += w[j] * win[i][j];
+        acc += w_last * xv;
+        if (st[i]) {
+#pragma unroll
+            for (int j = 0; j + 1 < CONV_STEP_MAX_K - 1; ++j)
+                if (j + 1 < hist) st[i][j] = win[i][j + 1];
+            if (hist > 0) st[i][hist - 1] = xv;
+        }
+        out[(u64)s * out_stride + c] = activate(act, acc);
+    }
 }

@@ -3,13 +3,6 @@
 // dtype, fp32 accumulation. Memory-bound: every weight is read once per
 // launch and used for up to MT rows of x (blockIdx.y tiles M by MT; larger
 // M re-reads the weights once per tile, from L2 when they fit).
-//
-// One warp per output column n. The vector path (K % 8 == 0, x rows 16-byte
-// aligned) has each lane load U chunks of 8 weights (16 bytes of bf16/f16,
-// 32 of f32) before using any, so several loads per lane are in flight, and
-// reads the matching 8 floats of each x row (cached: x is small).
-
-#define GEMV_U 4
 
 // Eight weights starting at element i (16-byte aligned), as raw words.
 template <int DT>
@@ -49,109 +42,203 @@ __device__ __forceinline__ void widen8(const Chunk<DT>& c, float* v) {
     }
 }
 
-// R output columns per warp share each x chunk loaded from L1 (x is re-read
-// by every warp, so without that reuse L1 bandwidth, not DRAM, would bound
-// the kernel); U chunks per column are in flight before any is used.
-template <int DT, int MT, int R, bool VEC>
-__device__ void gemv_impl(const float* __restrict__ x, int xs, int M, const void* __restrict__ w, int N, int K,
-                          const float* __restrict__ bias, float* __restrict__ out, int os) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * R;
-    if (n0 >= N) return;
+// Vector path (K % 8 == 0, x rows 16-byte aligned). One block per R output
+// columns and MT rows of x; its threads split K between them: thread t
+// reads chunks k = 8 t, 8 (t + T), ... of each of the R weight rows, U
+// chunks per column in flight before any is used, so every lane has U * R
+// independent 16-byte loads outstanding and a launch has many short blocks
+// (no long serial loop per warp, no tail of a few slow warps). Partial sums
+// are reduced per warp with shuffles, then across warps in shared memory.
+//
+// With NORM, x is a residual stream and the product is taken with its RMS
+// norm: out = s_m * sum_k w[n, k] * (nw[k] * x[m, k]) with
+// s_m = 1 / sqrt(mean_k x[m, k]^2 + eps). Every block reads all of K, so
+// each one computes the sums of squares it needs itself and no normalised
+// copy of x is written.
+//
+// `accumulate` adds the result to `out` instead of overwriting it (the
+// residual add after out_proj).
+//
+// With `cw` set (decode, one token per row m = sequence m), the output
+// columns conv_start .. conv_start + conv_len are the conv's input: the
+// thread that finishes such a column runs the conv step for that channel
+// (window from the slot's conv state, taps cw `[conv_len, ck]`, bias cb,
+// activation act), writes the result to cout and advances the window, in
+// place of writing the column to `out`.
+struct ConvEpilogue {
+    const float* w;
+    const float* b;
+    int k, act;
+    float* state;
+    u64 slot_stride, layer_off;
+    const u32* slots;
+    int start, len;
+    float* out;
+    int os;
+};
+
+__device__ __forceinline__ void conv_step_one(const ConvEpilogue& cv, int row, int c, float v) {
+    const int hist = cv.k - 1;
+    const u32 slot = cv.slots[row];
+    float* st = slot == PAD_SLOT ? 0 : cv.state + (u64)slot * cv.slot_stride + cv.layer_off + (u64)c * hist;
+    const float* w = cv.w + (u64)c * cv.k;
+    float acc = cv.b ? cv.b[c] : 0.0f;
+    for (int j = 0; j < hist; ++j) acc += w[j] * (st ? st[j] : 0.0f);
+    acc += w[hist] * v;
+    if (st) {
+        for (int j = 0; j + 1 < hist; ++j) st[j] = st[j + 1];
+        if (hist > 0) st[hist - 1] = v;
+    }
+    cv.out[(u64)row * cv.os + c] = activate(cv.act, acc);
+}
+#define GEMV_MAX_WARPS 8
+#define GEMV_U 2
+
+template <int DT, int MT, int R, bool NORM>
+__device__ void gemv_vec_impl(const float* __restrict__ x, int xs, int M, const void* __restrict__ w, int N, int K,
+                              const float* __restrict__ bias, float* __restrict__ out, int os, int accumulate,
+                              const float* __restrict__ nw, float eps, const ConvEpilogue& conv) {
+    constexpr int NV = R * MT + (NORM ? MT : 0);
+    __shared__ float red[GEMV_MAX_WARPS][NV];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    const int n0 = blockIdx.x * R;
     const int m0 = blockIdx.y * MT;
     const int mc = min(MT, M - m0);
     const float* xb = x + (u64)m0 * xs;
-    float acc[R][MT];
+    float acc[R][MT], ss[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        ss[m] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][m] = 0.0f;
+    }
+    const int step = blockDim.x * 8;
+    for (int k0 = tid * 8; k0 < K; k0 += step * GEMV_U) {
+        Chunk<DT> c[GEMV_U][R];
+#pragma unroll
+        for (int u = 0; u < GEMV_U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int k = k0 + u * step;
+                if (k < K && n0 + r < N) c[u][r] = load_chunk<DT>(w, (u64)(n0 + r) * K + k);
+                else c[u][r].a = c[u][r].b = make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+        for (int u = 0; u < GEMV_U; ++u) {
+            const int k = k0 + u * step;
+            if (k >= K) continue;
+            float wv[R][8];
+#pragma unroll
+            for (int r = 0; r < R; ++r) widen8<DT>(c[u][r], wv[r]);
+            float4 g0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f), g1 = g0;
+            if (NORM) {
+                g0 = *(const float4*)(nw + k);
+                g1 = *(const float4*)(nw + k + 4);
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                if (m < mc) {
+                    const float4* xp = (const float4*)(xb + (u64)m * xs + k);
+                    float4 p = xp[0], q = xp[1];
+                    if (NORM) {
+                        ss[m] += p.x * p.x + p.y * p.y + p.z * p.z + p.w * p.w + q.x * q.x + q.y * q.y + q.z * q.z +
+                                 q.w * q.w;
+                        p.x *= g0.x; p.y *= g0.y; p.z *= g0.z; p.w *= g0.w;
+                        q.x *= g1.x; q.y *= g1.y; q.z *= g1.z; q.w *= g1.w;
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+                        acc[r][m] += wv[r][0] * p.x + wv[r][1] * p.y + wv[r][2] * p.z + wv[r][3] * p.w +
+                                     wv[r][4] * q.x + wv[r][5] * q.y + wv[r][6] * q.z + wv[r][7] * q.w;
+                }
+            }
+        }
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
-    if (VEC) {
-        constexpr int U = R >= 4 ? 2 : GEMV_U;
-        for (int k0 = lane * 8; k0 < K; k0 += 256 * U) {
-            Chunk<DT> c[U][R];
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-#pragma unroll
-                for (int r = 0; r < R; ++r)
-                    if (k0 + u * 256 < K && n0 + r < N) c[u][r] = load_chunk<DT>(w, (u64)(n0 + r) * K + k0 + u * 256);
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int k = k0 + u * 256;
-                if (k < K) {
-                    float wv[R][8];
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        if (n0 + r < N) widen8<DT>(c[u][r], wv[r]);
-                        else {
-#pragma unroll
-                            for (int j = 0; j < 8; ++j) wv[r][j] = 0.0f;
-                        }
-                    }
-#pragma unroll
-                    for (int m = 0; m < MT; ++m) {
-                        if (m < mc) {
-                            const float4* xp = (const float4*)(xb + (u64)m * xs + k);
-                            const float4 p = xp[0], q = xp[1];
-#pragma unroll
-                            for (int r = 0; r < R; ++r)
-                                acc[r][m] += wv[r][0] * p.x + wv[r][1] * p.y + wv[r][2] * p.z + wv[r][3] * p.w +
-                                             wv[r][4] * q.x + wv[r][5] * q.y + wv[r][6] * q.z + wv[r][7] * q.w;
-                        }
-                    }
-                }
-            }
+        for (int m = 0; m < MT; ++m) {
+            const float v = warp_sum(acc[r][m]);
+            if (lane == 0) red[warp][r * MT + m] = v;
         }
-    } else {
-        for (int k = lane; k < K; k += 32) {
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                if (n0 + r < N) {
-                    const float wv = load_weight<DT>(w, (u64)(n0 + r) * K + k);
-#pragma unroll
-                    for (int m = 0; m < MT; ++m)
-                        if (m < mc) acc[r][m] += wv * xb[(u64)m * xs + k];
-                }
-            }
-        }
-    }
-    // Lane r * MT + m ends with column n0 + r of row m0 + m.
-    float mine = 0.0f;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
+    if (NORM) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-            if (m < mc) {
-                const float v = warp_sum(acc[r][m]);
-                if (lane == r * MT + m) mine = v;
-            }
+            const float v = warp_sum(ss[m]);
+            if (lane == 0) red[warp][R * MT + m] = v;
         }
     }
-    if (lane < R * MT) {
-        const int r = lane / MT, m = lane % MT;
-        const int n = n0 + r;
+    __syncthreads();
+    if (tid < R * MT) {
+        const int r = tid / MT, m = tid % MT, n = n0 + r;
         if (m < mc && n < N) {
-            if (bias) mine += bias[n];
-            out[(u64)(m0 + m) * os + n] = mine;
+            float v = 0.0f;
+            for (int i = 0; i < nwarps; ++i) v += red[i][tid];
+            if (NORM) {
+                float s2 = 0.0f;
+                for (int i = 0; i < nwarps; ++i) s2 += red[i][R * MT + m];
+                v *= (float)(1.0 / sqrt((double)s2 / K + (double)eps));
+            }
+            if (bias) v += bias[n];
+            if (conv.w && n >= conv.start && n < conv.start + conv.len) {
+                conv_step_one(conv, m0 + m, n - conv.start, v);
+            } else {
+                float* o = out + (u64)(m0 + m) * os + n;
+                *o = accumulate ? *o + v : v;
+            }
         }
     }
 }
 
-#define GEMV_ARGS const float *x, int xs, int M, const void *w, int N, int K, const float *bias, float *out, int os
-#define GEMV_PASS x, xs, M, w, N, K, bias, out, os
-#define GEMV_KERNEL(name, dt, mt, r, vec) \
-    extern "C" __global__ void __launch_bounds__(128) name(GEMV_ARGS) { gemv_impl<dt, mt, r, vec>(GEMV_PASS); }
-#define GEMV_FAMILY(dtname, dt)                                   \
-    GEMV_KERNEL(gemv_##dtname##_vec_m1_r1, dt, 1, 1, true)        \
-    GEMV_KERNEL(gemv_##dtname##_vec_m2_r1, dt, 2, 1, true)        \
-    GEMV_KERNEL(gemv_##dtname##_vec_m4_r1, dt, 4, 1, true)        \
-    GEMV_KERNEL(gemv_##dtname##_vec_m8_r1, dt, 8, 1, true)        \
-    GEMV_KERNEL(gemv_##dtname##_vec_m16_r1, dt, 16, 1, true)      \
-    GEMV_KERNEL(gemv_##dtname##_vec_m1_r4, dt, 1, 4, true)        \
-    GEMV_KERNEL(gemv_##dtname##_vec_m2_r4, dt, 2, 4, true)        \
-    GEMV_KERNEL(gemv_##dtname##_vec_m4_r4, dt, 4, 4, true)        \
-    GEMV_KERNEL(gemv_##dtname##_vec_m8_r4, dt, 8, 4, true)        \
-    GEMV_KERNEL(gemv_##dtname##_scalar, dt, 8, 1, false)
+// Scalar path (any K and alignment): one warp per output column, MT rows.
+template <int DT, int MT>
+__device__ void gemv_scalar_impl(const float* __restrict__ x, int xs, int M, const void* __restrict__ w, int N, int K,
+                                 const float* __restrict__ bias, float* __restrict__ out, int os, int accumulate) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (n >= N) return;
+    const int m0 = blockIdx.y * MT;
+    const int mc = min(MT, M - m0);
+    const float* xb = x + (u64)m0 * xs;
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
+    for (int k = lane; k < K; k += 32) {
+        const float wv = load_weight<DT>(w, (u64)n * K + k);
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+            if (m < mc) acc[m] += wv * xb[(u64)m * xs + k];
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        if (m < mc) {
+            float v = warp_sum(acc[m]);
+            if (lane == 0) {
+                if (bias) v += bias[n];
+                float* o = out + (u64)(m0 + m) * os + n;
+                *o = accumulate ? *o + v : v;
+            }
+        }
+    }
+}
+
+#define GEMV_ARGS                                                                                                 \
+    const float *x, int xs, int M, const void *w, int N, int K, const float *bias, float *out, int os, int accumulate, \
+        const float *nw, float eps, ConvEpilogue conv
+#define GEMV_PASS x, xs, M, w, N, K, bias, out, os, accumulate
+#define GEMV_VEC(name, dt, mt, r)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) gemv_##name##_m##mt##_r##r(GEMV_ARGS) {                    \
+        gemv_vec_impl<dt, mt, r, false>(GEMV_PASS, nw, eps, conv);                                                \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) gemv_norm_##name##_m##mt##_r##r(GEMV_ARGS) {               \
+        gemv_vec_impl<dt, mt, r, true>(GEMV_PASS, nw, eps, conv);                                                 \
+    }
+#define GEMV_FAMILY(name, dt)                                                                                     \
+    GEMV_VEC(name, dt, 1, 1) GEMV_VEC(name, dt, 1, 2) GEMV_VEC(name, dt, 1, 4)                                    \
+    GEMV_VEC(name, dt, 2, 1) GEMV_VEC(name, dt, 2, 2) GEMV_VEC(name, dt, 2, 4)                                    \
+    GEMV_VEC(name, dt, 4, 1) GEMV_VEC(name, dt, 4, 2) GEMV_VEC(name, dt, 4, 4)                                    \
+    GEMV_VEC(name, dt, 8, 1) GEMV_VEC(name, dt, 8, 2)                                                             \
+    extern "C" __global__ void gemv_##name##_scalar(GEMV_ARGS) { gemv_scalar_impl<dt, 8>(GEMV_PASS); }
 
 GEMV_FAMILY(f32, 0)
 GEMV_FAMILY(bf16, 1)

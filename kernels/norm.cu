@@ -3,9 +3,11 @@
 
 // One block per row of width `dim`:
 //   residual += delta (when delta is not null);
-//   out = residual / sqrt(mean(residual^2) + eps) * weight.
+//   out = residual / sqrt(mean(residual^2) + eps) * weight,
+// written as f32, or as 16-bit values when `half` is 1 (bf16) or 2 (f16):
+// the operand of a tensor-core product, `out` then pointing at u16 data.
 extern "C" __global__ void add_rmsnorm(float* residual, const float* delta, const float* weight, float eps, int dim,
-                                       float* out) {
+                                       float* out, int half) {
     __shared__ float sh[33];
     const u64 base = (u64)blockIdx.x * dim;
     float* r = residual + base;
@@ -20,6 +22,14 @@ extern "C" __global__ void add_rmsnorm(float* residual, const float* delta, cons
     }
     ss = block_sum(ss, sh);
     const float s = (float)(1.0 / sqrt((double)ss / dim + (double)eps));
+    if (half) {
+        u16* o = (u16*)out + base;
+        for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+            const float v = weight[c] * (r[c] * s);
+            o[c] = half == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+        }
+        return;
+    }
     float* o = out + base;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) o[c] = weight[c] * (r[c] * s);
 }

@@ -113,131 +113,236 @@ __device__ __forceinline__ float ex2_approx(float x) {
 
 #define LOG2E 1.4426950408889634f
 
-// Mamba-1 prefill for d_state <= L: one state per lane. Each chunk of L
-// tokens first loads everything it needs into registers (lane i: token
-// t0 + i's x, dt and z; lane n: state n's B and C for all L tokens), so the
-// recurrence itself touches no memory; the L per-token sums over the states
-// are then reduced with a butterfly that leaves token i's sum in lane i
-// (L - 1 shuffles per chunk instead of log2(L) per token). exp(dt * a) is
-// one ex2.approx of dt * (a * log2 e).
+// Mamba-1 prefill for d_state <= 16, on tiles of SCAN_CH channels by SCAN_T
+// tokens. A block of 128 threads covers SCAN_CH = 32 consecutive channels
+// of one segment; a group of 4 threads owns a channel, thread g of the group
+// states 4g .. 4g + 3 (states past d_state get a = 0 and B = C = 0, so they
+// stay zero and add nothing to y).
 //
-// Long segments are split in time (blockIdx.z = part of `part_len` tokens)
-// so that one sequence fills the GPU: a `summary` pass runs each part but
-// the last from a zero state and stores its end state and the sum of its
-// time steps (the part's decay is exp(a * sum dt)); the output pass then
-// starts part p from the slot's state carried through parts 0..p-1, and the
-// last part writes the state back. With part_len 0 there is one part.
-template <int L>
-__device__ void mamba1_scan_fast_impl(const float* __restrict__ x, int xs, const float* __restrict__ dt, int dts,
-                                      const float* __restrict__ dt_bias, const float* __restrict__ a,
-                                      const float* __restrict__ B, int bs, const float* __restrict__ C, int cs,
-                                      const float* __restrict__ skip, const float* __restrict__ z, int zs,
-                                      float* __restrict__ state, u64 slot_stride, u64 layer_off,
-                                      const u32* __restrict__ cu, const u32* __restrict__ slots, int channels,
-                                      int d_state, float* __restrict__ out, int os, int part_len,
-                                      float* __restrict__ parts, int summary) {
-    const int lane = threadIdx.x % L;
-    const int cpb = blockDim.x / L;
-    const int c = blockIdx.x * cpb + threadIdx.x / L;
-    const bool active = c < channels;
-    const int cc = active ? c : channels - 1;
+// For each chunk of SCAN_T tokens the block first stages in shared memory,
+// with coalesced loads, what the state updates need: the chunk's B and C
+// rows (the same for every channel, read back as float4 broadcasts) and,
+// per (token, channel), dt = softplus(dt + bias) and dt * x, each computed
+// once, by the thread that loaded it. The recurrence then runs out of shared
+// memory with h in registers: per state one ex2.approx of dt * (a * log2 e)
+// and three multiply-adds (h, and its share of y). The group's four partial
+// sums of y go to shared memory, and the thread that staged (token, channel)
+// adds them and writes (y + x D) silu(z), coalesced. Rows past the piece's
+// end are staged as dt = dt x = B = 0, which leaves h exactly as it was, so
+// the token loop needs no bounds test. The next chunk's x, dt, B and C are
+// loaded into registers while the current chunk's recurrence runs.
+//
+// Long segments are split in time so that few sequences still fill the
+// GPU: the packed rows are cut into parts of `part_len` rows (blockIdx.z is
+// the part) and block (s, q) runs the piece of segment s inside part q. A
+// `summary` pass runs every piece but a segment's last from a zero state and
+// stores its end state and the sum of its time steps (the piece's decay is
+// exp(a sum dt)); such a piece is the only one to end inside its part, so
+// summaries are indexed by part alone. It also copies each segment's
+// starting state aside (the stash): the output pass overwrites the slot in
+// the segment's last piece while its other pieces may still be starting.
+// The output pass starts a piece from the stash carried through the
+// segment's earlier pieces. With part_len 0 each segment is one piece.
+//
+// `parts`: records of SCAN_REC floats per channel, [16 states | sum dt |
+// unused], part q's at q * channels * SCAN_REC, then segment s's stash at
+// (gridDim.z + s) * channels * SCAN_REC.
+#define SCAN_T 32
+#define SCAN_CH 32
+#define SCAN_REC 20
+
+template <bool SUMMARY>
+__device__ void mamba1_scan_tiled_impl(const float* __restrict__ x, int xs, const float* __restrict__ dt, int dts,
+                                       const float* __restrict__ dt_bias, const float* __restrict__ a,
+                                       const float* __restrict__ B, int bs, const float* __restrict__ C, int cs,
+                                       const float* __restrict__ skip, const float* __restrict__ z, int zs,
+                                       float* __restrict__ state, u64 slot_stride, u64 layer_off,
+                                       const u32* __restrict__ cu, const u32* __restrict__ slots, int channels,
+                                       int d_state, float* __restrict__ out, int os, int part_len,
+                                       float* __restrict__ parts) {
+    __shared__ float4 s_b[SCAN_T][4];
+    __shared__ float4 s_c[SCAN_T][4];
+    __shared__ float2 s_d[SCAN_T][SCAN_CH];
+    __shared__ float4 s_y[SCAN_T][SCAN_CH];
+
+    const int tid = threadIdx.x;
     const int s = blockIdx.y;
-    const int p = blockIdx.z;
+    const u32 q = blockIdx.z;
     const u32 start = cu[s], end = cu[s + 1];
-    const u32 lo = part_len ? start + (u32)p * part_len : start;
-    const u32 hi = part_len ? min(lo + (u32)part_len, end) : end;
+    u32 lo = start, hi = end;
+    if (part_len) {
+        lo = max(start, q * (u32)part_len);
+        hi = min(end, (q + 1) * (u32)part_len);
+    }
+    // Uniform over the block: whole blocks leave, before any barrier.
     if (lo >= hi) return;
-    const bool last = hi == end;
+    const bool first = lo == start, last = hi == end;
     const u32 slot = slots[s];
-    const bool valid = lane < d_state;
+    const int c0 = blockIdx.x * SCAN_CH;
+    const u64 rec_step = (u64)channels * SCAN_REC;
+
+    // Recurrence role: channel c0 + cl, states 4g .. 4g + 3. Threads past the
+    // last channel shadow it and write nothing.
+    const int cl = tid >> 2, g = tid & 3;
+    const bool active = c0 + cl < channels;
+    const int cc = active ? c0 + cl : channels - 1;
     float* st = slot == PAD_SLOT ? 0 : state + (u64)slot * slot_stride + layer_off + (u64)cc * d_state;
-    const float av2 = valid ? a[(u64)cc * d_state + lane] * LOG2E : 0.0f;
-    // Summaries of (sequence s, part q, channel c): d_state end-state values
-    // then the sum of the part's time steps; after the gridDim.z parts, a
-    // copy of the slot's starting state (the last part overwrites the slot
-    // while other parts may still start, so they read the copy).
-    const int stride_c = d_state + 1;
-    const u64 part_step = (u64)channels * stride_c;
-    float* part_base = parts ? parts + (u64)s * (gridDim.z + 1) * part_step + (u64)cc * stride_c : 0;
-    float* stash = parts ? part_base + gridDim.z * part_step : 0;
-    float h = 0.0f;
-    if (summary) {
-        if (p == 0 && valid && active) stash[lane] = st ? st[lane] : 0.0f;
+    float h[4], a2[4];
+    // The slot is read where its starting value is needed: by unsplit pieces
+    // and, for the stash, by the summary pass (in a split output pass the
+    // segment's last piece overwrites it while other pieces start).
+    const bool read_slot = !parts || (SUMMARY && first);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int n = 4 * g + j;
+        a2[j] = n < d_state ? a[(u64)cc * d_state + n] * LOG2E : 0.0f;
+        h[j] = (read_slot && n < d_state && st) ? st[n] : 0.0f;
+    }
+    if (SUMMARY) {
+        if (first && active) {
+            float* stash = parts + ((u64)gridDim.z + s) * rec_step + (u64)cc * SCAN_REC;
+            *(float4*)(stash + 4 * g) = make_float4(h[0], h[1], h[2], h[3]);
+        }
         if (last) return;
-    } else {
-        if (stash) h = valid ? stash[lane] : 0.0f;
-        else h = (valid && st) ? st[lane] : 0.0f;
-        for (int q = 0; q < p; ++q) {
-            const float* sq = part_base + q * part_step;
-            const float sq_h = valid ? sq[lane] : 0.0f;
-            h = ex2_approx(av2 * sq[d_state]) * h + sq_h;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = 0.0f;
+    } else if (parts) {
+        const float4 v = *(const float4*)(parts + ((u64)gridDim.z + s) * rec_step + (u64)cc * SCAN_REC + 4 * g);
+        h[0] = v.x;
+        h[1] = v.y;
+        h[2] = v.z;
+        h[3] = v.w;
+        for (u32 p = start / (u32)part_len; p < q; ++p) {
+            const float* r = parts + (u64)p * rec_step + (u64)cc * SCAN_REC;
+            const float4 e = *(const float4*)(r + 4 * g);
+            const float sum = r[16];
+            h[0] = ex2_approx(a2[0] * sum) * h[0] + e.x;
+            h[1] = ex2_approx(a2[1] * sum) * h[1] + e.y;
+            h[2] = ex2_approx(a2[2] * sum) * h[2] + e.z;
+            h[3] = ex2_approx(a2[3] * sum) * h[3] + e.w;
         }
     }
-    const float bias = dt_bias[cc];
-    const float dskip = skip[cc];
-    float dt_sum = 0.0f;
-    for (u32 t0 = lo; t0 < hi; t0 += L) {
-        const u32 tl = t0 + lane;
-        const bool have = tl < hi;
-        const float xr = have ? x[(u64)tl * xs + cc] : 0.0f;
-        const float sp = softplus_f((have ? dt[(u64)tl * dts + cc] : 0.0f) + bias);
-        if (have) dt_sum += sp;
-        float bv[L], cv[L];
+
+    // Staging role: channel c0 + ce, rows re + 4j of the chunk; B and C:
+    // state bn, rows br + 8j.
+    const int ce = tid & 31, re = tid >> 5;
+    const bool active_e = c0 + ce < channels;
+    const int cce = active_e ? c0 + ce : channels - 1;
+    const int bn = tid & 15, br = tid >> 4;
+    const bool bvalid = bn < d_state;
+    const float bias = dt_bias[cce];
+    const float dskip = SUMMARY ? 0.0f : skip[cce];
+
+    float px[8], pd[8], pb[4], pc[4];
+    auto fetch = [&](u32 t0) {
 #pragma unroll
-        for (int i = 0; i < L; ++i) {
-            const bool ok = valid && t0 + i < hi;
-            const u64 row = t0 + i;
-            bv[i] = ok ? B[row * bs + lane] : 0.0f;
-            cv[i] = (ok && !summary) ? C[row * cs + lane] : 0.0f;
+        for (int j = 0; j < 8; ++j) {
+            const u32 t = t0 + re + 4 * j;
+            px[j] = t < hi ? x[(u64)t * xs + cce] : 0.0f;
+            pd[j] = t < hi ? dt[(u64)t * dts + cce] : 0.0f;
         }
-        float yp[L];
 #pragma unroll
-        for (int i = 0; i < L; ++i) {
-            const float xv = __shfl_sync(FULL_MASK, xr, i, L);
-            const float dv = __shfl_sync(FULL_MASK, sp, i, L);
-            const float hn = ex2_approx(dv * av2) * h + (dv * bv[i]) * xv;
-            h = t0 + i < hi ? hn : h;
-            yp[i] = h * cv[i];
+        for (int j = 0; j < 4; ++j) {
+            const u32 t = t0 + br + 8 * j;
+            pb[j] = (bvalid && t < hi) ? B[(u64)t * bs + bn] : 0.0f;
+            pc[j] = (!SUMMARY && bvalid && t < hi) ? C[(u64)t * cs + bn] : 0.0f;
         }
-        if (summary) continue;
-        const float zr = have ? z[(u64)tl * zs + cc] : 0.0f;
+    };
+
+    float* s_bf = (float*)s_b;
+    float* s_cf = (float*)s_c;
+    float* s_yf = (float*)s_y;
+    float dsum = 0.0f;
+    fetch(lo);
+    for (u32 t0 = lo; t0 < hi; t0 += SCAN_T) {
+        const int nt = (int)min((u32)SCAN_T, hi - t0);
+        float xk[8], zk[8];
 #pragma unroll
-        for (int o = L / 2; o > 0; o >>= 1) {
-            const bool up = (lane & o) != 0;
+        for (int j = 0; j < 8; ++j) {
+            const int r = re + 4 * j;
+            const float sp = r < nt ? softplus_f(pd[j] + bias) : 0.0f;
+            s_d[r][ce] = make_float2(sp, sp * px[j]);
+            xk[j] = px[j];
+        }
 #pragma unroll
-            for (int j = 0; j < o; ++j) {
-                const float send = up ? yp[j] : yp[j + o];
-                const float keep = up ? yp[j + o] : yp[j];
-                yp[j] = keep + __shfl_xor_sync(FULL_MASK, send, o, L);
+        for (int j = 0; j < 4; ++j) {
+            s_bf[(br + 8 * j) * 16 + bn] = pb[j];
+            if (!SUMMARY) s_cf[(br + 8 * j) * 16 + bn] = pc[j];
+        }
+        __syncthreads();
+        // The next chunk's loads, and this chunk's gate, in flight while
+        // the recurrence runs.
+        fetch(t0 + SCAN_T);
+        if (!SUMMARY) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int r = re + 4 * j;
+                zk[j] = r < nt ? z[(u64)(t0 + r) * zs + cce] : 0.0f;
             }
         }
-        if (have && active) out[(u64)tl * os + cc] = (yp[0] + xr * dskip) * silu_f(zr);
-    }
-    if (summary) {
+        for (int i0 = 0; i0 < nt; i0 += 8) {
 #pragma unroll
-        for (int o = L / 2; o > 0; o >>= 1) dt_sum += __shfl_xor_sync(FULL_MASK, dt_sum, o, L);
+            for (int u = 0; u < 8; ++u) {
+                const int i = i0 + u;
+                const float2 d = s_d[i][cl];
+                const float4 bv = s_b[i][g];
+                h[0] = ex2_approx(d.x * a2[0]) * h[0] + d.y * bv.x;
+                h[1] = ex2_approx(d.x * a2[1]) * h[1] + d.y * bv.y;
+                h[2] = ex2_approx(d.x * a2[2]) * h[2] + d.y * bv.z;
+                h[3] = ex2_approx(d.x * a2[3]) * h[3] + d.y * bv.w;
+                if (SUMMARY) {
+                    dsum += d.x;
+                } else {
+                    const float4 cv = s_c[i][g];
+                    s_yf[(i * SCAN_CH + cl) * 4 + g] = h[0] * cv.x + h[1] * cv.y + h[2] * cv.z + h[3] * cv.w;
+                }
+            }
+        }
+        // Every thread is done with this chunk's staging (and its y partial
+        // sums are visible) before the next chunk overwrites it.
+        __syncthreads();
+        if (!SUMMARY && active_e) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int r = re + 4 * j;
+                if (r < nt) {
+                    const float4 p = s_y[r][ce];
+                    const float y = (p.x + p.y) + (p.z + p.w);
+                    out[(u64)(t0 + r) * os + c0 + ce] = (y + xk[j] * dskip) * silu_f(zk[j]);
+                }
+            }
+        }
+    }
+    if (SUMMARY) {
         if (active) {
-            float* sp_out = part_base + p * part_step;
-            if (valid) sp_out[lane] = h;
-            if (lane == 0) sp_out[d_state] = dt_sum;
+            float* r = parts + (u64)q * rec_step + (u64)cc * SCAN_REC;
+            *(float4*)(r + 4 * g) = make_float4(h[0], h[1], h[2], h[3]);
+            if (g == 0) r[16] = dsum;
         }
         return;
     }
-    if (last && st && valid && active) st[lane] = h;
+    if (last && st && active) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (4 * g + j < d_state) st[4 * g + j] = h[j];
+    }
 }
 
-#define FAST_ARGS                                                                                                  \
+#define TILED_ARGS                                                                                                 \
     const float *x, int xs, const float *dt, int dts, const float *dt_bias, const float *a, const float *B, int bs, \
         const float *C, int cs, const float *skip, const float *z, int zs, float *state, u64 slot_stride,          \
         u64 layer_off, const u32 *cu, const u32 *slots, int channels, int d_state, float *out, int os,             \
-        int part_len, float *parts, int summary
-#define FAST_PASS                                                                                                  \
+        int part_len, float *parts
+#define TILED_PASS                                                                                                 \
     x, xs, dt, dts, dt_bias, a, B, bs, C, cs, skip, z, zs, state, slot_stride, layer_off, cu, slots, channels,     \
-        d_state, out, os, part_len, parts, summary
+        d_state, out, os, part_len, parts
 
-extern "C" __global__ void mamba1_scan_fast_l4(FAST_ARGS) { mamba1_scan_fast_impl<4>(FAST_PASS); }
-extern "C" __global__ void mamba1_scan_fast_l8(FAST_ARGS) { mamba1_scan_fast_impl<8>(FAST_PASS); }
-extern "C" __global__ void mamba1_scan_fast_l16(FAST_ARGS) { mamba1_scan_fast_impl<16>(FAST_PASS); }
+extern "C" __global__ void __launch_bounds__(128) mamba1_scan_tiled(TILED_ARGS) {
+    mamba1_scan_tiled_impl<false>(TILED_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128) mamba1_scan_tiled_summary(TILED_ARGS) {
+    mamba1_scan_tiled_impl<true>(TILED_PASS);
+}
 
 // Mamba-1 decode: one token per sequence (row s), with the dt projection,
 // softplus, D skip and SiLU(z) gate fused in, and Falcon-Mamba's weightless
@@ -314,6 +419,7 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
         const u64 wrow = (u64)cc * rank;
         float acc = 0.0f;
         if (vec_dot) {
+#pragma unroll 4
             for (int r0 = lane * 8; r0 < rank; r0 += lanes * 8) {
                 float wv[8];
                 if (DT == 0) {

@@ -7,7 +7,7 @@
 #            executables built with `--features gpu-tests`.
 #   LOG_DIR  receives env.log, tests.log, bench.log (tables and JSON lines)
 #            and hf.log.
-#   PHASE    any of: env tests server e2e profile bench bench-quick hf hf-quick hf-rest
+#   PHASE    any of: env tests server e2e profile ncu bench bench-quick hf hf-quick hf-rest
 #            (default: env tests bench hf).
 # Environment: SHAPES (bench/hf shapes, comma separated), BENCH_ARGS (extra
 # flags for `mamba-serve bench`).
@@ -100,6 +100,27 @@ for phase in $phases; do
       MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 2048 --batch 1 --steps 1
       MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 1 --steps 16
       MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 256 --steps 8
+      ;;
+    ncu)
+      # Nsight Compute: the GPU time of every kernel (graphs off, so each
+      # launch is seen; caches left as the previous kernel left them), as
+      # CSV, for the 2048-token prefill and decode steps at batch 1, 16
+      # and 256; then the hardware sections of the prefill scan and of the
+      # decode GEMV.
+      s=${PROFILE_SHAPE:-mamba-1.4b}
+      ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      common=(bench --random-shape "$s" --device cuda --chunk 2048 --no-graphs --no-ceilings --prefill-runs 1 --steps 1)
+      nc=("$ncu_bin" --clock-control none --cache-control none)
+      times=(--csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum)
+      run ncu 200 "${nc[@]}" "${times[@]}" --launch-count 500 --log-file "$log/ncu-prefill.csv" \
+        "$bin/mamba-serve" "${common[@]}" --prompt-len 2048 --batch 1
+      for b in ${NCU_BATCHES:-1 16 256}; do
+        run ncu 200 "${nc[@]}" "${times[@]}" --launch-skip ${NCU_SKIP:-1500} --launch-count 700 --log-file "$log/ncu-decode-$b.csv" \
+          "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch "$b"
+      done
+      sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats)
+      run ncu 200 "${nc[@]}" "${sections[@]}" -k regex:scan_fast --launch-count 1 "$bin/mamba-serve" "${common[@]}" --prompt-len 2048 --batch 1
+      run ncu 200 "${nc[@]}" "${sections[@]}" -k regex:gemv --launch-skip 600 --launch-count 4 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 1
       ;;
     hf | hf-quick | hf-rest)
       case $phase in

@@ -106,6 +106,27 @@ pub fn linear<B: Backend + ?Sized>(x: &View<'_, B::Vec>, w: &B::Mat, bias: Optio
     }
 }
 
+pub fn rmsnorm_linear<B: Backend + ?Sized>(
+    x: &B::Vec,
+    rows: usize,
+    norm: &B::Vec,
+    w: &B::Mat,
+    bias: Option<&B::Vec>,
+    normed: &B::Vec,
+    out: &ViewMut<'_, B::Vec>,
+) -> Result<()> {
+    let (k, n) = (w.cols(), w.rows());
+    check("rmsnorm_linear", x.len() >= rows * k && normed.len() >= rows * k && norm.len() == k, || {
+        format!("{rows} rows of width {k}: x {} normed {} norm {}", x.len(), normed.len(), norm.len())
+    })?;
+    check("rmsnorm_linear", out.rows == rows && out.cols == n, || format!("out [{}, {}] for [{rows}, {n}]", out.rows, out.cols))?;
+    view_mut("rmsnorm_linear", "out", out)?;
+    match bias {
+        Some(b) => check("rmsnorm_linear", b.len() == n, || format!("bias of {} for {n} outputs", b.len())),
+        None => Ok(()),
+    }
+}
+
 pub fn conv1d<B: Backend + ?Sized>(args: &ConvArgs<'_, B>, batch: &Packed<'_, B>, out: &ViewMut<'_, B::Vec>) -> Result<()> {
     let (ch, k) = (args.x.cols, args.kernel);
     check("conv1d", k >= 1 && args.weight.len() == ch * k, || format!("weight {} for {ch} channels × {k}", args.weight.len()))?;

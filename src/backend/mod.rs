@@ -219,6 +219,37 @@ pub struct ConvArgs<'a, B: Backend + ?Sized> {
     pub layer: usize,
 }
 
+/// The conv of a mixer's entry ([`Backend::rmsnorm_linear_conv`]): a
+/// [`ConvArgs`] whose input is the columns `start..start + channels` of the
+/// in_proj output.
+pub struct ProjConv<'a, B: Backend + ?Sized> {
+    pub start: usize,
+    pub channels: usize,
+    pub weight: &'a B::Vec,
+    pub bias: Option<&'a B::Vec>,
+    pub kernel: usize,
+    pub activation: Activation,
+    pub state: &'a mut B::Vec,
+    pub layout: PoolLayout,
+    pub layer: usize,
+}
+
+impl<'a, B: Backend + ?Sized> ProjConv<'a, B> {
+    /// The conv's arguments, reading from `proj`.
+    pub fn args(self, proj: View<'a, B::Vec>) -> ConvArgs<'a, B> {
+        ConvArgs {
+            x: proj.columns(self.start, self.channels),
+            weight: self.weight,
+            bias: self.bias,
+            kernel: self.kernel,
+            activation: self.activation,
+            state: self.state,
+            layout: self.layout,
+            layer: self.layer,
+        }
+    }
+}
+
 /// Arguments of the Mamba-1 selective scan over a packed batch.
 ///
 /// For each token t and channel d (state size n):
@@ -411,6 +442,55 @@ pub trait Backend: Send + 'static {
     /// `out = x · wᵀ (+ bias)`, x `[m, k]`, w `[n, k]`, out `[m, n]`;
     /// fp32 accumulation.
     fn linear(&self, x: View<'_, Self::Vec>, w: &Self::Mat, bias: Option<&Self::Vec>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
+
+    /// `out += x · wᵀ (+ bias)`: a product added onto what `out` holds (the
+    /// residual add after a mixer's out_proj).
+    fn linear_add(&self, x: View<'_, Self::Vec>, w: &Self::Mat, bias: Option<&Self::Vec>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
+
+    /// `out = rmsnorm(x) · wᵀ (+ bias)` over the first `rows` rows of the
+    /// dense `[rows, w.cols]` buffer `x`, where
+    /// `rmsnorm(x) = x / sqrt(mean(x^2) + eps) * norm` per row (the block's
+    /// norm before in_proj, and the final norm before the LM head).
+    /// `normed` (at least `rows × w.cols`) is scratch a backend may use for
+    /// the normalised rows; its contents afterwards are unspecified.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_linear(
+        &self,
+        x: &Self::Vec,
+        rows: usize,
+        norm: &Self::Vec,
+        eps: f32,
+        w: &Self::Mat,
+        bias: Option<&Self::Vec>,
+        normed: &mut Self::Vec,
+        out: ViewMut<'_, Self::Vec>,
+    ) -> Result<()>;
+
+    /// A mixer's entry: `proj = rmsnorm(x) · wᵀ (+ bias)` as in
+    /// [`Backend::rmsnorm_linear`], then the causal conv ([`Backend::conv1d`])
+    /// over proj's conv columns into `conv_out`. Afterwards those columns
+    /// of proj are unspecified: a backend that fuses the two (one token per
+    /// sequence) need not write them. The default runs the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_linear_conv(
+        &self,
+        x: &Self::Vec,
+        rows: usize,
+        norm: &Self::Vec,
+        eps: f32,
+        w: &Self::Mat,
+        bias: Option<&Self::Vec>,
+        normed: &mut Self::Vec,
+        proj: ViewMut<'_, Self::Vec>,
+        conv: ProjConv<'_, Self>,
+        batch: &Packed<'_, Self>,
+        conv_out: ViewMut<'_, Self::Vec>,
+    ) -> Result<()> {
+        let ViewMut { buf, offset, rows: r, cols, stride } = proj;
+        self.rmsnorm_linear(x, rows, norm, eps, w, bias, normed, ViewMut { buf: &mut *buf, offset, rows: r, cols, stride })?;
+        let args = conv.args(View { buf: &*buf, offset, rows: r, cols, stride });
+        self.conv1d(args, batch, conv_out)
+    }
 
     /// Causal depthwise conv1d over a packed batch; see [`ConvArgs`].
     fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;

@@ -14,7 +14,7 @@ use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use crate::backend::{
-    Backend, ConvArgs, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, PAD_SLOT, Packed, PoolLayout, SampleRow, SampledToken, View, ViewMut,
+    Backend, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, PAD_SLOT, Packed, PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
@@ -93,7 +93,6 @@ struct Workspace<B: Backend> {
     last_rows: B::Ids,
     residual: B::Vec,
     normed: B::Vec,
-    mixed: B::Vec,
     proj: B::Vec,
     conv_out: B::Vec,
     xdbl: B::Vec,
@@ -182,7 +181,6 @@ impl<B: Backend> Model<B> {
             last_rows: backend.alloc_ids(s)?,
             residual: backend.alloc(t * d)?,
             normed: backend.alloc(t * d)?,
-            mixed: backend.alloc(t * d)?,
             proj: backend.alloc(t * cfg.in_proj_dim())?,
             conv_out: backend.alloc(t * cfg.conv_dim())?,
             xdbl: backend.alloc(t * xdbl)?,
@@ -426,48 +424,76 @@ impl<B: Backend> Model<B> {
     fn ops(&mut self, n_tokens: usize, n_seqs: usize, single_token: bool) -> Result<(), ModelError> {
         let Model { backend: b, cfg, weights: w, pool, ws, .. } = self;
         let d = cfg.hidden_size;
+        // The residual stream: each block reads its RMS norm (fused into
+        // in_proj) and adds its mixer's output back (fused into out_proj).
         b.embed(&w.embed, &ws.ids, n_tokens, &mut ws.residual)?;
+        let (p, cd) = (cfg.in_proj_dim(), cfg.conv_dim());
+        // Mamba-1 splits in_proj into x | z, Mamba-2 into z | xBC | dt; the
+        // conv runs over x (xBC).
+        let conv_start = if cfg.arch == Arch::Mamba2 { cfg.d_inner } else { 0 };
         for (l, lw) in w.layers.iter().enumerate() {
-            let delta = if l == 0 { None } else { Some(&ws.mixed) };
-            b.add_rmsnorm(&mut ws.residual, delta, &lw.norm, cfg.norm_eps, n_tokens, d, &mut ws.normed)?;
             let batch = Packed { n_tokens, n_seqs, cu_seqlens: &ws.cu, slots: &ws.slots, prompt: &ws.prompt, single_token };
+            let conv = ProjConv {
+                start: conv_start,
+                channels: cd,
+                weight: &lw.conv_w,
+                bias: lw.conv_b.as_ref(),
+                kernel: cfg.d_conv,
+                activation: cfg.activation,
+                state: &mut pool.conv,
+                layout: pool.conv_layout,
+                layer: l,
+            };
+            b.rmsnorm_linear_conv(
+                &ws.residual,
+                n_tokens,
+                &lw.norm,
+                cfg.norm_eps,
+                &lw.in_proj,
+                lw.in_proj_bias.as_ref(),
+                &mut ws.normed,
+                ViewMut::dense(&mut ws.proj, n_tokens, p),
+                conv,
+                &batch,
+                ViewMut::dense(&mut ws.conv_out, n_tokens, cd),
+            )?;
             let bufs = MixerBuffers {
-                normed: &ws.normed,
-                proj: &mut ws.proj,
-                conv_out: &mut ws.conv_out,
+                proj: &ws.proj,
+                conv_out: &ws.conv_out,
                 xdbl: &mut ws.xdbl,
                 dt: &mut ws.dt,
                 y: &mut ws.y,
                 gated: &mut ws.gated,
-                out: &mut ws.mixed,
+                residual: &mut ws.residual,
             };
             mixer(b, cfg, lw, l, pool, &batch, bufs)?;
         }
-        b.add_rmsnorm(&mut ws.residual, Some(&ws.mixed), &w.norm_f, cfg.norm_eps, n_tokens, d, &mut ws.normed)?;
         // With one token per sequence, row i is sequence i's last token.
         let last = if single_token {
-            &ws.normed
+            &ws.residual
         } else {
-            b.gather_rows(View::dense(&ws.normed, n_tokens, d), &ws.last_rows, n_seqs, ViewMut::dense(&mut ws.last, n_seqs, d))?;
+            b.gather_rows(View::dense(&ws.residual, n_tokens, d), &ws.last_rows, n_seqs, ViewMut::dense(&mut ws.last, n_seqs, d))?;
             &ws.last
         };
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
         let v = cfg.vocab_size;
-        b.linear(View::dense(last, n_seqs, d), head, None, ViewMut::dense(&mut ws.logits, n_seqs, v))?;
+        let logits = ViewMut::dense(&mut ws.logits, n_seqs, v);
+        b.rmsnorm_linear(last, n_seqs, &w.norm_f, cfg.norm_eps, head, None, &mut ws.normed, logits)?;
         Ok(())
     }
 }
 
-/// The workspace buffers one mixer reads and writes.
+/// The workspace buffers one mixer reads and writes: it starts from
+/// in_proj's output and the conv's, and adds out_proj's onto the residual
+/// stream.
 struct MixerBuffers<'a, B: Backend> {
-    normed: &'a B::Vec,
-    proj: &'a mut B::Vec,
-    conv_out: &'a mut B::Vec,
+    proj: &'a B::Vec,
+    conv_out: &'a B::Vec,
     xdbl: &'a mut B::Vec,
     dt: &'a mut B::Vec,
     y: &'a mut B::Vec,
     gated: &'a mut B::Vec,
-    out: &'a mut B::Vec,
+    residual: &'a mut B::Vec,
 }
 
 /// One mixer (the block minus its norm and residual add).
@@ -484,25 +510,13 @@ fn mixer<B: Backend>(
     let (d, di, n) = (cfg.hidden_size, cfg.d_inner, cfg.d_state);
     let p = cfg.in_proj_dim();
     let cd = cfg.conv_dim();
-    b.linear(View::dense(m.normed, t, d), &lw.in_proj, lw.in_proj_bias.as_ref(), ViewMut::dense(m.proj, t, p))?;
-    let proj = View::dense(&*m.proj, t, p);
-    // Mamba-1 splits in_proj into x | z, Mamba-2 into z | xBC | dt.
-    let (conv_in, z) = match cfg.arch {
-        Arch::Mamba2 => (proj.columns(di, cd), proj.columns(0, di)),
-        _ => (proj.columns(0, di), proj.columns(di, di)),
+    let proj = View::dense(m.proj, t, p);
+    // Mamba-1's z follows x in in_proj, Mamba-2's comes first.
+    let z = match cfg.arch {
+        Arch::Mamba2 => proj.columns(0, di),
+        _ => proj.columns(di, di),
     };
-    let conv = ConvArgs {
-        x: conv_in,
-        weight: &lw.conv_w,
-        bias: lw.conv_b.as_ref(),
-        kernel: cfg.d_conv,
-        activation: cfg.activation,
-        state: &mut pool.conv,
-        layout: pool.conv_layout,
-        layer,
-    };
-    b.conv1d(conv, batch, ViewMut::dense(m.conv_out, t, cd))?;
-    let xc = View::dense(&*m.conv_out, t, cd);
+    let xc = View::dense(m.conv_out, t, cd);
 
     match &lw.mixer {
         MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } if batch.single_token => {
@@ -526,7 +540,7 @@ fn mixer<B: Backend>(
                 layer,
             };
             b.mamba1_step(args, batch, ViewMut::dense(m.y, t, di))?;
-            b.linear(View::dense(&*m.y, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.out, t, d))?;
+            b.linear_add(View::dense(&*m.y, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.residual, t, d))?;
         }
         MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } => {
             let r = cfg.dt_rank;
@@ -552,7 +566,7 @@ fn mixer<B: Backend>(
                 d_state: n,
             };
             b.mamba1_scan(args, batch, ViewMut::dense(m.y, t, di))?;
-            b.linear(View::dense(&*m.y, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.out, t, d))?;
+            b.linear_add(View::dense(&*m.y, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.residual, t, d))?;
         }
         MixerWeights::Ssd { dt_bias, a, d: skip, norm } => {
             let gn = cfg.n_groups * n;
@@ -577,7 +591,7 @@ fn mixer<B: Backend>(
             // Normalised per group, as the original Mamba-2 (see DESIGN §4).
             let group = di / cfg.n_groups;
             b.gated_rmsnorm(View::dense(&*m.y, t, di), z, norm, cfg.norm_eps, group, ViewMut::dense(m.gated, t, di))?;
-            b.linear(View::dense(&*m.gated, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.out, t, d))?;
+            b.linear_add(View::dense(&*m.gated, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.residual, t, d))?;
         }
     }
     Ok(())

@@ -10,8 +10,8 @@ use mamba_serve::backend::cpu::CpuBackend;
 use mamba_serve::backend::cuda::CudaBackend;
 use mamba_serve::backend::rng::SplitMix64;
 use mamba_serve::backend::{
-    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, PoolLayout, SampleRow, View,
-    ViewMut,
+    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, PoolLayout, ProjConv, SampleRow,
+    View, ViewMut,
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
@@ -178,6 +178,163 @@ fn linear_matches_the_cpu() -> TestResult {
     Ok(())
 }
 
+/// `rmsnorm_linear` (x dense `[m, k]`) and `linear_add` onto a strided
+/// output holding `init`; both outputs read back dense.
+#[allow(clippy::too_many_arguments)]
+fn fused_on<B: Backend>(
+    b: &B,
+    x: &[f32],
+    norm: &[f32],
+    (m, k, n): (usize, usize, usize),
+    w: &[u8],
+    dtype: DType,
+    bias: Option<&[f32]>,
+    init: &[f32],
+) -> R<(Vec<f32>, Vec<f32>)> {
+    let xb = b.upload(x)?;
+    let nb = b.upload(norm)?;
+    let wm = mat(b, n, k, dtype, w)?;
+    let bb = bias.map(|v| b.upload(v)).transpose()?;
+    let mut normed = poisoned(b, m * k)?;
+    let os = n + 3;
+    let mut out = poisoned(b, m * os + 2)?;
+    b.rmsnorm_linear(&xb, m, &nb, 1e-5, &wm, bb.as_ref(), &mut normed, ViewMut { buf: &mut out, offset: 2, rows: m, cols: n, stride: os })?;
+    let all = b.read(&out, 0, m * os + 2)?;
+    let normed_product = (0..m).flat_map(|r| all[2 + r * os..2 + r * os + n].to_vec()).collect();
+    let mut acc = b.upload(init)?;
+    b.linear_add(View::dense(&xb, m, k), &wm, bb.as_ref(), ViewMut { buf: &mut acc, offset: 2, rows: m, cols: n, stride: os })?;
+    let all = b.read(&acc, 0, m * os + 2)?;
+    let added = (0..m).flat_map(|r| all[2 + r * os..2 + r * os + n].to_vec()).collect();
+    Ok((normed_product, added))
+}
+
+#[test]
+fn fused_norm_and_residual_products_match_the_cpu() -> TestResult {
+    let Some(g) = gpu("fused_norm_and_residual_products_match_the_cpu") else { return Ok(()) };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(12);
+    // (m, n, k): the GEMV with 1, 2 and 4 columns a block and 1 to 8 rows a
+    // tile, K split over 32 to 256 threads, several row tiles (13 rows),
+    // the scalar path (k % 8 != 0: the norm runs first), and cuBLAS (the
+    // norm writing 16-bit activations; the residual add as beta = 1).
+    let shapes = [
+        (1, 96, 64),
+        (2, 300, 256),
+        (5, 2100, 128),
+        (3, 4500, 64),
+        (8, 4100, 64),
+        (1, 160, 4096),
+        (13, 160, 1024),
+        (1, 50, 20),
+        (40, 512, 384),
+        (300, 512, 384),
+    ];
+    for (m, n, k) in shapes {
+        for dtype in [DType::F32, DType::BF16] {
+            for with_bias in [false, true] {
+                let x = rng.vec(m * k, -2.0, 2.0);
+                let norm = rng.vec(k, 0.5, 1.5);
+                let (w, _) = as_dtype(&rng.vec(n * k, -0.5, 0.5), dtype);
+                let bias = with_bias.then(|| rng.vec(n, -1.0, 1.0));
+                let init = rng.vec(m * (n + 3) + 2, -1.0, 1.0);
+                let want = fused_on(&cpu, &x, &norm, (m, k, n), &w, dtype, bias.as_deref(), &init)?;
+                let got = fused_on(&g, &x, &norm, (m, k, n), &w, dtype, bias.as_deref(), &init)?;
+                let rounded = dtype != DType::F32 && m > 8 && m * n * k > 1 << 24;
+                let tol = if rounded { 1e-2 } else { 1e-5 };
+                let what = format!("m{m} n{n} k{k} {dtype} bias {with_bias}");
+                check_close(&format!("rmsnorm_linear {what}"), &got.0, &want.0, tol);
+                check_close(&format!("linear_add {what}"), &got.1, &want.1, tol);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `rmsnorm_linear_conv` over a batch of one token per sequence: the
+/// columns of proj outside the conv, the conv output and the conv state.
+#[allow(clippy::too_many_arguments)]
+fn entry_on<B: Backend>(
+    b: &B,
+    bt: &Batch,
+    x: &[f32],
+    norm: &[f32],
+    (k, n, start, ch): (usize, usize, usize, usize),
+    w: &[u8],
+    dtype: DType,
+    (taps, conv_b, kernel): (&[f32], &[f32], usize),
+    state: &[f32],
+    layout: PoolLayout,
+) -> R<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let m = bt.n_tokens();
+    let (xb, nb, wm) = (b.upload(x)?, b.upload(norm)?, mat(b, n, k, dtype, w)?);
+    let (tb, cb) = (b.upload(taps)?, b.upload(conv_b)?);
+    let mut st = b.upload(state)?;
+    let (cu, slots, prompt) = bt.on(b)?;
+    let packed = Packed { n_tokens: m, n_seqs: bt.lens.len(), cu_seqlens: &cu, slots: &slots, prompt: &prompt, single_token: true };
+    let mut normed = poisoned(b, m * k)?;
+    let mut proj = poisoned(b, m * n)?;
+    let mut conv_out = poisoned(b, m * ch)?;
+    let conv = ProjConv {
+        start,
+        channels: ch,
+        weight: &tb,
+        bias: Some(&cb),
+        kernel,
+        activation: Activation::Silu,
+        state: &mut st,
+        layout,
+        layer: 1,
+    };
+    b.rmsnorm_linear_conv(
+        &xb,
+        m,
+        &nb,
+        1e-5,
+        &wm,
+        None,
+        &mut normed,
+        ViewMut::dense(&mut proj, m, n),
+        conv,
+        &packed,
+        ViewMut::dense(&mut conv_out, m, ch),
+    )?;
+    let p = b.read(&proj, 0, m * n)?;
+    let p = &p;
+    let outside = (0..m).flat_map(|r| (0..n).filter(|c| *c < start || *c >= start + ch).map(move |c| p[r * n + c])).collect();
+    Ok((outside, b.read(&conv_out, 0, m * ch)?, b.read(&st, 0, state.len())?))
+}
+
+#[test]
+fn fused_mixer_entry_matches_the_cpu() -> TestResult {
+    let Some(g) = gpu("fused_mixer_entry_matches_the_cpu") else { return Ok(()) };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(15);
+    // (sequences, k, in_proj outputs, conv start, conv channels, taps):
+    // Mamba-1's x | z, Mamba-2's z | xBC | dt, a 2-tap conv, 8 rows (the
+    // largest fused tile) and 12 (the unfused path).
+    let cases = [(1, 64, 192, 0, 96, 4), (3, 128, 300, 100, 140, 4), (8, 64, 160, 0, 80, 2), (12, 64, 160, 0, 80, 4)];
+    for (seqs, k, n, start, ch, kernel) in cases {
+        for dtype in [DType::F32, DType::BF16] {
+            let n_slots = seqs + 3;
+            let layout = PoolLayout { n_slots, n_layers: 2, per_layer: ch * (kernel - 1) };
+            let bt = batch(&mut rng, &vec![1; seqs], n_slots);
+            let x = rng.vec(seqs * k, -2.0, 2.0);
+            let norm = rng.vec(k, 0.5, 1.5);
+            let (w, _) = as_dtype(&rng.vec(n * k, -0.5, 0.5), dtype);
+            let taps = rng.vec(ch * kernel, -1.0, 1.0);
+            let conv_b = rng.vec(ch, -0.5, 0.5);
+            let state = rng.vec(layout.len(), -1.0, 1.0);
+            let want = entry_on(&cpu, &bt, &x, &norm, (k, n, start, ch), &w, dtype, (&taps, &conv_b, kernel), &state, layout)?;
+            let got = entry_on(&g, &bt, &x, &norm, (k, n, start, ch), &w, dtype, (&taps, &conv_b, kernel), &state, layout)?;
+            let what = format!("mixer entry seqs {seqs} k {k} n {n} conv {start}+{ch} taps {kernel} {dtype}");
+            check_close(&format!("{what} proj"), &got.0, &want.0, 1e-5);
+            check_close(&format!("{what} conv out"), &got.1, &want.1, 1e-5);
+            check_close(&format!("{what} conv state"), &got.2, &want.2, 1e-5);
+        }
+    }
+    Ok(())
+}
+
 // ------------------------------------------------- embed, norms, gather
 
 #[test]
@@ -335,8 +492,23 @@ fn conv1d_matches_the_cpu() -> TestResult {
     let Some(g) = gpu("conv1d_matches_the_cpu") else { return Ok(()) };
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(13);
-    let cases: &[(&[usize], usize, usize)] =
-        &[(&[5, 1, 17, 3], 37, 4), (&[1, 1, 1, 1, 1], 96, 4), (&[2, 9], 40, 3), (&[12, 1, 4], 48, 5), (&[1, 1, 1], 33, 2)];
+    // From the sixth on, several runs of 32 rows per thread: segments that
+    // cross runs, start within k - 1 rows before a run (the run's window
+    // mixes state and inputs) or end on a run's edge; 130 channels (a
+    // partial channel block); k 7 (the 8-tap window) and 10 (the one-row
+    // kernel).
+    let cases: &[(&[usize], usize, usize)] = &[
+        (&[5, 1, 17, 3], 37, 4),
+        (&[1, 1, 1, 1, 1], 96, 4),
+        (&[2, 9], 40, 3),
+        (&[12, 1, 4], 48, 5),
+        (&[1, 1, 1], 33, 2),
+        (&[30, 3, 40, 1, 70], 37, 4),
+        (&[32, 32, 5], 130, 4),
+        (&[62, 1, 1, 100], 20, 3),
+        (&[100, 2], 40, 7),
+        (&[3, 40], 20, 10),
+    ];
     for &(lens, ch, k) in cases {
         for act in [Activation::Silu, Activation::Identity, Activation::Gelu] {
             let n_slots = 6;
@@ -430,17 +602,26 @@ fn mamba1_scan_matches_the_cpu() -> TestResult {
     let Some(g) = gpu("mamba1_scan_matches_the_cpu") else { return Ok(()) };
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(14);
-    // The last three are long and narrow enough to be split in time (parts
-    // of 256 tokens).
+    // From (&[700, 5], ..) on the batches are long and narrow enough to be
+    // split in time (parts of 128 tokens on a GPU of >= 64 multiprocessors;
+    // parts of 160 for the 9000-token one, capped at 64 parts). In
+    // [3, 1030, 1, 256] parts 0 and 8 each hold the end of one segment and
+    // the start of the next. State sizes 5 and 13 leave a thread of the
+    // tiled scan part-filled, 3 one thread per channel with states.
     let cases: &[(&[usize], usize, usize)] = &[
         (&[5, 1, 40, 3], 37, 16),
         (&[1, 1, 1, 1], 96, 16),
         (&[70, 2], 40, 8),
         (&[17, 33, 1], 33, 5),
         (&[9], 64, 32),
+        (&[50, 7, 31, 32, 33], 45, 3),
+        (&[300, 2, 45], 100, 13),
         (&[700, 5], 37, 16),
         (&[600], 24, 8),
         (&[3, 1030, 1, 256], 20, 16),
+        (&[2000], 70, 16),
+        (&[900], 33, 13),
+        (&[9000], 8, 16),
     ];
     for &(lens, ch, n) in cases {
         let bt = batch(&mut rng, lens, 7);
@@ -449,6 +630,27 @@ fn mamba1_scan_matches_the_cpu() -> TestResult {
         let got = mamba1_on(&g, &bt, &c)?;
         check_close(&format!("mamba1_scan {lens:?} ch {ch} n {n} out"), &got.0, &want.0, 1e-5);
         check_close(&format!("mamba1_scan {lens:?} ch {ch} n {n} state"), &got.1, &want.1, 1e-5);
+    }
+    Ok(())
+}
+
+#[test]
+fn mamba1_scan_of_many_short_segments_matches_the_cpu() -> TestResult {
+    let Some(g) = gpu("mamba1_scan_of_many_short_segments_matches_the_cpu") else { return Ok(()) };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(15);
+    // 40 sequences of 1 to 8 tokens (one grid row each, a part-filled
+    // chunk), 70 channels (a partial block of 32).
+    for n in [16, 7] {
+        let lens: Vec<usize> = (0..40).map(|_| 1 + rng.below(8)).collect();
+        let bt = batch(&mut rng, &lens, 48);
+        let mut c = scan_case(&mut rng, bt.n_tokens(), 70, n);
+        c.layout = PoolLayout { n_slots: 48, n_layers: 2, per_layer: 70 * n };
+        c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+        let want = mamba1_on(&cpu, &bt, &c)?;
+        let got = mamba1_on(&g, &bt, &c)?;
+        check_close(&format!("mamba1_scan 40 short segments n {n} out"), &got.0, &want.0, 1e-5);
+        check_close(&format!("mamba1_scan 40 short segments n {n} state"), &got.1, &want.1, 1e-5);
     }
     Ok(())
 }

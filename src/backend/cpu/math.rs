@@ -78,6 +78,16 @@ pub fn add_rmsnorm(residual: &mut [f32], delta: Option<&[f32]>, w: &[f32], eps: 
     });
 }
 
+/// `out = x / sqrt(mean(x^2) + eps) * w` per row of width `dim`.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, dim: usize, out: &mut [f32]) {
+    x.par_chunks(dim).zip(out.par_chunks_mut(dim)).for_each(|(row, o)| {
+        let s = inv_rms(row.iter().copied(), dim, eps);
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
+            *o = w * (v * s);
+        }
+    });
+}
+
 pub fn linear(x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: ViewMut<'_, Vec<f32>>) {
     let (m, n, k) = (x.rows, w.rows, w.cols);
     if m == 0 {

@@ -173,6 +173,38 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn linear_add(&self, x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: ViewMut<'_, Vec<f32>>) -> Result<()> {
+        checks::linear::<Self>(&x, w, bias, &out)?;
+        let (m, n) = (x.rows, w.rows);
+        let mut product = vec![0.0; m * n];
+        math::linear(x, w, bias, ViewMut::dense(&mut product, m, n));
+        for (r, row) in product.chunks_exact(n.max(1)).enumerate().take(m) {
+            let o = out.offset + r * out.stride;
+            for (dst, v) in out.buf[o..o + n].iter_mut().zip(row) {
+                *dst += v;
+            }
+        }
+        Ok(())
+    }
+
+    fn rmsnorm_linear(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        norm: &Vec<f32>,
+        eps: f32,
+        w: &CpuMat,
+        bias: Option<&Vec<f32>>,
+        normed: &mut Vec<f32>,
+        out: ViewMut<'_, Vec<f32>>,
+    ) -> Result<()> {
+        checks::rmsnorm_linear::<Self>(x, rows, norm, w, bias, normed, &out)?;
+        let (n, k) = (rows * w.cols, w.cols);
+        math::rmsnorm(&x[..n], norm, eps, k, &mut normed[..n]);
+        math::linear(View::dense(normed, rows, k), w, bias, out);
+        Ok(())
+    }
+
     fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Vec<f32>>) -> Result<()> {
         checks::conv1d(&args, batch, &out)?;
         check_packed("conv1d", batch, args.layout.n_slots)?;

@@ -27,23 +27,46 @@ use self::blas::{Blas, Gemm};
 use self::kernels::{Args, Kernel, Kernels};
 use super::checks::{self, check};
 use super::{
-    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, Result, SampleRow,
-    SampledToken, View, ViewMut,
+    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, ProjConv, Result,
+    SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
-/// Rows of x one GEMV block takes (the weights are read once per tile).
-const GEMV_TILE_ROWS: usize = 16;
 /// Up to this many rows, products use the GEMV kernel (f32 activations).
 const GEMV_MAX_ROWS: usize = 8;
-/// Prefill batches with at most this many (sequence, channel) pairs split
-/// long segments in time (parts of SCAN_PART_LEN tokens). Measured on an
-/// H200, splitting did not pay for real widths (4096 channels: 37.8 ms
-/// against 35.6 ms for a 2048-token mamba-1.4b prefill), so it is kept for
-/// very narrow models only (see docs/perf-notes.md).
-const SCAN_SPLIT_MAX_PAIRS: usize = 1024;
-const SCAN_PART_LEN: usize = 256;
+/// A GEMV grid takes more output columns per block only while it keeps at
+/// least this many blocks (about 8 per multiprocessor).
+const GEMV_MIN_BLOCKS: usize = 1024;
+/// 16-byte weight chunks per column each GEMV thread reads (its share of K).
+const GEMV_CHUNKS_PER_THREAD: usize = 2;
+/// The tiled prefill scan (`mamba1_scan_tiled`, d_state up to
+/// SCAN_TILE_MAX_STATE): channels per block, tokens per staged chunk, and
+/// floats per channel of a part summary (16 states, the sum of dt, padding).
+const SCAN_TILE_MAX_STATE: usize = 16;
+const SCAN_TILE_CHANNELS: usize = 32;
+const SCAN_TILE_TOKENS: usize = 32;
+const SCAN_RECORD: usize = 20;
+/// A prefill scan whose grid has fewer blocks than this many per
+/// multiprocessor splits long segments in time, into parts of at least
+/// SCAN_MIN_PART tokens and at most SCAN_MAX_PARTS parts, so that the grid
+/// fills the GPU. Each part but a segment's last is also run by the summary
+/// pass (~80% of the output pass's work per token).
+const SCAN_SPLIT_BLOCKS_PER_SM: usize = 4;
+const SCAN_MIN_PART: usize = 128;
+const SCAN_MAX_PARTS: usize = 64;
+/// Packed rows per thread of the windowed conv1d (`CONV_RUN` in
+/// kernels/conv.cu).
+const CONV_RUN_ROWS: usize = 32;
+/// Sequences per block of the decode conv step, and its largest kernel
+/// (`kernels/conv.cu`).
+const CONV_STEP_SEQS: u32 = 4;
+const CONV_STEP_MAX_K: usize = 8;
+/// Sequences per thread of the wide decode step (`mamba1_step_wide`).
+const STEP_WIDE_SEQS: u32 = 4;
+/// Up to this many sequences, the fused decode step gives each thread one
+/// state (more threads, shorter dependency chains) instead of four.
+const STEP_ONE_STATE_MAX_SEQS: usize = 2;
 /// Up to this many sequences, the decode step computes dt inside its kernel.
 const STEP_FUSED_DT_MAX_SEQS: usize = 16;
 /// Products of at most this many multiply-adds also stay on the exact f32
@@ -52,6 +75,40 @@ const SMALL_GEMM_MACS: usize = 1 << 24;
 
 fn dev(op: &'static str) -> impl Fn(result::DriverError) -> BackendError {
     move |e| BackendError::Device { op, detail: e.to_string() }
+}
+
+/// How a GEMV combines its result with the output, and the RMS-norm
+/// prologue (norm weight, eps) applied to x.
+#[derive(Clone, Copy)]
+struct GemvMode<'a> {
+    accumulate: bool,
+    norm: Option<(&'a CudaVec, f32)>,
+    /// The conv step folded into the epilogue: `ConvEpilogue` of
+    /// `kernels/gemv.cu`, as the words of its C layout.
+    conv: Option<[u64; CONV_EPILOGUE_WORDS]>,
+}
+
+impl GemvMode<'_> {
+    const STORE: GemvMode<'static> = GemvMode { accumulate: false, norm: None, conv: None };
+}
+
+/// 8-byte words of `ConvEpilogue` (80 bytes).
+const CONV_EPILOGUE_WORDS: usize = 10;
+
+/// The activation operand of a cuBLAS product: f32 (rounded to the
+/// weights' 16-bit type first when they have one), or already 16-bit.
+enum GemmInput<'a> {
+    F32(View<'a, CudaVec>),
+    Half { ptr: u64, stride: usize, rows: usize },
+}
+
+impl GemmInput<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            GemmInput::F32(v) => v.rows,
+            GemmInput::Half { rows, .. } => *rows,
+        }
+    }
 }
 
 /// Device memory owned by the backend: freed on drop.
@@ -369,63 +426,96 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn gemv(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>) -> Result<()> {
-        let vec = w.cols % 8 == 0 && x.offset % 4 == 0 && x.stride % 4 == 0;
-        // Rows of x per block: the smallest tile holding them all (at most
-        // 16); wide outputs share x chunks between 4 columns per warp.
-        let mt = x.rows.min(GEMV_TILE_ROWS).next_power_of_two();
-        let r = if mt <= 8 && w.rows >= 4096 { 4 } else { 1 };
-        let (k, mt, r) = match (vec, w.dtype) {
-            (true, dtype) => (Kernel::gemv(dtype, mt, r), mt, r),
-            (false, DType::F32) => (Kernel::GemvF32Scalar, 8, 1),
-            (false, DType::BF16) => (Kernel::GemvBf16Scalar, 8, 1),
-            (false, DType::F16) => (Kernel::GemvF16Scalar, 8, 1),
+    /// A decode-sized product (see `kernels/gemv.cu`): `out (+)= x · wᵀ`,
+    /// with the RMS-norm prologue when `norm` is given (then x must take
+    /// the vector path: [`CudaBackend::gemv_vec`]).
+    fn gemv(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>, mode: GemvMode<'_>) -> Result<()> {
+        let args = || {
+            Args::new()
+                .ptr(x.buf.at(x.offset))
+                .i32(x.stride)
+                .i32(x.rows)
+                .ptr(w.buf.ptr)
+                .i32(w.rows)
+                .i32(w.cols)
+                .ptr(bias.map_or(0, |b| b.buf.ptr))
+                .ptr(out.buf.at(out.offset))
+                .i32(out.stride)
+                .u32(mode.accumulate as u32)
+                .ptr(mode.norm.map_or(0, |(n, _)| n.buf.ptr))
+                .f32(mode.norm.map_or(0.0, |(_, eps)| eps))
+                .words(&mode.conv.unwrap_or([0; CONV_EPILOGUE_WORDS]))
         };
-        let warps = 4u32;
-        let grid = ((w.rows as u32).div_ceil(warps * r as u32), (x.rows as u32).div_ceil(mt as u32), 1);
-        let args = Args::new()
-            .ptr(x.buf.at(x.offset))
-            .i32(x.stride)
-            .i32(x.rows)
-            .ptr(w.buf.ptr)
-            .i32(w.rows)
-            .i32(w.cols)
-            .ptr(bias.map_or(0, |b| b.buf.ptr))
-            .ptr(out.buf.at(out.offset))
-            .i32(out.stride);
-        self.launch(k, args, grid, warps * 32)
+        if !Self::gemv_vec(&x, w) {
+            check("linear", mode.norm.is_none(), || "the norm prologue needs the vector path".into())?;
+            let k = match w.dtype {
+                DType::F32 => Kernel::GemvF32Scalar,
+                DType::BF16 => Kernel::GemvBf16Scalar,
+                DType::F16 => Kernel::GemvF16Scalar,
+            };
+            let grid = ((w.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(8), 1);
+            return self.launch(k, args(), grid, 128);
+        }
+        // Rows of x per block: the smallest tile holding them all (at most
+        // 8; more rows take several tiles, the weights re-read from L2).
+        let mt = x.rows.min(8).next_power_of_two();
+        // Output columns per block: as many as keep the grid at least
+        // GEMV_MIN_BLOCKS blocks (more loads in flight per thread).
+        let mut r = if w.rows >= 4 * GEMV_MIN_BLOCKS {
+            4
+        } else if w.rows >= 2 * GEMV_MIN_BLOCKS {
+            2
+        } else {
+            1
+        };
+        if mt == 8 {
+            r = r.min(2);
+        }
+        let k = Kernel::gemv(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
+        // Threads split K so that each reads about GEMV_CHUNKS_PER_THREAD
+        // 16-byte chunks per column.
+        let chunks = w.cols / 8;
+        let threads = chunks.div_ceil(GEMV_CHUNKS_PER_THREAD).next_multiple_of(32).clamp(32, 256) as u32;
+        let grid = ((w.rows as u32).div_ceil(r as u32), (x.rows as u32).div_ceil(mt as u32), 1);
+        self.launch(k, args(), grid, threads)
     }
 
-    fn blas_gemm(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>) -> Result<()> {
-        let (m, n, k) = (x.rows, w.rows, w.cols);
+    /// Whether a product can take the GEMV's 16-byte vector path.
+    fn gemv_vec(x: &View<'_, CudaVec>, w: &CudaMat) -> bool {
+        w.cols % 8 == 0 && x.offset % 4 == 0 && x.stride % 4 == 0
+    }
+
+    /// Whether a product runs as a GEMV (decode-sized batches and tiny
+    /// products) rather than on tensor cores through cuBLAS. Above
+    /// GEMV_MAX_ROWS every output column would re-read x (L1/L2 traffic of
+    /// 2 × rows / columns per block times the weights).
+    fn use_gemv(rows: usize, w: &CudaMat) -> bool {
+        let macs = rows * w.rows * w.cols;
+        rows <= GEMV_MAX_ROWS || (w.dtype != DType::F32 && macs <= SMALL_GEMM_MACS) || w.cols == 0
+    }
+
+    /// `out = x · wᵀ (+ bias)` through cuBLAS, or `out += ...` with
+    /// `accumulate`. 16-bit weights take 16-bit activations: `x` is either
+    /// an f32 view rounded here, or already converted (`GemmInput::Half`).
+    fn blas_gemm(&self, x: GemmInput<'_>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>, accumulate: bool) -> Result<()> {
+        let (m, n, k) = (x.rows(), w.rows, w.cols);
         let out_ptr = out.buf.at(out.offset);
         if let Some(b) = bias {
-            let args = Args::new().ptr(b.buf.ptr).ptr(out_ptr).i32(m).i32(n).i32(out.stride);
+            let args = Args::new().ptr(b.buf.ptr).ptr(out_ptr).i32(m).i32(n).i32(out.stride).u32(accumulate as u32);
             self.launch(Kernel::BiasRows, args, ((n as u32).div_ceil(ROW_THREADS), (m as u32).min(65535), 1), ROW_THREADS)?;
         }
-        let beta = if bias.is_some() { 1.0 } else { 0.0 };
-        let mut g = Gemm {
-            m,
-            n,
-            k,
-            x: x.buf.at(x.offset),
-            x_stride: x.stride,
-            w: w.buf.ptr,
-            dtype: w.dtype,
-            out: out_ptr,
-            out_stride: out.stride,
-            beta,
+        let beta = if bias.is_some() || accumulate { 1.0 } else { 0.0 };
+        let (x_ptr, x_stride) = match x {
+            GemmInput::F32(v) if w.dtype != DType::F32 => {
+                // Tensor cores take 16-bit operands: round this activation once.
+                let half = self.half_scratch(m * k * 2)?;
+                self.to_half(&v, half, w.dtype)?;
+                (half, k)
+            }
+            GemmInput::F32(v) => (v.buf.at(v.offset), v.stride),
+            GemmInput::Half { ptr, stride, .. } => (ptr, stride),
         };
-        if w.dtype != DType::F32 {
-            // Tensor cores take 16-bit operands: round this activation once.
-            let mut scratch = self.scratch.borrow_mut();
-            self.ensure(&mut scratch.half, m * k * 2, "half activations")?;
-            let code = if w.dtype == DType::BF16 { 1 } else { 2 };
-            let args = Args::new().ptr(g.x).i32(m).i32(k).i32(x.stride).ptr(scratch.half.ptr).u32(code);
-            self.launch(Kernel::ToHalf, args, ((k as u32).div_ceil(ROW_THREADS), (m as u32).min(65535), 1), ROW_THREADS)?;
-            g.x = scratch.half.ptr;
-            g.x_stride = k;
-        }
+        let g = Gemm { m, n, k, x: x_ptr, x_stride, w: w.buf.ptr, dtype: w.dtype, out: out_ptr, out_stride: out.stride, beta };
         self.profiled(
             || format!("cublas gemm m{m} n{n} k{k} {}", w.dtype),
             || {
@@ -433,6 +523,26 @@ impl CudaBackend {
                 self.blas.gemm(&g)
             },
         )
+    }
+
+    /// The scratch for 16-bit activations, grown to `bytes` if needed.
+    fn half_scratch(&self, bytes: usize) -> Result<u64> {
+        let mut scratch = self.scratch.borrow_mut();
+        self.ensure(&mut scratch.half, bytes, "half activations")?;
+        Ok(scratch.half.ptr)
+    }
+
+    /// Dense 16-bit copy (`dtype`) of an f32 view at `dst`.
+    fn to_half(&self, v: &View<'_, CudaVec>, dst: u64, dtype: DType) -> Result<()> {
+        let code = if dtype == DType::BF16 { 1 } else { 2 };
+        let (m, k) = (v.rows, v.cols);
+        let args = Args::new().ptr(v.buf.at(v.offset)).i32(m).i32(k).i32(v.stride).ptr(dst).u32(code);
+        if k % 8 == 0 && v.offset % 4 == 0 && v.stride % 4 == 0 {
+            // Eight columns per thread: two 16-byte loads, one 16-byte store.
+            let grid = ((k as u32 / 8).div_ceil(ROW_THREADS), (m as u32).min(65535), 1);
+            return self.launch(Kernel::ToHalf8, args, grid, ROW_THREADS);
+        }
+        self.launch(Kernel::ToHalf, args, ((k as u32).div_ceil(ROW_THREADS), (m as u32).min(65535), 1), ROW_THREADS)
     }
 
     fn ssm_layout_args(state: &CudaVec, layout: super::PoolLayout, layer: usize) -> (u64, u64, u64) {
@@ -480,6 +590,27 @@ fn scan_args(
 /// Threads per channel group of the packed scan for `d_state`.
 fn scan_lanes(d_state: usize) -> usize {
     d_state.next_power_of_two().clamp(4, 32)
+}
+
+/// How the tiled prefill scan splits segments in time: `(part_len, parts)`
+/// over the packed rows, or `None` to run each segment in one piece. Splits
+/// when the grid would have fewer than SCAN_SPLIT_BLOCKS_PER_SM blocks per
+/// multiprocessor and an average segment makes at least two parts; the part
+/// length aims at that many blocks for segments of the average length. The
+/// lengths themselves stay on the device, so the grid's parts cover all
+/// packed rows and blocks of (segment, part) pairs that do not meet return
+/// at once.
+fn scan_split(n_seqs: usize, n_tokens: usize, blocks_per_seq: usize, sms: usize) -> Option<(usize, usize)> {
+    let blocks = n_seqs * blocks_per_seq;
+    let target = sms * SCAN_SPLIT_BLOCKS_PER_SM;
+    let avg = n_tokens / n_seqs.max(1);
+    if blocks == 0 || blocks >= target || avg < 2 * SCAN_MIN_PART {
+        return None;
+    }
+    let pieces = target.div_ceil(blocks);
+    let part_len = avg.div_ceil(pieces).max(SCAN_MIN_PART).max(n_tokens.div_ceil(SCAN_MAX_PARTS)).next_multiple_of(SCAN_TILE_TOKENS);
+    let n_parts = n_tokens.div_ceil(part_len);
+    (n_parts >= 2).then_some((part_len, n_parts))
 }
 
 impl Backend for CudaBackend {
@@ -590,8 +721,14 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let args =
-            Args::new().ptr(residual.buf.ptr).ptr(delta.map_or(0, |d| d.buf.ptr)).ptr(weight.buf.ptr).f32(eps).i32(dim).ptr(out.buf.ptr);
+        let args = Args::new()
+            .ptr(residual.buf.ptr)
+            .ptr(delta.map_or(0, |d| d.buf.ptr))
+            .ptr(weight.buf.ptr)
+            .f32(eps)
+            .i32(dim)
+            .ptr(out.buf.ptr)
+            .u32(0);
         // Few rows (decode): a wide block per row shortens its serial loops.
         let threads = if rows < 128 { 1024 } else { ROW_THREADS };
         self.launch(Kernel::AddRmsNorm, args, (rows as u32, 1, 1), threads)
@@ -602,15 +739,111 @@ impl Backend for CudaBackend {
         if x.rows == 0 || w.rows == 0 {
             return Ok(());
         }
-        // GEMV for decode-sized batches and tiny products; above that every
-        // output column would re-read x (L1/L2 traffic of 2 × rows / columns
-        // per warp times the weights), so tensor cores take over.
-        let macs = x.rows * w.rows * w.cols;
-        if x.rows <= GEMV_MAX_ROWS || (w.dtype != DType::F32 && macs <= SMALL_GEMM_MACS) || w.cols == 0 {
-            self.gemv(x, w, bias, &out)
+        if Self::use_gemv(x.rows, w) {
+            self.gemv(x, w, bias, &out, GemvMode::STORE)
         } else {
-            self.blas_gemm(x, w, bias, &out)
+            self.blas_gemm(GemmInput::F32(x), w, bias, &out, false)
         }
+    }
+
+    fn linear_add(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        checks::linear::<Self>(&x, w, bias, &out)?;
+        if x.rows == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        if Self::use_gemv(x.rows, w) {
+            self.gemv(x, w, bias, &out, GemvMode { accumulate: true, norm: None, conv: None })
+        } else {
+            self.blas_gemm(GemmInput::F32(x), w, bias, &out, true)
+        }
+    }
+
+    fn rmsnorm_linear(
+        &self,
+        x: &CudaVec,
+        rows: usize,
+        norm: &CudaVec,
+        eps: f32,
+        w: &CudaMat,
+        bias: Option<&CudaVec>,
+        normed: &mut CudaVec,
+        out: ViewMut<'_, CudaVec>,
+    ) -> Result<()> {
+        checks::rmsnorm_linear::<Self>(x, rows, norm, w, bias, normed, &out)?;
+        if rows == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let k = w.cols;
+        let xv = View::dense(x, rows, k);
+        if Self::use_gemv(rows, w) && Self::gemv_vec(&xv, w) && rows <= GEMV_MAX_ROWS {
+            // Decode: the norm folded into the product, nothing written between.
+            return self.gemv(xv, w, bias, &out, GemvMode { accumulate: false, norm: Some((norm, eps)), conv: None });
+        }
+        let threads = if rows < 128 { 1024 } else { ROW_THREADS };
+        let norm_args = |dst: u64, half: u32| {
+            Args::new().ptr(x.buf.ptr).ptr(0).ptr(norm.buf.ptr).f32(eps).i32(k).ptr(dst).u32(half)
+        };
+        if !Self::use_gemv(rows, w) && w.dtype != DType::F32 {
+            // The norm writes the 16-bit activations the tensor cores take.
+            let half = self.half_scratch(rows * k * 2)?;
+            let code = if w.dtype == DType::BF16 { 1 } else { 2 };
+            self.launch(Kernel::AddRmsNorm, norm_args(half, code), (rows as u32, 1, 1), threads)?;
+            let input = GemmInput::Half { ptr: half, stride: k, rows };
+            return self.blas_gemm(input, w, bias, &out, false);
+        }
+        self.launch(Kernel::AddRmsNorm, norm_args(normed.buf.ptr, 0), (rows as u32, 1, 1), threads)?;
+        self.linear(View::dense(normed, rows, k), w, bias, out)
+    }
+
+    fn rmsnorm_linear_conv(
+        &self,
+        x: &CudaVec,
+        rows: usize,
+        norm: &CudaVec,
+        eps: f32,
+        w: &CudaMat,
+        bias: Option<&CudaVec>,
+        normed: &mut CudaVec,
+        proj: ViewMut<'_, CudaVec>,
+        conv: ProjConv<'_, Self>,
+        batch: &Packed<'_, Self>,
+        conv_out: ViewMut<'_, CudaVec>,
+    ) -> Result<()> {
+        let xv = View::dense(x, rows, w.cols);
+        let fused = batch.single_token
+            && rows == batch.n_seqs
+            && rows <= GEMV_MAX_ROWS
+            && Self::use_gemv(rows, w)
+            && Self::gemv_vec(&xv, w)
+            && (1..=CONV_STEP_MAX_K).contains(&conv.kernel);
+        if !fused {
+            let ViewMut { buf, offset, rows: r, cols, stride } = proj;
+            self.rmsnorm_linear(x, rows, norm, eps, w, bias, normed, ViewMut { buf: &mut *buf, offset, rows: r, cols, stride })?;
+            let args = conv.args(View { buf: &*buf, offset, rows: r, cols, stride });
+            return self.conv1d(args, batch, conv_out);
+        }
+        // Decode: the norm, in_proj and the conv step in one kernel.
+        checks::rmsnorm_linear::<Self>(x, rows, norm, w, bias, normed, &proj)?;
+        let (start, channels) = (conv.start, conv.channels);
+        let ViewMut { buf, offset, rows: r, cols, stride } = proj;
+        let args = conv.args(View { buf: &*buf, offset, rows: r, cols, stride });
+        checks::conv1d(&args, batch, &conv_out)?;
+        let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
+        let k = args.kernel as u64;
+        let epilogue = [
+            args.weight.buf.ptr,
+            args.bias.map_or(0, |b| b.buf.ptr),
+            k | (args.activation.code() as u64) << 32,
+            state,
+            slot_stride,
+            layer_off,
+            batch.slots.buf.ptr,
+            start as u64 | (channels as u64) << 32,
+            conv_out.buf.at(conv_out.offset),
+            conv_out.stride as u64,
+        ];
+        let out = ViewMut { buf, offset, rows: r, cols, stride };
+        self.gemv(xv, w, bias, &out, GemvMode { accumulate: false, norm: Some((norm, eps)), conv: Some(epilogue) })
     }
 
     fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
@@ -637,10 +870,13 @@ impl Backend for CudaBackend {
                 .u64(slot_stride)
                 .u64(layer_off)
                 .ptr(batch.slots.buf.ptr)
+                .i32(batch.n_seqs)
                 .i32(ch)
                 .ptr(o)
                 .i32(out.stride);
-            return self.launch(Kernel::ConvStep, a, (blocks, batch.n_seqs as u32, 1), 128);
+            check("conv1d", k <= CONV_STEP_MAX_K, || format!("kernel size {k} above {CONV_STEP_MAX_K}"))?;
+            let groups = (batch.n_seqs as u32).div_ceil(CONV_STEP_SEQS);
+            return self.launch(Kernel::ConvStep, a, (blocks, groups, 1), 128);
         }
         let a = Args::new()
             .ptr(x)
@@ -654,11 +890,26 @@ impl Backend for CudaBackend {
             .u64(layer_off)
             .ptr(batch.cu_seqlens.buf.ptr)
             .ptr(batch.slots.buf.ptr)
-            .i32(batch.n_seqs)
-            .i32(ch)
-            .ptr(o)
-            .i32(out.stride);
-        self.launch(Kernel::ConvPacked, a, (batch.n_tokens as u32, blocks, 1), 128)?;
+            .i32(batch.n_seqs);
+        // Each thread runs one channel over CONV_RUN_ROWS rows with its
+        // window in registers; the one-row-per-block kernel is left for
+        // kernels wider than the register windows.
+        let runs = batch.n_tokens.div_ceil(CONV_RUN_ROWS);
+        let windowed = match k {
+            ..=4 => Some(Kernel::ConvRunsK4),
+            5..=8 => Some(Kernel::ConvRunsK8),
+            _ => None,
+        };
+        match windowed {
+            Some(kern) if runs <= u16::MAX as usize => {
+                let a = a.i32(batch.n_tokens).i32(ch).ptr(o).i32(out.stride);
+                self.launch(kern, a, (blocks, runs as u32, 1), 128)?;
+            }
+            _ => {
+                let a = a.i32(ch).ptr(o).i32(out.stride);
+                self.launch(Kernel::ConvPacked, a, (batch.n_tokens as u32, blocks, 1), 128)?;
+            }
+        }
         if k > 1 {
             let a = Args::new()
                 .ptr(x)
@@ -696,18 +947,9 @@ impl Backend for CudaBackend {
         if t == 0 || d == 0 {
             return Ok(());
         }
-        let lanes = scan_lanes(n);
         let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
-        let cpb = 128 / lanes;
-        let grid = ((d as u32).div_ceil(cpb as u32), batch.n_seqs as u32, 1);
-        if lanes <= 16 {
-            // One state per lane: the register-staged kernel.
-            let k = match lanes {
-                4 => Kernel::Mamba1ScanFastL4,
-                8 => Kernel::Mamba1ScanFastL8,
-                _ => Kernel::Mamba1ScanFastL16,
-            };
-            let fast_args = |part_len: usize, parts: u64, summary: u32| {
+        if n <= SCAN_TILE_MAX_STATE {
+            let tiled_args = |part_len: usize, parts: u64| {
                 scan_args(
                     &args.x,
                     &args.dt,
@@ -726,19 +968,22 @@ impl Backend for CudaBackend {
                 .i32(out.stride)
                 .i32(part_len)
                 .ptr(parts)
-                .u32(summary)
             };
-            if batch.n_seqs * d <= SCAN_SPLIT_MAX_PAIRS && batch.n_tokens >= 2 * SCAN_PART_LEN {
+            let blocks = d.div_ceil(SCAN_TILE_CHANNELS);
+            let grid = (blocks as u32, batch.n_seqs as u32, 1);
+            let sms = self.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(dev("device attribute"))?;
+            if let Some((part_len, n_parts)) = scan_split(batch.n_seqs, t, blocks, sms.max(1) as usize) {
                 // Few long segments: split them in time so they fill the GPU.
-                let n_parts = batch.n_tokens.div_ceil(SCAN_PART_LEN);
                 let mut parts = self.scan_parts.borrow_mut();
-                self.ensure(&mut parts, batch.n_seqs * (n_parts + 1) * d * (n + 1) * 4, "scan part summaries")?;
+                self.ensure(&mut parts, (n_parts + batch.n_seqs) * d * SCAN_RECORD * 4, "scan part summaries")?;
                 let grid = (grid.0, grid.1, n_parts as u32);
-                self.launch(k, fast_args(SCAN_PART_LEN, parts.ptr, 1), grid, 128)?;
-                return self.launch(k, fast_args(SCAN_PART_LEN, parts.ptr, 0), grid, 128);
+                self.launch(Kernel::Mamba1ScanTiledSummary, tiled_args(part_len, parts.ptr), grid, 128)?;
+                return self.launch(Kernel::Mamba1ScanTiled, tiled_args(part_len, parts.ptr), grid, 128);
             }
-            return self.launch(k, fast_args(0, 0, 0), grid, 128);
+            return self.launch(Kernel::Mamba1ScanTiled, tiled_args(0, 0), grid, 128);
         }
+        // Larger states: 32 lanes per channel, 4 channels per block.
+        let grid = ((d as u32).div_ceil(4), batch.n_seqs as u32, 1);
         let k = Kernel::Mamba1ScanL32;
         let a = scan_args(
             &args.x,
@@ -767,7 +1012,7 @@ impl Backend for CudaBackend {
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
         checks::mamba1_step(&args, batch, &out)?;
         let (d, n, r, s) = (args.x.cols, args.d_state, args.dt_rank, batch.n_seqs);
-        let v4 = n % 4 == 0;
+        let v4 = n % 4 == 0 && (s > STEP_ONE_STATE_MAX_SEQS || std::env::var_os("MAMBA_SERVE_STEP_V4").is_some());
         let lanes = if v4 { n / 4 } else { n }.next_power_of_two();
         check("mamba1_step", lanes <= 32, || format!("state size {n} too large for the step kernel"))?;
         if s == 0 || d == 0 {
@@ -793,6 +1038,36 @@ impl Backend for CudaBackend {
         } else {
             None
         };
+        if let (Some(dtpre), true) = (dtpre, v4) {
+            let a = Args::new()
+                .ptr(args.x.buf.at(args.x.offset))
+                .i32(args.x.stride)
+                .ptr(args.xdbl.buf.at(args.xdbl.offset))
+                .i32(args.xdbl.stride)
+                .ptr(dtpre)
+                .i32(d)
+                .ptr(args.dt_bias.buf.ptr)
+                .ptr(args.a.buf.ptr)
+                .ptr(args.skip.buf.ptr)
+                .ptr(args.z.buf.at(args.z.offset))
+                .i32(args.z.stride)
+                .ptr(state)
+                .u64(slot_stride)
+                .u64(layer_off)
+                .ptr(batch.slots.buf.ptr)
+                .i32(s)
+                .i32(d)
+                .i32(n)
+                .i32(r)
+                .u32(args.norm_eps.is_some() as u32)
+                .f32(args.norm_eps.unwrap_or(0.0))
+                .i32(lanes)
+                .ptr(out.buf.at(out.offset))
+                .i32(out.stride);
+            drop(step_dt);
+            let cpb = 128 / lanes as u32;
+            return self.launch(Kernel::Mamba1StepWide, a, ((d as u32).div_ceil(cpb), (s as u32).div_ceil(STEP_WIDE_SEQS), 1), 128);
+        }
         let vec_dot = r % 8 == 0 && args.xdbl.offset % 4 == 0 && args.xdbl.stride % 4 == 0;
         let a = Args::new()
             .ptr(args.x.buf.at(args.x.offset))
