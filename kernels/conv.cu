@@ -45,12 +45,15 @@ extern "C" __global__ void conv1d_packed(const float* x, int x_stride, const flo
 // run's first row is looked up once and advanced at each segment boundary,
 // where the window restarts from that sequence's state (zeros for a padding
 // row). Kernels of k <= KMAX taps: the window is right-aligned in KMAX - 1
-// registers, and taps before KMAX - k are skipped. Reads the old state only,
-// like conv1d_packed (`conv1d_state` advances the windows afterwards); grid
+// registers, and taps before KMAX - k are skipped. ACT >= 0 fixes the
+// activation at compile time (so the unrolled rows do not carry every
+// activation's code); -1 takes `act`. Reads the old state only, like
+// conv1d_packed (`conv1d_state` advances the windows afterwards); grid
 // (channel blocks, runs).
 #define CONV_RUN 32
+#define CONV_BATCH 8
 
-template <int KMAX>
+template <int KMAX, int ACT>
 __device__ void conv1d_runs_impl(const float* __restrict__ x, int x_stride, const float* __restrict__ weight,
                                  const float* __restrict__ bias, int k, int act, const float* __restrict__ state,
                                  u64 slot_stride, u64 layer_off, const u32* __restrict__ cu,
@@ -86,12 +89,12 @@ __device__ void conv1d_runs_impl(const float* __restrict__ x, int x_stride, cons
         }
     };
     fill(r0);
-    for (int t0 = r0; t0 < r1; t0 += 8) {
-        float xv[8];
+    for (int t0 = r0; t0 < r1; t0 += CONV_BATCH) {
+        float xv[CONV_BATCH];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) xv[u] = t0 + u < r1 ? x[(u64)(t0 + u) * x_stride + c] : 0.0f;
+        for (int u = 0; u < CONV_BATCH; ++u) xv[u] = t0 + u < r1 ? x[(u64)(t0 + u) * x_stride + c] : 0.0f;
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
+        for (int u = 0; u < CONV_BATCH; ++u) {
             const int t = t0 + u;
             if (t >= r1) break;
             if (t >= next) {
@@ -105,7 +108,7 @@ __device__ void conv1d_runs_impl(const float* __restrict__ x, int x_stride, cons
             for (int j = 0; j < KMAX - 1; ++j)
                 if (j >= off) acc += wr[j] * win[j];
             acc += wr[KMAX - 1] * xv[u];
-            out[(u64)t * out_stride + c] = activate(act, acc);
+            out[(u64)t * out_stride + c] = activate(ACT >= 0 ? ACT : act, acc);
 #pragma unroll
             for (int j = 0; j + 1 < KMAX - 1; ++j) win[j] = win[j + 1];
             if (KMAX > 1) win[KMAX - 2] = xv[u];
@@ -121,8 +124,15 @@ __device__ void conv1d_runs_impl(const float* __restrict__ x, int x_stride, cons
     x, x_stride, weight, bias, k, act, state, slot_stride, layer_off, cu, slots, n_seqs, n_tokens, channels, out, \
         out_stride
 
-extern "C" __global__ void conv1d_runs_k4(CONV_RUNS_ARGS) { conv1d_runs_impl<4>(CONV_RUNS_PASS); }
-extern "C" __global__ void conv1d_runs_k8(CONV_RUNS_ARGS) { conv1d_runs_impl<8>(CONV_RUNS_PASS); }
+// SiLU (Mamba) and identity get their own code; other activations the generic path.
+#define CONV_RUNS_KERNEL(name, KMAX)                                                                               \
+    extern "C" __global__ void name(CONV_RUNS_ARGS) {                                                              \
+        if (act == 1) conv1d_runs_impl<KMAX, 1>(CONV_RUNS_PASS);                                                   \
+        else if (act == 0) conv1d_runs_impl<KMAX, 0>(CONV_RUNS_PASS);                                              \
+        else conv1d_runs_impl<KMAX, -1>(CONV_RUNS_PASS);                                                           \
+    }
+CONV_RUNS_KERNEL(conv1d_runs_k4, 4)
+CONV_RUNS_KERNEL(conv1d_runs_k8, 8)
 
 // Advances each sequence's window past its segment; grid (channel blocks,
 // sequences).
@@ -166,6 +176,7 @@ extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride
     for (int j = 0; j < CONV_STEP_MAX_K - 1; ++j) w[j] = j < hist ? weight[(u64)c * k + j] : 0.0f;
     const float w_last = weight[(u64)c * k + hist];
     const float b = bias ? bias[c] : 0.0f;
+    grid_dep_sync();
     const int s0 = blockIdx.y * CONV_STEP_SEQS;
     float win[CONV_STEP_SEQS][CONV_STEP_MAX_K];
     float* st[CONV_STEP_SEQS];

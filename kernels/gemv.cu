@@ -112,6 +112,7 @@ __device__ void gemv_vec_impl(const float* __restrict__ x, int xs, int M, const 
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r][m] = 0.0f;
     }
+    grid_dep_sync();
     const int step = blockDim.x * 8;
     for (int k0 = tid * 8; k0 < K; k0 += step * GEMV_U) {
         Chunk<DT> c[GEMV_U][R];
@@ -190,10 +191,141 @@ __device__ void gemv_vec_impl(const float* __restrict__ x, int xs, int M, const 
     }
 }
 
+// Streaming vector path for products with many output columns (in_proj,
+// out_proj, the LM head). The block-split kernel above runs each block as
+// one round of loads, a wait and a reduction, so the memory system sees
+// bursts and gaps. Here each warp owns groups of R columns (groups
+// g = warp, warp + all warps, ...) and walks its (group, K batch) items in
+// order with a two-deep pipeline: the loads of the next item are issued
+// before the current one is used, so every lane always has 2 * U * R
+// 16-byte loads in flight, across group boundaries too. A group's sums are
+// reduced within the warp when its last batch is done. Same modes as the
+// block-split kernel (norm prologue, accumulate, conv epilogue).
+template <int DT, int U, int R>
+__device__ __forceinline__ void stream_load(Chunk<DT> (&c)[U][R], const void* __restrict__ w, int N, int K, int n0,
+                                            int k0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int k = k0 + u * 256;
+            if (k < K && n0 + r < N) c[u][r] = load_chunk<DT>(w, (u64)(n0 + r) * K + k);
+            else c[u][r].a = c[u][r].b = make_uint4(0, 0, 0, 0);
+        }
+}
+
+template <int DT, int MT, int R, bool NORM>
+__device__ void gemv_stream_impl(const float* __restrict__ x, int xs, int M, const void* __restrict__ w, int N,
+                                 int K, const float* __restrict__ bias, float* __restrict__ out, int os,
+                                 int accumulate, const float* __restrict__ nw, float eps, const ConvEpilogue& conv) {
+    constexpr int U = R >= 4 ? 1 : 4 / R;
+    const int lane = threadIdx.x & 31;
+    const int warps = gridDim.x * (blockDim.x >> 5);
+    int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int groups = (N + R - 1) / R;
+    if (g >= groups) return;
+    const int m0 = blockIdx.y * MT;
+    const int mc = min(MT, M - m0);
+    const float* xb = x + (u64)m0 * xs;
+    const int batches = (K + 256 * U - 1) / (256 * U);
+    Chunk<DT> cur[U][R], nxt[U][R];
+    int kb = 0;
+    stream_load<DT, U, R>(cur, w, N, K, g * R, lane * 8);
+    // The first weights are on their way while the previous kernel ends.
+    grid_dep_sync();
+    float acc[R][MT], ss[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        ss[m] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][m] = 0.0f;
+    }
+    while (true) {
+        int g2 = g, kb2 = kb + 1;
+        if (kb2 == batches) {
+            kb2 = 0;
+            g2 = g + warps;
+        }
+        const bool more = g2 < groups;
+        if (more) stream_load<DT, U, R>(nxt, w, N, K, g2 * R, kb2 * 256 * U + lane * 8);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = kb * 256 * U + u * 256 + lane * 8;
+            if (k >= K) continue;
+            float wv[R][8];
+#pragma unroll
+            for (int r = 0; r < R; ++r) widen8<DT>(cur[u][r], wv[r]);
+            float4 g0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f), g1 = g0;
+            if (NORM) {
+                g0 = *(const float4*)(nw + k);
+                g1 = *(const float4*)(nw + k + 4);
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                if (m < mc) {
+                    const float4* xp = (const float4*)(xb + (u64)m * xs + k);
+                    float4 p = xp[0], q = xp[1];
+                    if (NORM) {
+                        ss[m] += p.x * p.x + p.y * p.y + p.z * p.z + p.w * p.w + q.x * q.x + q.y * q.y + q.z * q.z +
+                                 q.w * q.w;
+                        p.x *= g0.x; p.y *= g0.y; p.z *= g0.z; p.w *= g0.w;
+                        q.x *= g1.x; q.y *= g1.y; q.z *= g1.z; q.w *= g1.w;
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+                        acc[r][m] += wv[r][0] * p.x + wv[r][1] * p.y + wv[r][2] * p.z + wv[r][3] * p.w +
+                                     wv[r][4] * q.x + wv[r][5] * q.y + wv[r][6] * q.z + wv[r][7] * q.w;
+                }
+            }
+        }
+        if (kb == batches - 1) {
+            // Lane r * MT + m ends with column g * R + r of row m0 + m.
+            float mine = 0.0f, scale = 1.0f;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    const float v = warp_sum(acc[r][m]);
+                    if (lane == r * MT + m) mine = v;
+                    acc[r][m] = 0.0f;
+                }
+            if (NORM) {
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    const float v = warp_sum(ss[m]);
+                    if (lane % MT == m) scale = (float)(1.0 / sqrt((double)v / K + (double)eps));
+                    ss[m] = 0.0f;
+                }
+            }
+            if (lane < R * MT) {
+                const int r = lane / MT, m = lane % MT, n = g * R + r;
+                if (m < mc && n < N) {
+                    float v = NORM ? mine * scale : mine;
+                    if (bias) v += bias[n];
+                    if (conv.w && n >= conv.start && n < conv.start + conv.len) {
+                        conv_step_one(conv, m0 + m, n - conv.start, v);
+                    } else {
+                        float* o = out + (u64)(m0 + m) * os + n;
+                        *o = accumulate ? *o + v : v;
+                    }
+                }
+            }
+        }
+        if (!more) break;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) cur[u][r] = nxt[u][r];
+        g = g2;
+        kb = kb2;
+    }
+}
+
 // Scalar path (any K and alignment): one warp per output column, MT rows.
 template <int DT, int MT>
 __device__ void gemv_scalar_impl(const float* __restrict__ x, int xs, int M, const void* __restrict__ w, int N, int K,
                                  const float* __restrict__ bias, float* __restrict__ out, int os, int accumulate) {
+    grid_dep_sync();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = blockIdx.x * (blockDim.x >> 5) + warp;
     if (n >= N) return;
@@ -232,6 +364,12 @@ __device__ void gemv_scalar_impl(const float* __restrict__ x, int xs, int M, con
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_norm_##name##_m##mt##_r##r(GEMV_ARGS) {               \
         gemv_vec_impl<dt, mt, r, true>(GEMV_PASS, nw, eps, conv);                                                 \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) gemv_stream_##name##_m##mt##_r##r(GEMV_ARGS) {             \
+        gemv_stream_impl<dt, mt, r, false>(GEMV_PASS, nw, eps, conv);                                             \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) gemv_stream_norm_##name##_m##mt##_r##r(GEMV_ARGS) {        \
+        gemv_stream_impl<dt, mt, r, true>(GEMV_PASS, nw, eps, conv);                                              \
     }
 #define GEMV_FAMILY(name, dt)                                                                                     \
     GEMV_VEC(name, dt, 1, 1) GEMV_VEC(name, dt, 1, 2) GEMV_VEC(name, dt, 1, 4)                                    \

@@ -70,3 +70,43 @@ extern "C" __global__ void gated_rmsnorm(const float* y, int y_stride, const flo
     const float s = (float)(1.0 / sqrt((double)ss / group + (double)eps));
     for (int c = threadIdx.x; c < group; c += blockDim.x) o[c] = weight[c0 + c] * (o[c] * s);
 }
+
+// RMSNorm of rows of width dim (dim % 4 == 0, dim <= 16 * blockDim.x),
+// one block per row: each thread keeps its (up to four) 16-byte pieces of
+// the row in registers between the sum of squares and the output, so the
+// row is read once. Output f32, or 16-bit (`half` 1 = bf16, 2 = f16) for a
+// tensor-core product.
+extern "C" __global__ void rmsnorm_rows4(const float* __restrict__ x, const float* __restrict__ weight, float eps,
+                                         int dim, void* __restrict__ out, int half) {
+    __shared__ float sh[33];
+    grid_dep_sync();
+    const u64 base = (u64)blockIdx.x * dim;
+    const float4* r = (const float4*)(x + base);
+    const int n4 = dim / 4;
+    float4 v[4];
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = i < n4 ? r[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+    }
+    ss = block_sum(ss, sh);
+    const float s = (float)(1.0 / sqrt((double)ss / dim + (double)eps));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i >= n4) continue;
+        const float4 g = ((const float4*)weight)[i];
+        const float o0 = g.x * (v[j].x * s), o1 = g.y * (v[j].y * s), o2 = g.z * (v[j].z * s), o3 = g.w * (v[j].w * s);
+        if (half) {
+            const u16 h0 = half == 1 ? f32_to_bf16(o0) : f32_to_f16(o0);
+            const u16 h1 = half == 1 ? f32_to_bf16(o1) : f32_to_f16(o1);
+            const u16 h2 = half == 1 ? f32_to_bf16(o2) : f32_to_f16(o2);
+            const u16 h3 = half == 1 ? f32_to_bf16(o3) : f32_to_f16(o3);
+            ((uint2*)((u16*)out + base))[i] = make_uint2((u32)h0 | ((u32)h1 << 16), (u32)h2 | ((u32)h3 << 16));
+        } else {
+            ((float4*)((float*)out + base))[i] = make_float4(o0, o1, o2, o3);
+        }
+    }
+}

@@ -14,6 +14,19 @@ typedef unsigned long long u64;
 // is neither read (zeros are used) nor written.
 #define PAD_SLOT 0xffffffffu
 
+// Programmatic dependent launch (sm_90+): a kernel launched with it may
+// start while the previous kernel in the stream is still running. Such a
+// kernel reads only constant data (weights) before `grid_dep_wait`, which
+// returns once the previous kernel has finished and its writes are
+// visible; it then lets the next kernel start (`grid_dep_launch`), so at
+// most one kernel runs ahead. Both are no-ops for a plain launch.
+__device__ __forceinline__ void grid_dep_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {

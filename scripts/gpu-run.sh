@@ -7,7 +7,7 @@
 #            executables built with `--features gpu-tests`.
 #   LOG_DIR  receives env.log, tests.log, bench.log (tables and JSON lines)
 #            and hf.log.
-#   PHASE    any of: env tests server e2e profile ncu bench bench-quick hf hf-quick hf-rest
+#   PHASE    any of: env tests server e2e profile ncu ab bench bench-quick hf hf-quick hf-rest
 #            (default: env tests bench hf).
 # Environment: SHAPES (bench/hf shapes, comma separated), BENCH_ARGS (extra
 # flags for `mamba-serve bench`).
@@ -101,6 +101,17 @@ for phase in $phases; do
       MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 1 --steps 16
       MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 256 --steps 8
       ;;
+    ab)
+      # Launch and kernel variants side by side (decode, mamba-130m and
+      # mamba-1.4b): the default, without programmatic dependent launch,
+      # and with 8 sequences per thread in the wide decode step (whose
+      # parity test runs in that mode first).
+      MAMBA_SERVE_STEP_SEQS=8 run ab 120 "$integration" cuda::mamba1_step --test-threads=1
+      for case in MAMBA_SERVE_NO_PDL=1:mamba-130m MAMBA_SERVE_NO_PDL=1:mamba-1.4b MAMBA_SERVE_STEP_SEQS=8:mamba-1.4b; do
+        run ab 120 env "${case%%:*}" "$bin/mamba-serve" bench --random-shape "${case##*:}" --device cuda --prompt-len 64 \
+          --batch 1,16,64,256 --steps 64 --no-ceilings
+      done
+      ;;
     ncu)
       # Nsight Compute: the GPU time of every kernel (graphs off, so each
       # launch is seen; caches left as the previous kernel left them), as
@@ -119,7 +130,7 @@ for phase in $phases; do
           "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch "$b"
       done
       sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats)
-      run ncu 200 "${nc[@]}" "${sections[@]}" -k regex:scan_fast --launch-count 1 "$bin/mamba-serve" "${common[@]}" --prompt-len 2048 --batch 1
+      run ncu 200 "${nc[@]}" "${sections[@]}" -k regex:scan_tiled --launch-count 1 "$bin/mamba-serve" "${common[@]}" --prompt-len 2048 --batch 1
       run ncu 200 "${nc[@]}" "${sections[@]}" -k regex:gemv --launch-skip 600 --launch-count 4 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 1
       ;;
     hf | hf-quick | hf-rest)

@@ -215,6 +215,8 @@ fn fused_norm_and_residual_products_match_the_cpu() -> TestResult {
     let mut rng = Rng::new(12);
     // (m, n, k): the GEMV with 1, 2 and 4 columns a block and 1 to 8 rows a
     // tile, K split over 32 to 256 threads, several row tiles (13 rows),
+    // the streaming GEMV (2048 columns and more: several K batches, a
+    // partial last one, and more column groups than warps),
     // the scalar path (k % 8 != 0: the norm runs first), and cuBLAS (the
     // norm writing 16-bit activations; the residual add as beta = 1).
     let shapes = [
@@ -225,7 +227,10 @@ fn fused_norm_and_residual_products_match_the_cpu() -> TestResult {
         (8, 4100, 64),
         (1, 160, 4096),
         (13, 160, 1024),
+        (3, 8200, 264),
+        (1, 17000, 64),
         (1, 50, 20),
+        (10, 64, 18),
         (40, 512, 384),
         (300, 512, 384),
     ];
@@ -690,8 +695,11 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
     let Some(g) = gpu("mamba1_step_matches_the_cpu") else { return Ok(()) };
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(15);
-    // (sequences, channels, state, rank): v4 and scalar state layouts.
-    for (s, ch, n, r) in [(1, 64, 16, 4), (5, 37, 16, 3), (7, 96, 8, 6), (3, 40, 5, 5), (70, 48, 16, 8)] {
+    // (sequences, channels, state, rank): one or four states a thread, the
+    // dt dot product with 16-byte loads or scalar, and above 16 sequences
+    // the wide kernel (dt from a product; 12 states leave a lane idle).
+    let cases = [(1, 64, 16, 4), (2, 64, 16, 16), (4, 64, 16, 16), (5, 37, 16, 3), (7, 96, 8, 6), (3, 40, 5, 5), (70, 48, 16, 8), (33, 40, 12, 8)];
+    for (s, ch, n, r) in cases {
         for dtype in [DType::F32, DType::BF16] {
             for norm in [None, Some(1e-4)] {
                 let bt = batch(&mut rng, &vec![1; s], 7.max(s));

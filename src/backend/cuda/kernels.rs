@@ -54,6 +54,7 @@ kernels! {
     ToHalf8 = "embed" / "to_half8",
     BiasRows = "embed" / "bias_rows",
     AddRmsNorm = "norm" / "add_rmsnorm",
+    RmsNormRows4 = "norm" / "rmsnorm_rows4",
     RmsNormColumns = "norm" / "rms_norm_columns",
     GatedRmsNorm = "norm" / "gated_rmsnorm",
     ConvPacked = "conv" / "conv1d_packed",
@@ -72,6 +73,7 @@ kernels! {
     Mamba2ScanL16 = "scan" / "mamba2_scan_l16",
     Mamba2ScanL32 = "scan" / "mamba2_scan_l32",
     Mamba1StepWide = "step" / "mamba1_step_wide",
+    Mamba1StepWide8 = "step" / "mamba1_step_wide8",
     Mamba1StepF32V4 = "scan" / "mamba1_step_f32_v4",
     Mamba1StepBf16V4 = "scan" / "mamba1_step_bf16_v4",
     Mamba1StepF16V4 = "scan" / "mamba1_step_f16_v4",
@@ -144,6 +146,72 @@ kernels! {
     GemvNormF16M4R4 = "gemv" / "gemv_norm_f16_m4_r4",
     GemvNormF16M8R1 = "gemv" / "gemv_norm_f16_m8_r1",
     GemvNormF16M8R2 = "gemv" / "gemv_norm_f16_m8_r2",
+    GemvStreamF32M1R1 = "gemv" / "gemv_stream_f32_m1_r1",
+    GemvStreamF32M1R2 = "gemv" / "gemv_stream_f32_m1_r2",
+    GemvStreamF32M1R4 = "gemv" / "gemv_stream_f32_m1_r4",
+    GemvStreamF32M2R1 = "gemv" / "gemv_stream_f32_m2_r1",
+    GemvStreamF32M2R2 = "gemv" / "gemv_stream_f32_m2_r2",
+    GemvStreamF32M2R4 = "gemv" / "gemv_stream_f32_m2_r4",
+    GemvStreamF32M4R1 = "gemv" / "gemv_stream_f32_m4_r1",
+    GemvStreamF32M4R2 = "gemv" / "gemv_stream_f32_m4_r2",
+    GemvStreamF32M4R4 = "gemv" / "gemv_stream_f32_m4_r4",
+    GemvStreamF32M8R1 = "gemv" / "gemv_stream_f32_m8_r1",
+    GemvStreamF32M8R2 = "gemv" / "gemv_stream_f32_m8_r2",
+    GemvStreamNormF32M1R1 = "gemv" / "gemv_stream_norm_f32_m1_r1",
+    GemvStreamNormF32M1R2 = "gemv" / "gemv_stream_norm_f32_m1_r2",
+    GemvStreamNormF32M1R4 = "gemv" / "gemv_stream_norm_f32_m1_r4",
+    GemvStreamNormF32M2R1 = "gemv" / "gemv_stream_norm_f32_m2_r1",
+    GemvStreamNormF32M2R2 = "gemv" / "gemv_stream_norm_f32_m2_r2",
+    GemvStreamNormF32M2R4 = "gemv" / "gemv_stream_norm_f32_m2_r4",
+    GemvStreamNormF32M4R1 = "gemv" / "gemv_stream_norm_f32_m4_r1",
+    GemvStreamNormF32M4R2 = "gemv" / "gemv_stream_norm_f32_m4_r2",
+    GemvStreamNormF32M4R4 = "gemv" / "gemv_stream_norm_f32_m4_r4",
+    GemvStreamNormF32M8R1 = "gemv" / "gemv_stream_norm_f32_m8_r1",
+    GemvStreamNormF32M8R2 = "gemv" / "gemv_stream_norm_f32_m8_r2",
+    GemvStreamBf16M1R1 = "gemv" / "gemv_stream_bf16_m1_r1",
+    GemvStreamBf16M1R2 = "gemv" / "gemv_stream_bf16_m1_r2",
+    GemvStreamBf16M1R4 = "gemv" / "gemv_stream_bf16_m1_r4",
+    GemvStreamBf16M2R1 = "gemv" / "gemv_stream_bf16_m2_r1",
+    GemvStreamBf16M2R2 = "gemv" / "gemv_stream_bf16_m2_r2",
+    GemvStreamBf16M2R4 = "gemv" / "gemv_stream_bf16_m2_r4",
+    GemvStreamBf16M4R1 = "gemv" / "gemv_stream_bf16_m4_r1",
+    GemvStreamBf16M4R2 = "gemv" / "gemv_stream_bf16_m4_r2",
+    GemvStreamBf16M4R4 = "gemv" / "gemv_stream_bf16_m4_r4",
+    GemvStreamBf16M8R1 = "gemv" / "gemv_stream_bf16_m8_r1",
+    GemvStreamBf16M8R2 = "gemv" / "gemv_stream_bf16_m8_r2",
+    GemvStreamNormBf16M1R1 = "gemv" / "gemv_stream_norm_bf16_m1_r1",
+    GemvStreamNormBf16M1R2 = "gemv" / "gemv_stream_norm_bf16_m1_r2",
+    GemvStreamNormBf16M1R4 = "gemv" / "gemv_stream_norm_bf16_m1_r4",
+    GemvStreamNormBf16M2R1 = "gemv" / "gemv_stream_norm_bf16_m2_r1",
+    GemvStreamNormBf16M2R2 = "gemv" / "gemv_stream_norm_bf16_m2_r2",
+    GemvStreamNormBf16M2R4 = "gemv" / "gemv_stream_norm_bf16_m2_r4",
+    GemvStreamNormBf16M4R1 = "gemv" / "gemv_stream_norm_bf16_m4_r1",
+    GemvStreamNormBf16M4R2 = "gemv" / "gemv_stream_norm_bf16_m4_r2",
+    GemvStreamNormBf16M4R4 = "gemv" / "gemv_stream_norm_bf16_m4_r4",
+    GemvStreamNormBf16M8R1 = "gemv" / "gemv_stream_norm_bf16_m8_r1",
+    GemvStreamNormBf16M8R2 = "gemv" / "gemv_stream_norm_bf16_m8_r2",
+    GemvStreamF16M1R1 = "gemv" / "gemv_stream_f16_m1_r1",
+    GemvStreamF16M1R2 = "gemv" / "gemv_stream_f16_m1_r2",
+    GemvStreamF16M1R4 = "gemv" / "gemv_stream_f16_m1_r4",
+    GemvStreamF16M2R1 = "gemv" / "gemv_stream_f16_m2_r1",
+    GemvStreamF16M2R2 = "gemv" / "gemv_stream_f16_m2_r2",
+    GemvStreamF16M2R4 = "gemv" / "gemv_stream_f16_m2_r4",
+    GemvStreamF16M4R1 = "gemv" / "gemv_stream_f16_m4_r1",
+    GemvStreamF16M4R2 = "gemv" / "gemv_stream_f16_m4_r2",
+    GemvStreamF16M4R4 = "gemv" / "gemv_stream_f16_m4_r4",
+    GemvStreamF16M8R1 = "gemv" / "gemv_stream_f16_m8_r1",
+    GemvStreamF16M8R2 = "gemv" / "gemv_stream_f16_m8_r2",
+    GemvStreamNormF16M1R1 = "gemv" / "gemv_stream_norm_f16_m1_r1",
+    GemvStreamNormF16M1R2 = "gemv" / "gemv_stream_norm_f16_m1_r2",
+    GemvStreamNormF16M1R4 = "gemv" / "gemv_stream_norm_f16_m1_r4",
+    GemvStreamNormF16M2R1 = "gemv" / "gemv_stream_norm_f16_m2_r1",
+    GemvStreamNormF16M2R2 = "gemv" / "gemv_stream_norm_f16_m2_r2",
+    GemvStreamNormF16M2R4 = "gemv" / "gemv_stream_norm_f16_m2_r4",
+    GemvStreamNormF16M4R1 = "gemv" / "gemv_stream_norm_f16_m4_r1",
+    GemvStreamNormF16M4R2 = "gemv" / "gemv_stream_norm_f16_m4_r2",
+    GemvStreamNormF16M4R4 = "gemv" / "gemv_stream_norm_f16_m4_r4",
+    GemvStreamNormF16M8R1 = "gemv" / "gemv_stream_norm_f16_m8_r1",
+    GemvStreamNormF16M8R2 = "gemv" / "gemv_stream_norm_f16_m8_r2",
     GemvF32Scalar = "gemv" / "gemv_f32_scalar",
     GemvBf16Scalar = "gemv" / "gemv_bf16_scalar",
     GemvF16Scalar = "gemv" / "gemv_f16_scalar",
@@ -226,6 +294,93 @@ impl Kernel {
             (F16, true, 8, 2) => GemvNormF16M8R2,
             _ => return None,
         })
+    }
+
+    /// The streaming GEMV kernel (`gemv_stream_impl`), same parameters.
+    pub fn gemv_stream(dtype: crate::backend::DType, norm: bool, mt: usize, r: usize) -> Option<Kernel> {
+        use crate::backend::DType::*;
+        use Kernel::*;
+        Some(match (dtype, norm, mt, r) {
+            (F32, false, 1, 1) => GemvStreamF32M1R1,
+            (F32, false, 1, 2) => GemvStreamF32M1R2,
+            (F32, false, 1, 4) => GemvStreamF32M1R4,
+            (F32, false, 2, 1) => GemvStreamF32M2R1,
+            (F32, false, 2, 2) => GemvStreamF32M2R2,
+            (F32, false, 2, 4) => GemvStreamF32M2R4,
+            (F32, false, 4, 1) => GemvStreamF32M4R1,
+            (F32, false, 4, 2) => GemvStreamF32M4R2,
+            (F32, false, 4, 4) => GemvStreamF32M4R4,
+            (F32, false, 8, 1) => GemvStreamF32M8R1,
+            (F32, false, 8, 2) => GemvStreamF32M8R2,
+            (F32, true, 1, 1) => GemvStreamNormF32M1R1,
+            (F32, true, 1, 2) => GemvStreamNormF32M1R2,
+            (F32, true, 1, 4) => GemvStreamNormF32M1R4,
+            (F32, true, 2, 1) => GemvStreamNormF32M2R1,
+            (F32, true, 2, 2) => GemvStreamNormF32M2R2,
+            (F32, true, 2, 4) => GemvStreamNormF32M2R4,
+            (F32, true, 4, 1) => GemvStreamNormF32M4R1,
+            (F32, true, 4, 2) => GemvStreamNormF32M4R2,
+            (F32, true, 4, 4) => GemvStreamNormF32M4R4,
+            (F32, true, 8, 1) => GemvStreamNormF32M8R1,
+            (F32, true, 8, 2) => GemvStreamNormF32M8R2,
+            (BF16, false, 1, 1) => GemvStreamBf16M1R1,
+            (BF16, false, 1, 2) => GemvStreamBf16M1R2,
+            (BF16, false, 1, 4) => GemvStreamBf16M1R4,
+            (BF16, false, 2, 1) => GemvStreamBf16M2R1,
+            (BF16, false, 2, 2) => GemvStreamBf16M2R2,
+            (BF16, false, 2, 4) => GemvStreamBf16M2R4,
+            (BF16, false, 4, 1) => GemvStreamBf16M4R1,
+            (BF16, false, 4, 2) => GemvStreamBf16M4R2,
+            (BF16, false, 4, 4) => GemvStreamBf16M4R4,
+            (BF16, false, 8, 1) => GemvStreamBf16M8R1,
+            (BF16, false, 8, 2) => GemvStreamBf16M8R2,
+            (BF16, true, 1, 1) => GemvStreamNormBf16M1R1,
+            (BF16, true, 1, 2) => GemvStreamNormBf16M1R2,
+            (BF16, true, 1, 4) => GemvStreamNormBf16M1R4,
+            (BF16, true, 2, 1) => GemvStreamNormBf16M2R1,
+            (BF16, true, 2, 2) => GemvStreamNormBf16M2R2,
+            (BF16, true, 2, 4) => GemvStreamNormBf16M2R4,
+            (BF16, true, 4, 1) => GemvStreamNormBf16M4R1,
+            (BF16, true, 4, 2) => GemvStreamNormBf16M4R2,
+            (BF16, true, 4, 4) => GemvStreamNormBf16M4R4,
+            (BF16, true, 8, 1) => GemvStreamNormBf16M8R1,
+            (BF16, true, 8, 2) => GemvStreamNormBf16M8R2,
+            (F16, false, 1, 1) => GemvStreamF16M1R1,
+            (F16, false, 1, 2) => GemvStreamF16M1R2,
+            (F16, false, 1, 4) => GemvStreamF16M1R4,
+            (F16, false, 2, 1) => GemvStreamF16M2R1,
+            (F16, false, 2, 2) => GemvStreamF16M2R2,
+            (F16, false, 2, 4) => GemvStreamF16M2R4,
+            (F16, false, 4, 1) => GemvStreamF16M4R1,
+            (F16, false, 4, 2) => GemvStreamF16M4R2,
+            (F16, false, 4, 4) => GemvStreamF16M4R4,
+            (F16, false, 8, 1) => GemvStreamF16M8R1,
+            (F16, false, 8, 2) => GemvStreamF16M8R2,
+            (F16, true, 1, 1) => GemvStreamNormF16M1R1,
+            (F16, true, 1, 2) => GemvStreamNormF16M1R2,
+            (F16, true, 1, 4) => GemvStreamNormF16M1R4,
+            (F16, true, 2, 1) => GemvStreamNormF16M2R1,
+            (F16, true, 2, 2) => GemvStreamNormF16M2R2,
+            (F16, true, 2, 4) => GemvStreamNormF16M2R4,
+            (F16, true, 4, 1) => GemvStreamNormF16M4R1,
+            (F16, true, 4, 2) => GemvStreamNormF16M4R2,
+            (F16, true, 4, 4) => GemvStreamNormF16M4R4,
+            (F16, true, 8, 1) => GemvStreamNormF16M8R1,
+            (F16, true, 8, 2) => GemvStreamNormF16M8R2,
+            _ => return None,
+        })
+    }
+}
+
+impl Kernel {
+    /// Whether the kernel calls `grid_dep_sync` before reading anything
+    /// but constants, so it may be launched as a programmatic dependent.
+    pub fn dependent_safe(self) -> bool {
+        use Kernel::*;
+        let name = self.source().1;
+        name.starts_with("gemv_")
+            || name.starts_with("mamba1_step_")
+            || matches!(self, ConvStep | RmsNormRows4 | ToHalf8 | Mamba1StepWide | Mamba1StepWide8)
     }
 }
 
@@ -324,16 +479,42 @@ impl Args {
         self
     }
 
-    /// Launches `f` on `stream` with these arguments.
-    pub fn launch(mut self, f: sys::CUfunction, stream: sys::CUstream, grid: (u32, u32, u32), block: u32) -> Result<()> {
+    /// Launches `f` on `stream` with these arguments; with `dependent`, as
+    /// a programmatic dependent launch (the kernel may start while the
+    /// previous one ends: it must call `grid_dep_sync` before reading
+    /// anything but constants, see `kernels/prelude.cu`).
+    pub fn launch(mut self, f: sys::CUfunction, stream: sys::CUstream, grid: (u32, u32, u32), block: u32, dependent: bool) -> Result<()> {
         let mut params: Vec<*mut c_void> = self.slots.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         for (at, words) in &mut self.structs {
             params[*at] = words.as_mut_ptr() as *mut c_void;
         }
-        // SAFETY: each parameter points into `self.slots`, alive until the
-        // call returns (the driver copies parameters at launch); the caller
-        // matched the argument list to the kernel's signature.
-        unsafe { result::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params) }
-            .map_err(|e| BackendError::Device { op: "kernel launch", detail: e.to_string() })
+        let err = |e: String| BackendError::Device { op: "kernel launch", detail: e };
+        if !dependent {
+            // SAFETY: each parameter points into `self.slots` (or a struct's
+            // words), alive until the call returns (the driver copies
+            // parameters at launch); the caller matched the argument list
+            // to the kernel's signature.
+            return unsafe { result::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params) }.map_err(|e| err(e.to_string()));
+        }
+        // SAFETY: a zeroed attribute is valid plain data; the fields set
+        // below are the ones the driver reads for this attribute id.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as above; `config` and `attr` outlive the call.
+        let r = unsafe { sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()) };
+        if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(err(format!("{r:?}"))) }
     }
 }

@@ -40,6 +40,11 @@ const GEMV_MAX_ROWS: usize = 8;
 const GEMV_MIN_BLOCKS: usize = 1024;
 /// 16-byte weight chunks per column each GEMV thread reads (its share of K).
 const GEMV_CHUNKS_PER_THREAD: usize = 2;
+/// Products with at least this many output columns use the streaming GEMV
+/// (one column group per warp at least), with at most this many blocks of
+/// 4 warps per multiprocessor.
+const GEMV_STREAM_MIN_COLS: usize = 2048;
+const GEMV_STREAM_BLOCKS_PER_SM: u32 = 8;
 /// The tiled prefill scan (`mamba1_scan_tiled`, d_state up to
 /// SCAN_TILE_MAX_STATE): channels per block, tokens per staged chunk, and
 /// floats per channel of a part summary (16 states, the sum of dt, padding).
@@ -47,12 +52,16 @@ const SCAN_TILE_MAX_STATE: usize = 16;
 const SCAN_TILE_CHANNELS: usize = 32;
 const SCAN_TILE_TOKENS: usize = 32;
 const SCAN_RECORD: usize = 20;
-/// A prefill scan whose grid has fewer blocks than this many per
+/// A prefill scan whose grid would have fewer blocks than this many per
 /// multiprocessor splits long segments in time, into parts of at least
-/// SCAN_MIN_PART tokens and at most SCAN_MAX_PARTS parts, so that the grid
-/// fills the GPU. Each part but a segment's last is also run by the summary
-/// pass (~80% of the output pass's work per token).
-const SCAN_SPLIT_BLOCKS_PER_SM: usize = 4;
+/// SCAN_MIN_PART tokens and at most SCAN_MAX_PARTS parts (which bounds the
+/// summaries), so that the grid fills the GPU (7 blocks of the output pass
+/// fit on a multiprocessor). Each part but a segment's last is also run by
+/// the summary pass, ~75% of the output pass's time per token. Measured on
+/// an H200 (CUDA events, 10 launches averaged), one 2048-token segment of
+/// 4096 channels: 274 µs unsplit (128 blocks), 146 µs in 5 parts, 142 µs in
+/// 6 (what this gives), 148 µs in 7.
+const SCAN_SPLIT_BLOCKS_PER_SM: usize = 5;
 const SCAN_MIN_PART: usize = 128;
 const SCAN_MAX_PARTS: usize = 64;
 /// Packed rows per thread of the windowed conv1d (`CONV_RUN` in
@@ -62,8 +71,6 @@ const CONV_RUN_ROWS: usize = 32;
 /// (`kernels/conv.cu`).
 const CONV_STEP_SEQS: u32 = 4;
 const CONV_STEP_MAX_K: usize = 8;
-/// Sequences per thread of the wide decode step (`mamba1_step_wide`).
-const STEP_WIDE_SEQS: u32 = 4;
 /// Up to this many sequences, the fused decode step gives each thread one
 /// state (more threads, shorter dependency chains) instead of four.
 const STEP_ONE_STATE_MAX_SEQS: usize = 2;
@@ -246,6 +253,14 @@ pub struct CudaBackend {
     profile: Option<RefCell<Vec<(String, CudaEvent, CudaEvent)>>>,
     name: String,
     sm: (i32, i32),
+    /// Multiprocessors.
+    sms: u32,
+    /// Launch the kernels that allow it as programmatic dependents (sm_90
+    /// and later; `MAMBA_SERVE_NO_PDL` turns it off, for comparisons).
+    dependent_launch: bool,
+    /// Sequences per thread of the wide decode step (`kernels/step.cu`):
+    /// 4, or 8 with `MAMBA_SERVE_STEP_SEQS=8` (for comparisons).
+    step_wide_seqs: u32,
 }
 
 // SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
@@ -288,6 +303,7 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(dev("create stream"))?;
         let sm = ctx.compute_capability().map_err(dev("compute capability"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(dev("device attribute"))?;
         let kernels = Kernels::compile(&ctx, sm.0, sm.1)?;
         let workspace = DevBuf::alloc(&ctx, blas::WORKSPACE_BYTES, "cuBLAS workspace")?;
         let blas = Blas::new(stream.cu_stream(), workspace.ptr)?;
@@ -315,6 +331,9 @@ impl CudaBackend {
             profile: std::env::var_os("MAMBA_SERVE_CUDA_PROFILE").map(|_| RefCell::new(vec![])),
             name: format!("cuda:{ordinal} ({name}, sm_{}{})", sm.0, sm.1),
             sm,
+            sms: sms.max(1) as u32,
+            dependent_launch: sm.0 >= 9 && std::env::var_os("MAMBA_SERVE_NO_PDL").is_none(),
+            step_wide_seqs: if std::env::var("MAMBA_SERVE_STEP_SEQS").as_deref() == Ok("8") { 8 } else { 4 },
         })
     }
 
@@ -336,7 +355,7 @@ impl CudaBackend {
             || format!("{k:?}"),
             || {
                 self.launches.set(self.launches.get() + 1);
-                args.launch(self.kernels.get(k), self.cu_stream(), grid, block)
+                args.launch(self.kernels.get(k), self.cu_stream(), grid, block, self.dependent_launch && k.dependent_safe())
             },
         )
     }
@@ -459,6 +478,15 @@ impl CudaBackend {
         // Rows of x per block: the smallest tile holding them all (at most
         // 8; more rows take several tiles, the weights re-read from L2).
         let mt = x.rows.min(8).next_power_of_two();
+        if w.rows >= GEMV_STREAM_MIN_COLS {
+            // Many columns: warps stream column groups with loads in flight
+            // across groups; as many columns a group as keep a group per warp.
+            let r = [4, 2, 1].into_iter().find(|&r| w.rows / r >= GEMV_STREAM_MIN_COLS && r * mt <= 16).unwrap_or(1);
+            let k = Kernel::gemv_stream(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
+            let groups = w.rows.div_ceil(r) as u32;
+            let blocks = groups.div_ceil(4).min(self.sms * GEMV_STREAM_BLOCKS_PER_SM);
+            return self.launch(k, args(), (blocks, (x.rows as u32).div_ceil(mt as u32), 1), 128);
+        }
         // Output columns per block: as many as keep the grid at least
         // GEMV_MIN_BLOCKS blocks (more loads in flight per thread).
         let mut r = if w.rows >= 4 * GEMV_MIN_BLOCKS {
@@ -779,19 +807,26 @@ impl Backend for CudaBackend {
             // Decode: the norm folded into the product, nothing written between.
             return self.gemv(xv, w, bias, &out, GemvMode { accumulate: false, norm: Some((norm, eps)), conv: None });
         }
-        let threads = if rows < 128 { 1024 } else { ROW_THREADS };
-        let norm_args = |dst: u64, half: u32| {
-            Args::new().ptr(x.buf.ptr).ptr(0).ptr(norm.buf.ptr).f32(eps).i32(k).ptr(dst).u32(half)
+        // One block a row; rows of a width the vector kernel takes are read
+        // once, as 16-byte pieces held in registers.
+        let norm_rows = |dst: u64, half: u32| {
+            if k % 4 == 0 && k <= 16 * 1024 {
+                let threads = (k / 16).next_multiple_of(32).clamp(32, 1024) as u32;
+                let a = Args::new().ptr(x.buf.ptr).ptr(norm.buf.ptr).f32(eps).i32(k).ptr(dst).u32(half);
+                return self.launch(Kernel::RmsNormRows4, a, (rows as u32, 1, 1), threads);
+            }
+            let threads = if rows < 128 { 1024 } else { ROW_THREADS };
+            let a = Args::new().ptr(x.buf.ptr).ptr(0).ptr(norm.buf.ptr).f32(eps).i32(k).ptr(dst).u32(half);
+            self.launch(Kernel::AddRmsNorm, a, (rows as u32, 1, 1), threads)
         };
         if !Self::use_gemv(rows, w) && w.dtype != DType::F32 {
             // The norm writes the 16-bit activations the tensor cores take.
             let half = self.half_scratch(rows * k * 2)?;
-            let code = if w.dtype == DType::BF16 { 1 } else { 2 };
-            self.launch(Kernel::AddRmsNorm, norm_args(half, code), (rows as u32, 1, 1), threads)?;
+            norm_rows(half, if w.dtype == DType::BF16 { 1 } else { 2 })?;
             let input = GemmInput::Half { ptr: half, stride: k, rows };
             return self.blas_gemm(input, w, bias, &out, false);
         }
-        self.launch(Kernel::AddRmsNorm, norm_args(normed.buf.ptr, 0), (rows as u32, 1, 1), threads)?;
+        norm_rows(normed.buf.ptr, 0)?;
         self.linear(View::dense(normed, rows, k), w, bias, out)
     }
 
@@ -971,8 +1006,8 @@ impl Backend for CudaBackend {
             };
             let blocks = d.div_ceil(SCAN_TILE_CHANNELS);
             let grid = (blocks as u32, batch.n_seqs as u32, 1);
-            let sms = self.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(dev("device attribute"))?;
-            if let Some((part_len, n_parts)) = scan_split(batch.n_seqs, t, blocks, sms.max(1) as usize) {
+            let sms = self.sms as usize;
+            if let Some((part_len, n_parts)) = scan_split(batch.n_seqs, t, blocks, sms) {
                 // Few long segments: split them in time so they fill the GPU.
                 let mut parts = self.scan_parts.borrow_mut();
                 self.ensure(&mut parts, (n_parts + batch.n_seqs) * d * SCAN_RECORD * 4, "scan part summaries")?;
@@ -1012,7 +1047,7 @@ impl Backend for CudaBackend {
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
         checks::mamba1_step(&args, batch, &out)?;
         let (d, n, r, s) = (args.x.cols, args.d_state, args.dt_rank, batch.n_seqs);
-        let v4 = n % 4 == 0 && (s > STEP_ONE_STATE_MAX_SEQS || std::env::var_os("MAMBA_SERVE_STEP_V4").is_some());
+        let v4 = n % 4 == 0 && s > STEP_ONE_STATE_MAX_SEQS;
         let lanes = if v4 { n / 4 } else { n }.next_power_of_two();
         check("mamba1_step", lanes <= 32, || format!("state size {n} too large for the step kernel"))?;
         if s == 0 || d == 0 {
@@ -1066,7 +1101,8 @@ impl Backend for CudaBackend {
                 .i32(out.stride);
             drop(step_dt);
             let cpb = 128 / lanes as u32;
-            return self.launch(Kernel::Mamba1StepWide, a, ((d as u32).div_ceil(cpb), (s as u32).div_ceil(STEP_WIDE_SEQS), 1), 128);
+            let (k, per) = if self.step_wide_seqs == 8 { (Kernel::Mamba1StepWide8, 8) } else { (Kernel::Mamba1StepWide, 4) };
+            return self.launch(k, a, ((d as u32).div_ceil(cpb), (s as u32).div_ceil(per), 1), 128);
         }
         let vec_dot = r % 8 == 0 && args.xdbl.offset % 4 == 0 && args.xdbl.stride % 4 == 0;
         let a = Args::new()
