@@ -372,18 +372,6 @@ impl Kernel {
     }
 }
 
-impl Kernel {
-    /// Whether the kernel calls `grid_dep_sync` before reading anything
-    /// but constants, so it may be launched as a programmatic dependent.
-    pub fn dependent_safe(self) -> bool {
-        use Kernel::*;
-        let name = self.source().1;
-        name.starts_with("gemv_")
-            || name.starts_with("mamba1_step_")
-            || matches!(self, ConvStep | RmsNormRows4 | ToHalf8 | Mamba1StepWide | Mamba1StepWide8)
-    }
-}
-
 /// The loaded kernels, indexed by [`Kernel`].
 pub struct Kernels {
     functions: Vec<CudaFunction>,

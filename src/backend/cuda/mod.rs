@@ -74,6 +74,9 @@ const CONV_STEP_MAX_K: usize = 8;
 /// Up to this many sequences, the fused decode step gives each thread one
 /// state (more threads, shorter dependency chains) instead of four.
 const STEP_ONE_STATE_MAX_SEQS: usize = 2;
+/// Decode conv steps of at most this many sequences launch as programmatic
+/// dependents ([`CudaBackend::launch_dependent`]).
+const DEPENDENT_LAUNCH_MAX_SEQS: usize = 16;
 /// Up to this many sequences, the decode step computes dt inside its kernel.
 const STEP_FUSED_DT_MAX_SEQS: usize = 16;
 /// Products of at most this many multiply-adds also stay on the exact f32
@@ -255,7 +258,7 @@ pub struct CudaBackend {
     sm: (i32, i32),
     /// Multiprocessors.
     sms: u32,
-    /// Launch the kernels that allow it as programmatic dependents (sm_90
+    /// Launch small decode steps' kernels as programmatic dependents (sm_90
     /// and later; `MAMBA_SERVE_NO_PDL` turns it off, for comparisons).
     dependent_launch: bool,
     /// Sequences per thread of the wide decode step (`kernels/step.cu`):
@@ -351,11 +354,27 @@ impl CudaBackend {
     }
 
     fn launch(&self, k: Kernel, args: Args, grid: (u32, u32, u32), block: u32) -> Result<()> {
+        self.launch_as(k, args, grid, block, false)
+    }
+
+    /// [`CudaBackend::launch`] as a programmatic dependent launch where
+    /// the GPU has it: for the kernels of small decode steps (GEMVs, the
+    /// fused step, the conv step of few sequences), whose 3–5 µs of ramp
+    /// and drain then overlap. Each such kernel calls `grid_dep_sync` before
+    /// reading anything but weights. Measured on an H200, it pays below
+    /// ~16 sequences (mamba-130m batch 1: 0.416 → 0.350 ms a step) and
+    /// costs above (mamba-1.4b batch 256: 5.55 → 6.14 ms), so the large-batch
+    /// kernels launch plainly.
+    fn launch_dependent(&self, k: Kernel, args: Args, grid: (u32, u32, u32), block: u32) -> Result<()> {
+        self.launch_as(k, args, grid, block, self.dependent_launch)
+    }
+
+    fn launch_as(&self, k: Kernel, args: Args, grid: (u32, u32, u32), block: u32, dependent: bool) -> Result<()> {
         self.profiled(
             || format!("{k:?}"),
             || {
                 self.launches.set(self.launches.get() + 1);
-                args.launch(self.kernels.get(k), self.cu_stream(), grid, block, self.dependent_launch && k.dependent_safe())
+                args.launch(self.kernels.get(k), self.cu_stream(), grid, block, dependent)
             },
         )
     }
@@ -473,7 +492,7 @@ impl CudaBackend {
                 DType::F16 => Kernel::GemvF16Scalar,
             };
             let grid = ((w.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(8), 1);
-            return self.launch(k, args(), grid, 128);
+            return self.launch_dependent(k, args(), grid, 128);
         }
         // Rows of x per block: the smallest tile holding them all (at most
         // 8; more rows take several tiles, the weights re-read from L2).
@@ -485,7 +504,7 @@ impl CudaBackend {
             let k = Kernel::gemv_stream(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
             let groups = w.rows.div_ceil(r) as u32;
             let blocks = groups.div_ceil(4).min(self.sms * GEMV_STREAM_BLOCKS_PER_SM);
-            return self.launch(k, args(), (blocks, (x.rows as u32).div_ceil(mt as u32), 1), 128);
+            return self.launch_dependent(k, args(), (blocks, (x.rows as u32).div_ceil(mt as u32), 1), 128);
         }
         // Output columns per block: as many as keep the grid at least
         // GEMV_MIN_BLOCKS blocks (more loads in flight per thread).
@@ -505,7 +524,7 @@ impl CudaBackend {
         let chunks = w.cols / 8;
         let threads = chunks.div_ceil(GEMV_CHUNKS_PER_THREAD).next_multiple_of(32).clamp(32, 256) as u32;
         let grid = ((w.rows as u32).div_ceil(r as u32), (x.rows as u32).div_ceil(mt as u32), 1);
-        self.launch(k, args(), grid, threads)
+        self.launch_dependent(k, args(), grid, threads)
     }
 
     /// Whether a product can take the GEMV's 16-byte vector path.
@@ -911,7 +930,11 @@ impl Backend for CudaBackend {
                 .i32(out.stride);
             check("conv1d", k <= CONV_STEP_MAX_K, || format!("kernel size {k} above {CONV_STEP_MAX_K}"))?;
             let groups = (batch.n_seqs as u32).div_ceil(CONV_STEP_SEQS);
-            return self.launch(Kernel::ConvStep, a, (blocks, groups, 1), 128);
+            let grid = (blocks, groups, 1);
+            if batch.n_seqs <= DEPENDENT_LAUNCH_MAX_SEQS {
+                return self.launch_dependent(Kernel::ConvStep, a, grid, 128);
+            }
+            return self.launch(Kernel::ConvStep, a, grid, 128);
         }
         let a = Args::new()
             .ptr(x)
@@ -1135,7 +1158,7 @@ impl Backend for CudaBackend {
         drop(step_dt);
         let threads = 128u32;
         let cpb = threads / lanes as u32;
-        self.launch(k, a, ((d as u32).div_ceil(cpb), s as u32, 1), threads)
+        self.launch_dependent(k, a, ((d as u32).div_ceil(cpb), s as u32, 1), threads)
     }
 
     fn mamba2_scan(&self, args: Mamba2ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
