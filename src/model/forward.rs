@@ -54,17 +54,41 @@ const CPU_DEFAULT_SLOTS: usize = 16;
 
 /// Batch sizes single-token steps are recorded at: a step of n sequences
 /// runs the graph of the smallest bucket >= n, the rest of it padding.
+/// 1, 2, 4, 8, 16, then four steps between powers of two (16, 20, ... 32,
+/// 40, ... 64, 80, ...): every power of two is a bucket of its own (batch
+/// limits usually are) and padding stays under a quarter.
 fn graph_buckets(max: usize) -> Vec<usize> {
     let mut v = vec![];
     let mut b = 1;
     while b < max {
         v.push(b);
-        // 1, 2, 4, 8, 16, then steps of about a quarter (multiples of 8),
-        // so padding stays small.
-        b = if b < 16 { b * 2 } else { b + (b / 4).div_ceil(8) * 8 };
+        // Below 16 double; above, a quarter of the power of two at or below.
+        b = if b < 16 { b * 2 } else { b + (1usize << b.ilog2()) / 4 };
     }
     v.push(max);
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::graph_buckets;
+
+    #[test]
+    fn graph_buckets_hit_every_power_of_two_with_little_padding() {
+        let b = graph_buckets(1024);
+        assert_eq!(&b[..9], &[1, 2, 4, 8, 16, 20, 24, 28, 32]);
+        for p in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024] {
+            assert!(b.contains(&p), "{p} missing from {b:?}");
+        }
+        assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+        // A step of n runs the smallest bucket >= n: under 25 % padding above 16.
+        for n in 17..=1024 {
+            let g = *b.iter().find(|&&g| g >= n).unwrap();
+            assert!((g - n) * 4 < n, "batch {n} pads to {g}");
+        }
+        assert_eq!(graph_buckets(300).last(), Some(&300));
+        assert_eq!(graph_buckets(1), vec![1]);
+    }
 }
 
 /// One sequence's share of a step: its slot and the tokens to run.
