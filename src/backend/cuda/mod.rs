@@ -361,10 +361,10 @@ impl CudaBackend {
     /// the GPU has it: for the kernels of small decode steps (GEMVs, the
     /// fused step, the conv step of few sequences), whose 3–5 µs of ramp
     /// and drain then overlap. Each such kernel calls `grid_dep_sync` before
-    /// reading anything but weights. Measured on an H200, it pays below
-    /// ~16 sequences (mamba-130m batch 1: 0.416 → 0.350 ms a step) and
-    /// costs above (mamba-1.4b batch 256: 5.55 → 6.14 ms), so the large-batch
-    /// kernels launch plainly.
+    /// reading anything but weights. Measured on an H200, it pays for small
+    /// steps (mamba-130m batch 1: 0.416 → 0.350 ms a step; mamba-1.4b:
+    /// 1.353 → 1.309 ms) and made no difference beyond noise at 64 to 1024
+    /// sequences, so the large-batch kernels launch plainly.
     fn launch_dependent(&self, k: Kernel, args: Args, grid: (u32, u32, u32), block: u32) -> Result<()> {
         self.launch_as(k, args, grid, block, self.dependent_launch)
     }
