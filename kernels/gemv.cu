@@ -91,11 +91,56 @@ __device__ __forceinline__ void conv_step_one(const ConvEpilogue& cv, int row, i
     }
     cv.out[(u64)row * cv.os + c] = activate(cv.act, acc);
 }
+// One 8-column chunk of K for R weight rows: acc[r][m] += w[r] . x[m] over
+// the chunk at column k, with the norm prologue (x scaled by nw, its
+// squares summed into ss) when NORM. Shared by both vector kernels.
+template <int DT, int MT, int R, bool NORM>
+__device__ __forceinline__ void gemv_accumulate(const Chunk<DT> (&c)[R], const float* xb, int xs, int mc, int k,
+                                                const float* nw, float (&acc)[R][MT], float (&ss)[MT]) {
+    float wv[R][8];
+#pragma unroll
+    for (int r = 0; r < R; ++r) widen8<DT>(c[r], wv[r]);
+    float4 g0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f), g1 = g0;
+    if (NORM) {
+        g0 = *(const float4*)(nw + k);
+        g1 = *(const float4*)(nw + k + 4);
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        if (m < mc) {
+            const float4* xp = (const float4*)(xb + (u64)m * xs + k);
+            float4 p = xp[0], q = xp[1];
+            if (NORM) {
+                ss[m] += p.x * p.x + p.y * p.y + p.z * p.z + p.w * p.w + q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
+                p.x *= g0.x; p.y *= g0.y; p.z *= g0.z; p.w *= g0.w;
+                q.x *= g1.x; q.y *= g1.y; q.z *= g1.z; q.w *= g1.w;
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                acc[r][m] += wv[r][0] * p.x + wv[r][1] * p.y + wv[r][2] * p.z + wv[r][3] * p.w + wv[r][4] * q.x +
+                             wv[r][5] * q.y + wv[r][6] * q.z + wv[r][7] * q.w;
+        }
+    }
+}
+
+// The finished sum v of output (row, n): plus the bias, then the conv step
+// when n is a conv column, else stored or added to `out`.
+__device__ __forceinline__ void gemv_finish(float v, const float* bias, float* out, int os, int accumulate,
+                                            const ConvEpilogue& conv, int row, int n) {
+    if (bias) v += bias[n];
+    if (conv.w && n >= conv.start && n < conv.start + conv.len) {
+        conv_step_one(conv, row, n - conv.start, v);
+    } else {
+        float* o = out + (u64)row * os + n;
+        *o = accumulate ? *o + v : v;
+    }
+}
+
 #define GEMV_MAX_WARPS 8
 #define GEMV_U 2
 
 template <int DT, int MT, int R, bool NORM>
-__device__ void gemv_vec_impl(const float* __restrict__ x, int xs, int M, const void* __restrict__ w, int N, int K,
+__device__ void gemv_vec_impl(const float* x, int xs, int M, const void* __restrict__ w, int N, int K,
                               const float* __restrict__ bias, float* __restrict__ out, int os, int accumulate,
                               const float* __restrict__ nw, float eps, const ConvEpilogue& conv) {
     constexpr int NV = R * MT + (NORM ? MT : 0);
@@ -128,31 +173,7 @@ __device__ void gemv_vec_impl(const float* __restrict__ x, int xs, int M, const 
         for (int u = 0; u < GEMV_U; ++u) {
             const int k = k0 + u * step;
             if (k >= K) continue;
-            float wv[R][8];
-#pragma unroll
-            for (int r = 0; r < R; ++r) widen8<DT>(c[u][r], wv[r]);
-            float4 g0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f), g1 = g0;
-            if (NORM) {
-                g0 = *(const float4*)(nw + k);
-                g1 = *(const float4*)(nw + k + 4);
-            }
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                if (m < mc) {
-                    const float4* xp = (const float4*)(xb + (u64)m * xs + k);
-                    float4 p = xp[0], q = xp[1];
-                    if (NORM) {
-                        ss[m] += p.x * p.x + p.y * p.y + p.z * p.z + p.w * p.w + q.x * q.x + q.y * q.y + q.z * q.z +
-                                 q.w * q.w;
-                        p.x *= g0.x; p.y *= g0.y; p.z *= g0.z; p.w *= g0.w;
-                        q.x *= g1.x; q.y *= g1.y; q.z *= g1.z; q.w *= g1.w;
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; ++r)
-                        acc[r][m] += wv[r][0] * p.x + wv[r][1] * p.y + wv[r][2] * p.z + wv[r][3] * p.w +
-                                     wv[r][4] * q.x + wv[r][5] * q.y + wv[r][6] * q.z + wv[r][7] * q.w;
-                }
-            }
+            gemv_accumulate<DT, MT, R, NORM>(c[u], xb, xs, mc, k, nw, acc, ss);
         }
     }
 #pragma unroll
@@ -180,13 +201,7 @@ __device__ void gemv_vec_impl(const float* __restrict__ x, int xs, int M, const 
                 for (int i = 0; i < nwarps; ++i) s2 += red[i][R * MT + m];
                 v *= (float)(1.0 / sqrt((double)s2 / K + (double)eps));
             }
-            if (bias) v += bias[n];
-            if (conv.w && n >= conv.start && n < conv.start + conv.len) {
-                conv_step_one(conv, m0 + m, n - conv.start, v);
-            } else {
-                float* o = out + (u64)(m0 + m) * os + n;
-                *o = accumulate ? *o + v : v;
-            }
+            gemv_finish(v, bias, out, os, accumulate, conv, m0 + m, n);
         }
     }
 }
@@ -215,7 +230,7 @@ __device__ __forceinline__ void stream_load(Chunk<DT> (&c)[U][R], const void* __
 }
 
 template <int DT, int MT, int R, bool NORM>
-__device__ void gemv_stream_impl(const float* __restrict__ x, int xs, int M, const void* __restrict__ w, int N,
+__device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __restrict__ w, int N,
                                  int K, const float* __restrict__ bias, float* __restrict__ out, int os,
                                  int accumulate, const float* __restrict__ nw, float eps, const ConvEpilogue& conv) {
     constexpr int U = R >= 4 ? 1 : 4 / R;
@@ -252,31 +267,7 @@ __device__ void gemv_stream_impl(const float* __restrict__ x, int xs, int M, con
         for (int u = 0; u < U; ++u) {
             const int k = kb * 256 * U + u * 256 + lane * 8;
             if (k >= K) continue;
-            float wv[R][8];
-#pragma unroll
-            for (int r = 0; r < R; ++r) widen8<DT>(cur[u][r], wv[r]);
-            float4 g0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f), g1 = g0;
-            if (NORM) {
-                g0 = *(const float4*)(nw + k);
-                g1 = *(const float4*)(nw + k + 4);
-            }
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                if (m < mc) {
-                    const float4* xp = (const float4*)(xb + (u64)m * xs + k);
-                    float4 p = xp[0], q = xp[1];
-                    if (NORM) {
-                        ss[m] += p.x * p.x + p.y * p.y + p.z * p.z + p.w * p.w + q.x * q.x + q.y * q.y + q.z * q.z +
-                                 q.w * q.w;
-                        p.x *= g0.x; p.y *= g0.y; p.z *= g0.z; p.w *= g0.w;
-                        q.x *= g1.x; q.y *= g1.y; q.z *= g1.z; q.w *= g1.w;
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; ++r)
-                        acc[r][m] += wv[r][0] * p.x + wv[r][1] * p.y + wv[r][2] * p.z + wv[r][3] * p.w +
-                                     wv[r][4] * q.x + wv[r][5] * q.y + wv[r][6] * q.z + wv[r][7] * q.w;
-                }
-            }
+            gemv_accumulate<DT, MT, R, NORM>(cur[u], xb, xs, mc, k, nw, acc, ss);
         }
         if (kb == batches - 1) {
             // Lane r * MT + m ends with column g * R + r of row m0 + m.
@@ -301,13 +292,7 @@ __device__ void gemv_stream_impl(const float* __restrict__ x, int xs, int M, con
                 const int r = lane / MT, m = lane % MT, n = g * R + r;
                 if (m < mc && n < N) {
                     float v = NORM ? mine * scale : mine;
-                    if (bias) v += bias[n];
-                    if (conv.w && n >= conv.start && n < conv.start + conv.len) {
-                        conv_step_one(conv, m0 + m, n - conv.start, v);
-                    } else {
-                        float* o = out + (u64)(m0 + m) * os + n;
-                        *o = accumulate ? *o + v : v;
-                    }
+                    gemv_finish(v, bias, out, os, accumulate, conv, m0 + m, n);
                 }
             }
         }
@@ -323,7 +308,7 @@ __device__ void gemv_stream_impl(const float* __restrict__ x, int xs, int M, con
 
 // Scalar path (any K and alignment): one warp per output column, MT rows.
 template <int DT, int MT>
-__device__ void gemv_scalar_impl(const float* __restrict__ x, int xs, int M, const void* __restrict__ w, int N, int K,
+__device__ void gemv_scalar_impl(const float* x, int xs, int M, const void* __restrict__ w, int N, int K,
                                  const float* __restrict__ bias, float* __restrict__ out, int os, int accumulate) {
     grid_dep_sync();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
