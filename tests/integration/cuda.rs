@@ -10,8 +10,8 @@ use mamba_serve::backend::cpu::CpuBackend;
 use mamba_serve::backend::cuda::CudaBackend;
 use mamba_serve::backend::rng::SplitMix64;
 use mamba_serve::backend::{
-    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, PoolLayout, ProjConv, SampleRow,
-    View, ViewMut,
+    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, PoolLayout, ProjConv,
+    SampleRow, View, ViewMut,
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
@@ -698,7 +698,8 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
     // (sequences, channels, state, rank): one or four states a thread, the
     // dt dot product with 16-byte loads or scalar, and above 16 sequences
     // the wide kernel (dt from a product; 12 states leave a lane idle).
-    let cases = [(1, 64, 16, 4), (2, 64, 16, 16), (4, 64, 16, 16), (5, 37, 16, 3), (7, 96, 8, 6), (3, 40, 5, 5), (70, 48, 16, 8), (33, 40, 12, 8)];
+    let cases =
+        [(1, 64, 16, 4), (2, 64, 16, 16), (4, 64, 16, 16), (5, 37, 16, 3), (7, 96, 8, 6), (3, 40, 5, 5), (70, 48, 16, 8), (33, 40, 12, 8)];
     for (s, ch, n, r) in cases {
         for dtype in [DType::F32, DType::BF16] {
             for norm in [None, Some(1e-4)] {

@@ -65,10 +65,15 @@ fn draw(logits: &[f32], row: &SampleRow) -> usize {
     if cand.is_empty() {
         return argmax(logits);
     }
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if row.top_k > 0 {
-        cand.truncate(row.top_k as usize);
+    // Descending by scaled logit, ties to the lower id: a total order, so
+    // selecting the top k first and sorting only them gives the same list.
+    let order = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let k = row.top_k as usize;
+    if k > 0 && k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, order);
+        cand.truncate(k);
     }
+    cand.sort_by(order);
     let max = cand[0].1;
     let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
     let total: f64 = probs.iter().sum();
@@ -108,4 +113,54 @@ pub fn sample_row(logits: &mut [f32], row: &SampleRow) -> SampledToken {
     let token = if row.temperature == 0.0 { argmax(logits) } else { draw(logits, row) };
     let top = if row.top_logprobs > 0 { top_n(&logprobs, row.top_logprobs as usize) } else { vec![] };
     SampledToken { token: token as u32, logprob: logprobs[token], top }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The candidate list as the specification states it: every finite
+    /// logit sorted (descending, ties to the lower id), then cut to top k.
+    fn sorted_then_cut(logits: &[f32], t: f32, k: usize) -> Vec<(usize, f32)> {
+        let mut c: Vec<(usize, f32)> = logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i, l / t)).collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if k > 0 {
+            c.truncate(k);
+        }
+        c
+    }
+
+    #[test]
+    fn top_k_selection_draws_what_the_full_sort_would() {
+        let mut rng = rng::SplitMix64::new(3);
+        for case in 0..200u64 {
+            // Coarse values, so ties between ids are common.
+            let n = 50 + (case as usize % 7) * 13;
+            let logits: Vec<f32> = (0..n).map(|_| (rng.next_f32() * 8.0).floor() - 4.0).collect();
+            let k = [1, 2, 5, 17, n - 1, n, n + 3][case as usize % 7] as u32;
+            let row = SampleRow {
+                temperature: 0.7,
+                top_k: k,
+                top_p: if case % 3 == 0 { 0.8 } else { 1.0 },
+                min_p: if case % 5 == 0 { 0.1 } else { 0.0 },
+                repetition_penalty: 1.0,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                seed: case,
+                step: case * 7,
+                top_logprobs: 0,
+                valid_vocab: n as u32,
+                seen: vec![],
+                logit_bias: vec![],
+            };
+            // The reference: only the ids the full sort keeps stay finite,
+            // then the draw without top-k (which sorts everything).
+            let mut masked = vec![f32::NEG_INFINITY; n];
+            for (i, _) in sorted_then_cut(&logits, row.temperature, k as usize) {
+                masked[i] = logits[i];
+            }
+            let want = draw(&masked, &SampleRow { top_k: 0, ..row.clone() });
+            assert_eq!(draw(&logits, &row), want, "case {case}: n {n} k {k}");
+        }
+    }
 }

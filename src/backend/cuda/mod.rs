@@ -467,7 +467,14 @@ impl CudaBackend {
     /// A decode-sized product (see `kernels/gemv.cu`): `out (+)= x · wᵀ`,
     /// with the RMS-norm prologue when `norm` is given (then x must take
     /// the vector path: [`CudaBackend::gemv_vec`]).
-    fn gemv(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>, mode: GemvMode<'_>) -> Result<()> {
+    fn gemv(
+        &self,
+        x: View<'_, CudaVec>,
+        w: &CudaMat,
+        bias: Option<&CudaVec>,
+        out: &ViewMut<'_, CudaVec>,
+        mode: GemvMode<'_>,
+    ) -> Result<()> {
         let args = || {
             Args::new()
                 .ptr(x.buf.at(x.offset))
