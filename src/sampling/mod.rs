@@ -10,8 +10,6 @@
 
 pub use crate::backend::rng;
 
-use std::collections::HashMap;
-
 pub use crate::backend::cpu::sample::argmax;
 pub use crate::backend::{SampleRow, SampledToken};
 
@@ -68,23 +66,30 @@ impl SamplingParams {
 /// The tokens a sequence has seen, as the penalties need them.
 #[derive(Debug, Clone, Default)]
 pub struct TokenHistory {
-    /// Id → times generated; prompt ids enter with 0.
-    counts: HashMap<u32, u32>,
+    /// (id, times generated), sorted by id, each id once; prompt ids enter
+    /// with 0. Kept sorted as tokens arrive, so a step's row is a copy,
+    /// not a sort.
+    counts: Vec<(u32, u32)>,
 }
 
 impl TokenHistory {
     pub fn new(prompt: &[u32]) -> Self {
-        TokenHistory { counts: prompt.iter().map(|&t| (t, 0)).collect() }
+        let mut counts: Vec<(u32, u32)> = prompt.iter().map(|&t| (t, 0)).collect();
+        counts.sort_unstable();
+        counts.dedup();
+        TokenHistory { counts }
     }
 
     pub fn push(&mut self, token: u32) {
-        *self.counts.entry(token).or_insert(0) += 1;
+        match self.counts.binary_search_by_key(&token, |&(t, _)| t) {
+            Ok(i) => self.counts[i].1 += 1,
+            Err(i) => self.counts.insert(i, (token, 1)),
+        }
     }
 
     /// The row a backend samples the token at `step` from.
     pub fn row(&self, params: &SamplingParams, step: u64, valid_vocab: usize) -> SampleRow {
-        let mut seen: Vec<(u32, u32)> = if params.needs_history() { self.counts.iter().map(|(&t, &c)| (t, c)).collect() } else { vec![] };
-        seen.sort_unstable();
+        let seen = if params.needs_history() { self.counts.clone() } else { vec![] };
         SampleRow {
             temperature: params.temperature,
             top_k: params.top_k,
@@ -165,6 +170,18 @@ mod tests {
             let p = SamplingParams { min_p: 0.2, ..params(1.0) };
             assert_ne!(sample(&mut l, 3, &p, &TokenHistory::default(), step).token, 2);
         }
+    }
+
+    #[test]
+    fn history_counts_generated_ids_sorted_with_prompt_ids_at_zero() {
+        let mut h = TokenHistory::new(&[9, 3, 9, 7]);
+        for t in [3, 12, 3, 1] {
+            h.push(t);
+        }
+        let p = SamplingParams { presence_penalty: 0.5, ..params(1.0) };
+        assert_eq!(h.row(&p, 0, 16).seen, vec![(1, 1), (3, 2), (7, 0), (9, 0), (12, 1)]);
+        // No penalty on: nothing to send.
+        assert!(h.row(&params(1.0), 0, 16).seen.is_empty());
     }
 
     #[test]
