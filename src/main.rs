@@ -285,7 +285,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
         bail!("the tokenizer produced id {bad}, outside the model's vocabulary of {}", cfg.vocab_size);
     }
-    if !(a.temperature >= 0.0) || !(a.top_p > 0.0 && a.top_p <= 1.0) {
+    // Written so that NaN fails too.
+    let settings_ok = (0.0..).contains(&a.temperature) && a.top_p > 0.0 && a.top_p <= 1.0;
+    if !settings_ok {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed, ..Default::default() };

@@ -110,7 +110,7 @@ mod tests {
     use crate::api::wire::CompletionRequest;
 
     fn param_of(body: &str) -> Option<String> {
-        parse::<CompletionRequest>(body.as_bytes()).err().expect("refused").param
+        parse::<CompletionRequest>(body.as_bytes()).expect_err("refused").param
     }
 
     #[test]
@@ -128,12 +128,12 @@ mod tests {
     fn syntax_errors_have_no_param() {
         for body in [r#"{"prompt":"hi","#, "[1, 2]", r#"{"prompt": "a"} trailing"#, r#"{"prompt": NaN}"#, r#"{"x": 1e400}"#, "\"\\ud800\""]
         {
-            let e = parse::<CompletionRequest>(body.as_bytes()).err().expect("refused");
+            let e = parse::<CompletionRequest>(body.as_bytes()).expect_err("refused");
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
         }
-        let e = parse::<CompletionRequest>(b"").err().expect("refused");
+        let e = parse::<CompletionRequest>(b"").expect_err("refused");
         assert!(e.message.contains("empty"));
-        let e = parse::<CompletionRequest>(&[b'{', b'"', 0xff, 0xfe, b'"', b'}']).err().expect("refused");
+        let e = parse::<CompletionRequest>(&[b'{', b'"', 0xff, 0xfe, b'"', b'}']).expect_err("refused");
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
     }
 }

@@ -178,7 +178,7 @@ impl Loop {
     fn retire(&mut self, mut exits: Vec<(usize, Exit)>) {
         // Highest index first: `swap_remove` then only moves sequences that
         // are staying.
-        exits.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        exits.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
         exits.dedup_by_key(|e| e.0);
         for (i, exit) in exits {
             let r = self.running.swap_remove(i);

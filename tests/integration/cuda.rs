@@ -449,6 +449,7 @@ impl<B: Backend> AnyBackend for B {
 
 // ------------------------------------------------------------ conv1d
 
+#[allow(clippy::too_many_arguments)]
 fn conv_on<B: Backend>(
     b: &B,
     bt: &Batch,
@@ -764,7 +765,9 @@ fn mamba2_scan_matches_the_cpu() -> TestResult {
     let Some(g) = gpu("mamba2_scan_matches_the_cpu") else { return Ok(()) };
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(16);
-    let cases: &[(&[usize], (usize, usize, usize, usize))] = &[
+    // (segment lengths, (heads, head dim, groups, state)).
+    type Case<'a> = (&'a [usize], (usize, usize, usize, usize));
+    let cases: &[Case<'_>] = &[
         (&[5, 1, 30, 3], (6, 8, 2, 16)),
         (&[1, 1, 1], (6, 8, 3, 16)),
         (&[12, 4], (8, 12, 4, 8)),
