@@ -29,12 +29,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
+    # Run the suite anyway: the tests that need these fail and say so.
     echo "scripts/test.sh: the tests need ${missing[*]} (Debian: sudo apt-get install ${missing[*]});" \
       "or set MAMBA_TEST_NGINX to an nginx binary" >&2
-    exit 1
   fi
 fi
 
+echo "+ cargo test --release $*"
 cargo test --release "$@"
 if [ $# -eq 0 ]; then
   scripts/check-deploy.sh
