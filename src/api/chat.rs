@@ -15,12 +15,12 @@ use super::extract::JsonBody;
 use super::generation::{self, Piece, TokenOut};
 use super::sse::{self, Formatter};
 use super::wire::{
-    self, ChatChoice, ChatChunk, ChatChunkChoice, ChatContent, ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, ChatRequest,
-    ChatResponse, ChatTokenLogprob, TopLogprob, Usage,
+    ChatChoice, ChatChunk, ChatChunkChoice, ChatContent, ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, ChatRequest, ChatResponse,
+    ChatTokenLogprob, TopLogprob, UsageTally,
 };
 use super::{AppState, response_id, unix_now};
 use crate::tokenizer::ChatMessage;
-use crate::validate::{GenerationInput, PromptInput};
+use crate::validate::PromptInput;
 
 pub async fn handle(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<ChatRequest>) -> Response {
     run(state, req).await.unwrap_or_else(IntoResponse::into_response)
@@ -85,39 +85,17 @@ fn chat_logprobs(tokens: &[TokenOut]) -> ChatLogprobs {
     }
 }
 
-async fn run(state: Arc<AppState>, req: ChatRequest) -> Result<Response, ApiError> {
+async fn run(state: Arc<AppState>, mut req: ChatRequest) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let model = state.check_model(req.model.as_deref())?;
     let msgs = messages(req.messages.as_deref().ok_or_else(|| ApiError::bad_request("`messages` is required").with_param("messages"))?)?;
     let rendered = render(&state, &msgs, req.add_generation_prompt.unwrap_or(true))?;
-    let stream = req.stream.unwrap_or(false);
-    if req.stream_options.is_some() && !stream {
-        return Err(ApiError::bad_request("`stream_options` is only allowed with `stream: true`").with_param("stream_options"));
-    }
-    let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let (stream, include_usage) = req.stream_mode()?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     if req.top_logprobs.is_some() && !want_logprobs {
         return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`").with_param("top_logprobs"));
     }
-    let g = GenerationInput {
-        max_tokens: req.max_completion_tokens.or(req.max_tokens),
-        max_tokens_param: if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        logit_bias: req.logit_bias.map(|m| m.into_iter().collect()),
-        seed: req.seed,
-        n: req.n,
-        stop: req.stop.map(wire::StopInput::into_vec).unwrap_or_default(),
-        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
-        ignore_eos: req.ignore_eos.unwrap_or(false),
-        logprobs: want_logprobs.then(|| req.top_logprobs.unwrap_or(0)),
-        logprobs_cap: 20,
-    };
+    let g = req.generation_input(want_logprobs.then(|| req.top_logprobs.unwrap_or(0)), 20);
     let v = validate_blocking(&state, PromptInput::Chat(rendered), g).await?;
     let streams = generation::start(&state.engine, &state.tokenizer, &v, want_logprobs, arrived, state.server.log_prompts).await?;
     let id = response_id("chatcmpl");
@@ -125,16 +103,17 @@ async fn run(state: Arc<AppState>, req: ChatRequest) -> Result<Response, ApiErro
     if stream {
         let n = streams.len();
         let pieces = futures_util::stream::select_all(streams.into_iter().map(|s| s.into_stream().boxed()));
-        let f = ChatStream { id, created, model, include_usage, want_logprobs, started: vec![false; n], usage: (0, 0) };
+        let f = ChatStream { id, created, model, include_usage, want_logprobs, started: vec![false; n], usage: UsageTally::default() };
         return Ok(sse::response(sse::events(pieces, f), Duration::from_secs(state.server.sse_keepalive_secs)));
     }
     let results = futures_util::future::try_join_all(streams.into_iter().map(generation::collect)).await?;
-    let mut usage = Usage { prompt_tokens: results.first().map_or(0, |r| r.prompt_tokens), completion_tokens: 0, total_tokens: 0 };
+    let n = results.len();
+    let mut usage = UsageTally::default();
     let choices = results
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            usage.completion_tokens += r.completion_tokens;
+            usage.add(i, n, r.prompt_tokens, r.completion_tokens);
             ChatChoice {
                 index: i,
                 message: ChatMessageOut { role: "assistant", content: r.text },
@@ -143,8 +122,7 @@ async fn run(state: Arc<AppState>, req: ChatRequest) -> Result<Response, ApiErro
             }
         })
         .collect();
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    Ok(Json(ChatResponse { id, object: "chat.completion", created, model, choices, usage }).into_response())
+    Ok(Json(ChatResponse { id, object: "chat.completion", created, model, choices, usage: usage.usage() }).into_response())
 }
 
 /// Formats chat completion chunks.
@@ -155,7 +133,7 @@ struct ChatStream {
     include_usage: bool,
     want_logprobs: bool,
     started: Vec<bool>,
-    usage: (usize, usize),
+    usage: UsageTally,
 }
 
 impl ChatStream {
@@ -193,10 +171,7 @@ impl Formatter for ChatStream {
                 (out, false)
             }
             Piece::End { finish, prompt_tokens, completion_tokens, .. } => {
-                if choice == 0 {
-                    self.usage.0 = prompt_tokens;
-                }
-                self.usage.1 += completion_tokens;
+                self.usage.add(choice, self.started.len(), prompt_tokens, completion_tokens);
                 out.push(self.chunk(ChatChunkChoice {
                     index: choice,
                     delta: ChatDelta::default(),
@@ -214,7 +189,6 @@ impl Formatter for ChatStream {
     }
 
     fn finish(&mut self) -> Vec<Event> {
-        let (p, c) = self.usage;
         sse::closing(self.include_usage.then(|| {
             sse::json_event(&ChatChunk {
                 id: self.id.clone(),
@@ -222,7 +196,7 @@ impl Formatter for ChatStream {
                 created: self.created,
                 model: self.model.clone(),
                 choices: vec![],
-                usage: Some(Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c }),
+                usage: Some(self.usage.usage()),
             })
         }))
     }

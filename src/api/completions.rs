@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::extract::JsonBody;
 use super::generation::{self, Piece, TokenOut};
 use super::sse::{self, Formatter};
-use super::wire::{self, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage};
+use super::wire::{self, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageTally};
 use super::{AppState, response_id, unix_now};
 use crate::validate::{GenerationInput, Validated};
 
@@ -63,7 +63,7 @@ pub(super) async fn validate_blocking(
     Ok(v)
 }
 
-async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, ApiError> {
+async fn run(state: Arc<AppState>, mut req: CompletionRequest) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let model = state.check_model(req.model.as_deref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -76,31 +76,9 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
     if echo && req.logprobs.is_some() {
         return Err(ApiError::bad_request("`echo` together with `logprobs` (prompt logprobs) is not supported").with_param("echo"));
     }
-    let stream = req.stream.unwrap_or(false);
-    let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-    if req.stream_options.is_some() && !stream {
-        return Err(ApiError::bad_request("`stream_options` is only allowed with `stream: true`").with_param("stream_options"));
-    }
+    let (stream, include_usage) = req.stream_mode()?;
     let prompt = wire::prompt_input(req.prompt.as_ref())?;
-    let g = GenerationInput {
-        max_tokens: req.max_tokens.or(req.max_completion_tokens),
-        max_tokens_param: if req.max_tokens.is_some() { "max_tokens" } else { "max_completion_tokens" },
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        repetition_penalty: req.repetition_penalty,
-        logit_bias: req.logit_bias.map(|m| m.into_iter().collect()),
-        seed: req.seed,
-        n: req.n,
-        stop: req.stop.map(wire::StopInput::into_vec).unwrap_or_default(),
-        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
-        ignore_eos: req.ignore_eos.unwrap_or(false),
-        logprobs: req.logprobs,
-        logprobs_cap: 5,
-    };
+    let g = req.generation_input(req.logprobs, 5);
     let v = validate_blocking(&state, prompt, g).await?;
     let want_tokens = v.params.logprobs.is_some();
     // Echo text: the prompt as sent, or its ids decoded.
@@ -128,29 +106,25 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
             want_tokens,
             echoes,
             echoed: vec![false; v.prompts.len() * n],
-            usage: (0, 0),
+            usage: UsageTally::default(),
             offsets: vec![0; v.prompts.len() * n],
         };
         let keepalive = Duration::from_secs(state.server.sse_keepalive_secs);
         return Ok(sse::response(sse::events(pieces, f), keepalive));
     }
     let results = futures_util::future::try_join_all(streams.into_iter().map(generation::collect)).await?;
-    let mut usage = Usage { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
+    let mut usage = UsageTally::default();
     let choices = results
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            if i % n == 0 {
-                usage.prompt_tokens += r.prompt_tokens;
-            }
-            usage.completion_tokens += r.completion_tokens;
+            usage.add(i, n, r.prompt_tokens, r.completion_tokens);
             let prefix = echoes.get(i / n).cloned().unwrap_or_default();
             let lp = want_tokens.then(|| logprobs(&r.tokens, prefix.len()));
             CompletionChoice { index: i, text: prefix + &r.text, logprobs: lp, finish_reason: Some(r.finish.openai()) }
         })
         .collect();
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    Ok(Json(CompletionResponse { id, object: "text_completion", created, model, choices, usage: Some(usage) }).into_response())
+    Ok(Json(CompletionResponse { id, object: "text_completion", created, model, choices, usage: Some(usage.usage()) }).into_response())
 }
 
 /// Formats completion chunks.
@@ -163,8 +137,7 @@ struct CompletionStream {
     want_tokens: bool,
     echoes: Vec<String>,
     echoed: Vec<bool>,
-    /// (prompt tokens, completion tokens).
-    usage: (usize, usize),
+    usage: UsageTally,
     /// Characters sent so far per choice (logprob text offsets).
     offsets: Vec<usize>,
 }
@@ -205,10 +178,7 @@ impl Formatter for CompletionStream {
                 (out, false)
             }
             Piece::End { finish, prompt_tokens, completion_tokens, .. } => {
-                if choice % self.n == 0 {
-                    self.usage.0 += prompt_tokens;
-                }
-                self.usage.1 += completion_tokens;
+                self.usage.add(choice, self.n, prompt_tokens, completion_tokens);
                 out.push(self.chunk(CompletionChoice {
                     index: choice,
                     text: String::new(),
@@ -226,7 +196,6 @@ impl Formatter for CompletionStream {
     }
 
     fn finish(&mut self) -> Vec<Event> {
-        let (p, c) = self.usage;
         sse::closing(self.include_usage.then(|| {
             sse::json_event(&CompletionResponse {
                 id: self.id.clone(),
@@ -234,7 +203,7 @@ impl Formatter for CompletionStream {
                 created: self.created,
                 model: self.model.clone(),
                 choices: vec![],
-                usage: Some(Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c }),
+                usage: Some(self.usage.usage()),
             })
         }))
     }

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::validate::{PromptInput, ValidationError};
+use super::error::ApiError;
+use crate::validate::{GenerationInput, PromptInput, ValidationError};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,34 +36,107 @@ impl StopInput {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompletionRequest {
-    pub model: Option<String>,
-    pub prompt: Option<Value>,
-    pub max_tokens: Option<u64>,
-    pub max_completion_tokens: Option<u64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub n: Option<u64>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
-    pub stop: Option<StopInput>,
-    pub seed: Option<u64>,
-    pub logprobs: Option<u64>,
-    pub echo: Option<bool>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub logit_bias: Option<BTreeMap<String, f64>>,
-    pub user: Option<String>,
-    pub best_of: Option<u64>,
-    pub suffix: Option<String>,
-    // Extensions.
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub repetition_penalty: Option<f64>,
-    pub stop_token_ids: Option<Vec<i64>>,
-    pub ignore_eos: Option<bool>,
+/// Declares an OpenAI request type: the fields the completion and chat
+/// routes share, then the route's own. (serde cannot combine `flatten`
+/// with `deny_unknown_fields`, which the API needs, so the shared fields
+/// are written into each type here rather than nested.) `max_tokens_first`
+/// says which token limit wins when a request gives both `max_tokens` and
+/// `max_completion_tokens`.
+macro_rules! openai_request {
+    ($(#[$attr:meta])* $name:ident, max_tokens_first: $max_first:literal { $($(#[$fattr:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$attr])*
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            pub model: Option<String>,
+            pub max_tokens: Option<u64>,
+            pub max_completion_tokens: Option<u64>,
+            pub temperature: Option<f64>,
+            pub top_p: Option<f64>,
+            pub n: Option<u64>,
+            pub stream: Option<bool>,
+            pub stream_options: Option<StreamOptions>,
+            pub stop: Option<StopInput>,
+            pub seed: Option<u64>,
+            pub presence_penalty: Option<f64>,
+            pub frequency_penalty: Option<f64>,
+            pub logit_bias: Option<BTreeMap<String, f64>>,
+            pub user: Option<String>,
+            // Extensions.
+            pub top_k: Option<i64>,
+            pub min_p: Option<f64>,
+            pub repetition_penalty: Option<f64>,
+            pub stop_token_ids: Option<Vec<i64>>,
+            pub ignore_eos: Option<bool>,
+            $($(#[$fattr])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// Whether to stream, and whether a stream ends with a usage
+            /// chunk; `stream_options` without `stream` is refused.
+            pub fn stream_mode(&self) -> Result<(bool, bool), ApiError> {
+                let stream = self.stream.unwrap_or(false);
+                if self.stream_options.is_some() && !stream {
+                    let e = ApiError::bad_request("`stream_options` is only allowed with `stream: true`");
+                    return Err(e.with_param("stream_options"));
+                }
+                Ok((stream, self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)))
+            }
+
+            /// The shared generation settings, moved out of the request;
+            /// `logprobs` and its cap are the route's.
+            pub fn generation_input(&mut self, logprobs: Option<u64>, logprobs_cap: u64) -> GenerationInput {
+                let (first, second) = if $max_first {
+                    ((self.max_tokens, "max_tokens"), (self.max_completion_tokens, "max_completion_tokens"))
+                } else {
+                    ((self.max_completion_tokens, "max_completion_tokens"), (self.max_tokens, "max_tokens"))
+                };
+                let (max_tokens, max_tokens_param) = if first.0.is_some() { first } else { second };
+                GenerationInput {
+                    max_tokens,
+                    max_tokens_param,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    repetition_penalty: self.repetition_penalty,
+                    logit_bias: self.logit_bias.take().map(|m| m.into_iter().collect()),
+                    seed: self.seed,
+                    n: self.n,
+                    stop: self.stop.take().map(StopInput::into_vec).unwrap_or_default(),
+                    stop_token_ids: self.stop_token_ids.take().unwrap_or_default(),
+                    ignore_eos: self.ignore_eos.unwrap_or(false),
+                    logprobs,
+                    logprobs_cap,
+                }
+            }
+        }
+    };
+}
+
+openai_request! {
+    /// `/v1/completions`. `max_tokens` is its own limit's name
+    /// (`max_completion_tokens` an alias).
+    CompletionRequest, max_tokens_first: true {
+        prompt: Option<Value>,
+        logprobs: Option<u64>,
+        echo: Option<bool>,
+        best_of: Option<u64>,
+        suffix: Option<String>,
+    }
+}
+
+openai_request! {
+    /// `/v1/chat/completions`. `max_completion_tokens` is its own limit's
+    /// name (`max_tokens` the older one).
+    ChatRequest, max_tokens_first: false {
+        messages: Option<Vec<ChatMessageIn>>,
+        logprobs: Option<bool>,
+        top_logprobs: Option<u64>,
+        add_generation_prompt: Option<bool>,
+    }
 }
 
 /// Reads OpenAI's `prompt`: a string, a list of strings, a list of token
@@ -101,6 +175,27 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+}
+
+/// A response's token counts, tallied as its choices finish: each prompt
+/// counts once (with the first of its `n` choices), every choice's output.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageTally {
+    prompt: usize,
+    completion: usize,
+}
+
+impl UsageTally {
+    pub fn add(&mut self, choice: usize, n: usize, prompt_tokens: usize, completion_tokens: usize) {
+        if choice % n.max(1) == 0 {
+            self.prompt += prompt_tokens;
+        }
+        self.completion += completion_tokens;
+    }
+
+    pub fn usage(self) -> Usage {
+        Usage { prompt_tokens: self.prompt, completion_tokens: self.completion, total_tokens: self.prompt + self.completion }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -152,35 +247,6 @@ pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<ChatContent>,
     pub name: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChatRequest {
-    pub model: Option<String>,
-    pub messages: Option<Vec<ChatMessageIn>>,
-    pub max_tokens: Option<u64>,
-    pub max_completion_tokens: Option<u64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub n: Option<u64>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
-    pub stop: Option<StopInput>,
-    pub seed: Option<u64>,
-    pub logprobs: Option<bool>,
-    pub top_logprobs: Option<u64>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub logit_bias: Option<BTreeMap<String, f64>>,
-    pub user: Option<String>,
-    // Extensions.
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub repetition_penalty: Option<f64>,
-    pub stop_token_ids: Option<Vec<i64>>,
-    pub ignore_eos: Option<bool>,
-    pub add_generation_prompt: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
