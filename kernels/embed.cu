@@ -55,7 +55,6 @@ extern "C" __global__ void to_half(const float* x, int rows, int cols, int strid
 // thread (two 16-byte loads, one 16-byte store). Grid (column blocks of
 // 8 * blockDim.x, row blocks).
 extern "C" __global__ void to_half8(const float* x, int rows, int cols, int stride, u16* out, int dt) {
-    grid_dep_sync();
     const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (c >= cols) return;
     for (int r = blockIdx.y; r < rows; r += gridDim.y) {

@@ -79,7 +79,6 @@ extern "C" __global__ void gated_rmsnorm(const float* y, int y_stride, const flo
 extern "C" __global__ void rmsnorm_rows4(const float* __restrict__ x, const float* __restrict__ weight, float eps,
                                          int dim, void* __restrict__ out, int half) {
     __shared__ float sh[33];
-    grid_dep_sync();
     const u64 base = (u64)blockIdx.x * dim;
     const float4* r = (const float4*)(x + base);
     const int n4 = dim / 4;

@@ -1,3 +1,157 @@
+// Decode steps of Mamba-1 (one token per sequence): the fused step for
+// small batches, which also computes dt, and the wide step for large ones,
+// which takes dt from a matrix product. Both take STEP_ARGS.
+
+// Falcon-Mamba's weightless RMS norms of xdbl row `row` = [dt_low (rank) |
+// B (d_state) | C (d_state)], as three inverse scales; the `lanes` threads
+// of a channel group share the sums with shuffles.
+__device__ __forceinline__ void falcon_inv_norms(const float* row, int rank, int d_state, float eps, int lane, int lanes,
+                                                 float& inv_dt, float& inv_b, float& inv_c) {
+    float sd = 0.0f, sb = 0.0f, sc = 0.0f;
+    for (int r = lane; r < rank; r += lanes) sd += row[r] * row[r];
+    for (int n = lane; n < d_state; n += lanes) {
+        const float bv = row[rank + n], cv = row[rank + d_state + n];
+        sb += bv * bv;
+        sc += cv * cv;
+    }
+    for (int o = lanes / 2; o > 0; o >>= 1) {
+        sd += __shfl_xor_sync(FULL_MASK, sd, o);
+        sb += __shfl_xor_sync(FULL_MASK, sb, o);
+        sc += __shfl_xor_sync(FULL_MASK, sc, o);
+    }
+    inv_dt = (float)(1.0 / sqrt((double)sd / rank + (double)eps));
+    inv_b = (float)(1.0 / sqrt((double)sb / d_state + (double)eps));
+    inv_c = (float)(1.0 / sqrt((double)sc / d_state + (double)eps));
+}
+
+// Mamba-1 decode: one token per sequence (row s), with the dt projection,
+// softplus, D skip and SiLU(z) gate fused in, and Falcon-Mamba's weightless
+// norms of dt, B and C when `norm` is set.
+//
+// xdbl row s is [dt_low (rank) | B (d_state) | C (d_state)]; dt_proj is
+// [channels, rank] in dtype DT. When `dtpre` is given it already holds
+// dt_low · dt_projᵀ (un-normalised: Falcon's norm of dt_low is one scalar
+// per row, applied here), computed by a matrix product for large batches;
+// otherwise each channel's dot product runs here, `vec_dot` selecting
+// 16-byte loads (rank % 8 == 0, aligned rows). A group of `lanes` threads
+// owns a channel and NPL consecutive states per lane (NPL = 4: 16-byte
+// state accesses).
+template <int DT, int NPL>
+__device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const float* __restrict__ xdbl, int xds,
+                                 const void* __restrict__ dtw, const float* __restrict__ dtpre, int dps,
+                                 const float* __restrict__ dt_bias, const float* __restrict__ a,
+                                 const float* __restrict__ skip, const float* __restrict__ z, int zs,
+                                 float* __restrict__ state, u64 slot_stride, u64 layer_off,
+                                 const u32* __restrict__ slots, int n_seqs, int channels, int d_state, int rank,
+                                 int norm, float eps, int lanes, int vec_dot, float* __restrict__ out, int os) {
+    const int lane = threadIdx.x & (lanes - 1);
+    const int cpb = blockDim.x / lanes;
+    const int c = blockIdx.x * cpb + threadIdx.x / lanes;
+    const bool active = c < channels;
+    const int cc = active ? c : channels - 1;
+    const int n0 = lane * NPL;
+    const bool valid = n0 < d_state;
+    const int s = blockIdx.y;
+    if (s >= n_seqs) return;
+    const u32 slot = slots[s];
+    float* st = slot == PAD_SLOT ? 0 : state + (u64)slot * slot_stride + layer_off + (u64)cc * d_state + n0;
+    float av[NPL];
+#pragma unroll
+    for (int q = 0; q < NPL; ++q) av[q] = valid ? a[(u64)cc * d_state + n0 + q] : 0.0f;
+    grid_dep_sync();
+    // Issue the state load first: it is the one that must come from memory.
+    float hv[NPL];
+    if (NPL == 4) {
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (st && valid) v = *(const float4*)st;
+        hv[0] = v.x;
+        hv[NPL > 1 ? 1 : 0] = v.y;
+        hv[NPL > 2 ? 2 : 0] = v.z;
+        hv[NPL > 3 ? 3 : 0] = v.w;
+    } else {
+        hv[0] = (st && valid) ? st[0] : 0.0f;
+    }
+    const float xv = x[(u64)s * xs + cc];
+    const float zv = z[(u64)s * zs + cc];
+    const float* row = xdbl + (u64)s * xds;
+
+    float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
+    if (norm) falcon_inv_norms(row, rank, d_state, eps, lane, lanes, inv_dt, inv_b, inv_c);
+    float raw;
+    if (dtpre) {
+        raw = dtpre[(u64)s * dps + cc] * inv_dt;
+    } else {
+        const u64 wrow = (u64)cc * rank;
+        float acc = 0.0f;
+        if (vec_dot) {
+#pragma unroll 4
+            for (int r0 = lane * 8; r0 < rank; r0 += lanes * 8) {
+                float wv[8];
+                if (DT == 0) {
+                    const float4* p = (const float4*)((const float*)dtw + wrow + r0);
+                    const float4 w0 = p[0], w1 = p[1];
+                    wv[0] = w0.x; wv[1] = w0.y; wv[2] = w0.z; wv[3] = w0.w;
+                    wv[4] = w1.x; wv[5] = w1.y; wv[6] = w1.z; wv[7] = w1.w;
+                } else {
+                    const uint4 q = *(const uint4*)((const u16*)dtw + wrow + r0);
+                    const u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
+                        wv[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
+                        wv[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
+                    }
+                }
+                const float4* xp = (const float4*)(row + r0);
+                const float4 p = xp[0], q = xp[1];
+                acc += wv[0] * (p.x * inv_dt) + wv[1] * (p.y * inv_dt) + wv[2] * (p.z * inv_dt) +
+                       wv[3] * (p.w * inv_dt) + wv[4] * (q.x * inv_dt) + wv[5] * (q.y * inv_dt) +
+                       wv[6] * (q.z * inv_dt) + wv[7] * (q.w * inv_dt);
+            }
+        } else {
+            for (int r = lane; r < rank; r += lanes) acc += load_weight<DT>(dtw, wrow + r) * (row[r] * inv_dt);
+        }
+        for (int o = lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
+        raw = acc;
+    }
+    const float dtv = softplus_f(raw + dt_bias[cc]);
+
+    float yp = 0.0f;
+    if (valid) {
+#pragma unroll
+        for (int q = 0; q < NPL; ++q) {
+            const int n = n0 + q;
+            const float bv = row[rank + n] * inv_b;
+            const float cv = row[rank + d_state + n] * inv_c;
+            const float da = expf(dtv * av[q]);
+            hv[q] = da * hv[q] + (dtv * bv) * xv;
+            yp += hv[q] * cv;
+        }
+    }
+    if (st && valid && active) {
+        if (NPL == 4) *(float4*)st = make_float4(hv[0], hv[NPL > 1 ? 1 : 0], hv[NPL > 2 ? 2 : 0], hv[NPL > 3 ? 3 : 0]);
+        else st[0] = hv[0];
+    }
+    for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
+    if (lane == 0 && active) out[(u64)s * os + cc] = (yp + xv * skip[cc]) * silu_f(zv);
+}
+
+#define STEP_ARGS                                                                                                  \
+    const float *x, int xs, const float *xdbl, int xds, const void *dtw, const float *dtpre, int dps,              \
+        const float *dt_bias, const float *a, const float *skip, const float *z, int zs, float *state,             \
+        u64 slot_stride, u64 layer_off, const u32 *slots, int n_seqs, int channels, int d_state, int rank,         \
+        int norm, float eps, int lanes, int vec_dot, float *out, int os
+#define STEP_PASS                                                                                                  \
+    x, xs, xdbl, xds, dtw, dtpre, dps, dt_bias, a, skip, z, zs, state, slot_stride, layer_off, slots, n_seqs,      \
+        channels, d_state, rank, norm, eps, lanes, vec_dot, out, os
+
+extern "C" __global__ void mamba1_step_f32_v4(STEP_ARGS) { mamba1_step_impl<0, 4>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_bf16_v4(STEP_ARGS) { mamba1_step_impl<1, 4>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_f16_v4(STEP_ARGS) { mamba1_step_impl<2, 4>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_f32_v1(STEP_ARGS) { mamba1_step_impl<0, 1>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_bf16_v1(STEP_ARGS) { mamba1_step_impl<1, 1>(STEP_PASS); }
+extern "C" __global__ void mamba1_step_f16_v1(STEP_ARGS) { mamba1_step_impl<2, 1>(STEP_PASS); }
+
 // Mamba-1 decode step for large batches, where dt_low · dt_projᵀ was
 // computed beforehand by one matrix product (`dtpre`, un-normalised as in
 // `mamba1_step_impl`). Here the state traffic is everything: each sequence's
@@ -11,9 +165,9 @@
 // in shared memory once. Falcon-Mamba's weightless norms of dt, B and C are
 // applied when `norm` is set. Grid (channel blocks, sequence
 // groups).
+#define STEP_WIDE_SEQS 4
 #define STEP_WIDE_MAX_STATE 128
 
-template <int STEP_WIDE_SEQS>
 __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const float* __restrict__ xdbl, int xds,
                                       const float* __restrict__ dtpre, int dps, const float* __restrict__ dt_bias,
                                       const float* __restrict__ a, const float* __restrict__ skip,
@@ -34,7 +188,6 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
     const float avv[4] = {av.x, av.y, av.z, av.w};
     const float bias = dt_bias[cc];
     const float dsk = skip[cc];
-    grid_dep_sync();
     // Every load first: the states (from memory) and each sequence's
     // scalars and B, C (from cache), so nothing waits in the loop below.
     float4 h[STEP_WIDE_SEQS];
@@ -65,24 +218,7 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
         const int s = s0 + i;
         if (s >= n_seqs) break;
         float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
-        if (norm) {
-            const float* row = xdbl + (u64)s * xds;
-            float sd = 0.0f, sb = 0.0f, sc = 0.0f;
-            for (int r = lane; r < rank; r += lanes) sd += row[r] * row[r];
-            for (int n = lane; n < d_state; n += lanes) {
-                const float b = row[rank + n], c = row[rank + d_state + n];
-                sb += b * b;
-                sc += c * c;
-            }
-            for (int o = lanes / 2; o > 0; o >>= 1) {
-                sd += __shfl_xor_sync(FULL_MASK, sd, o);
-                sb += __shfl_xor_sync(FULL_MASK, sb, o);
-                sc += __shfl_xor_sync(FULL_MASK, sc, o);
-            }
-            inv_dt = (float)(1.0 / sqrt((double)sd / rank + (double)eps));
-            inv_b = (float)(1.0 / sqrt((double)sb / d_state + (double)eps));
-            inv_c = (float)(1.0 / sqrt((double)sc / d_state + (double)eps));
-        }
+        if (norm) falcon_inv_norms(xdbl + (u64)s * xds, rank, d_state, eps, lane, lanes, inv_dt, inv_b, inv_c);
         const float dtv = softplus_f(dtr[i] * inv_dt + bias);
         float yp = 0.0f;
         if (valid) {
@@ -101,15 +237,8 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
     }
 }
 
-#define WIDE_ARGS                                                                                                 \
-    const float *x, int xs, const float *xdbl, int xds, const float *dtpre, int dps, const float *dt_bias,        \
-        const float *a, const float *skip, const float *z, int zs, float *state, u64 slot_stride, u64 layer_off,  \
-        const u32 *slots, int n_seqs, int channels, int d_state, int rank, int norm, float eps, int lanes,         \
-        float *out, int os
-#define WIDE_PASS                                                                                                 \
-    x, xs, xdbl, xds, dtpre, dps, dt_bias, a, skip, z, zs, state, slot_stride, layer_off, slots, n_seqs, channels, \
-        d_state, rank, norm, eps, lanes, out, os
-
-// Four or eight sequences per thread.
-extern "C" __global__ void mamba1_step_wide(WIDE_ARGS) { mamba1_step_wide_impl<4>(WIDE_PASS); }
-extern "C" __global__ void mamba1_step_wide8(WIDE_ARGS) { mamba1_step_wide_impl<8>(WIDE_PASS); }
+// The fused step's arguments (STEP_ARGS); `dtw` and `vec_dot` are unused.
+extern "C" __global__ void mamba1_step_wide(STEP_ARGS) {
+    mamba1_step_wide_impl(x, xs, xdbl, xds, dtpre, dps, dt_bias, a, skip, z, zs, state, slot_stride, layer_off, slots,
+                          n_seqs, channels, d_state, rank, norm, eps, lanes, out, os);
+}

@@ -102,13 +102,10 @@ for phase in $phases; do
       MAMBA_SERVE_CUDA_PROFILE=1 run profile 120 "$bin/mamba-serve" "${common[@]}" --prompt-len 1 --batch 256 --steps 8
       ;;
     ab)
-      # Launch and kernel variants side by side (decode, mamba-130m and
-      # mamba-1.4b): the default, without programmatic dependent launch,
-      # and with 8 sequences per thread in the wide decode step (whose
-      # parity test runs in that mode first).
-      MAMBA_SERVE_STEP_SEQS=8 run ab 120 "$integration" cuda::mamba1_step --test-threads=1
-      for case in MAMBA_SERVE_NO_PDL=1:mamba-130m MAMBA_SERVE_NO_PDL=1:mamba-1.4b MAMBA_SERVE_STEP_SEQS=8:mamba-1.4b; do
-        run ab 120 env "${case%%:*}" "$bin/mamba-serve" bench --random-shape "${case##*:}" --device cuda --prompt-len 64 \
+      # Decode with and without programmatic dependent launch, side by side
+      # with the bench phase (mamba-130m and mamba-1.4b).
+      for shape in mamba-130m mamba-1.4b; do
+        run ab 120 env MAMBA_SERVE_NO_PDL=1 "$bin/mamba-serve" bench --random-shape "$shape" --device cuda --prompt-len 64 \
           --batch 1,16,64,256 --steps 64 --no-ceilings
       done
       ;;

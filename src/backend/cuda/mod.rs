@@ -77,6 +77,9 @@ const STEP_ONE_STATE_MAX_SEQS: usize = 2;
 /// Decode conv steps of at most this many sequences launch as programmatic
 /// dependents ([`CudaBackend::launch_dependent`]).
 const DEPENDENT_LAUNCH_MAX_SEQS: usize = 16;
+/// Sequences per thread of the wide decode step (`STEP_WIDE_SEQS` in
+/// kernels/step.cu).
+const STEP_WIDE_SEQS: u32 = 4;
 /// Up to this many sequences, the decode step computes dt inside its kernel.
 const STEP_FUSED_DT_MAX_SEQS: usize = 16;
 /// Products of at most this many multiply-adds also stay on the exact f32
@@ -261,9 +264,6 @@ pub struct CudaBackend {
     /// Launch small decode steps' kernels as programmatic dependents (sm_90
     /// and later; `MAMBA_SERVE_NO_PDL` turns it off, for comparisons).
     dependent_launch: bool,
-    /// Sequences per thread of the wide decode step (`kernels/step.cu`):
-    /// 4, or 8 with `MAMBA_SERVE_STEP_SEQS=8` (for comparisons).
-    step_wide_seqs: u32,
 }
 
 // SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
@@ -336,7 +336,6 @@ impl CudaBackend {
             sm,
             sms: sms.max(1) as u32,
             dependent_launch: sm.0 >= 9 && std::env::var_os("MAMBA_SERVE_NO_PDL").is_none(),
-            step_wide_seqs: if std::env::var("MAMBA_SERVE_STEP_SEQS").as_deref() == Ok("8") { 8 } else { 4 },
         })
     }
 
@@ -1103,37 +1102,6 @@ impl Backend for CudaBackend {
         } else {
             None
         };
-        if let (Some(dtpre), true) = (dtpre, v4) {
-            let a = Args::new()
-                .ptr(args.x.buf.at(args.x.offset))
-                .i32(args.x.stride)
-                .ptr(args.xdbl.buf.at(args.xdbl.offset))
-                .i32(args.xdbl.stride)
-                .ptr(dtpre)
-                .i32(d)
-                .ptr(args.dt_bias.buf.ptr)
-                .ptr(args.a.buf.ptr)
-                .ptr(args.skip.buf.ptr)
-                .ptr(args.z.buf.at(args.z.offset))
-                .i32(args.z.stride)
-                .ptr(state)
-                .u64(slot_stride)
-                .u64(layer_off)
-                .ptr(batch.slots.buf.ptr)
-                .i32(s)
-                .i32(d)
-                .i32(n)
-                .i32(r)
-                .u32(args.norm_eps.is_some() as u32)
-                .f32(args.norm_eps.unwrap_or(0.0))
-                .i32(lanes)
-                .ptr(out.buf.at(out.offset))
-                .i32(out.stride);
-            drop(step_dt);
-            let cpb = 128 / lanes as u32;
-            let (k, per) = if self.step_wide_seqs == 8 { (Kernel::Mamba1StepWide8, 8) } else { (Kernel::Mamba1StepWide, 4) };
-            return self.launch(k, a, ((d as u32).div_ceil(cpb), (s as u32).div_ceil(per), 1), 128);
-        }
         let vec_dot = r % 8 == 0 && args.xdbl.offset % 4 == 0 && args.xdbl.stride % 4 == 0;
         let a = Args::new()
             .ptr(args.x.buf.at(args.x.offset))
@@ -1163,9 +1131,12 @@ impl Backend for CudaBackend {
             .ptr(out.buf.at(out.offset))
             .i32(out.stride);
         drop(step_dt);
-        let threads = 128u32;
-        let cpb = threads / lanes as u32;
-        self.launch_dependent(k, a, ((d as u32).div_ceil(cpb), s as u32, 1), threads)
+        let cpb = 128 / lanes as u32;
+        if dtpre.is_some() && v4 {
+            // The wide step: STEP_WIDE_SEQS sequences a thread.
+            return self.launch(Kernel::Mamba1StepWide, a, ((d as u32).div_ceil(cpb), (s as u32).div_ceil(STEP_WIDE_SEQS), 1), 128);
+        }
+        self.launch_dependent(k, a, ((d as u32).div_ceil(cpb), s as u32, 1), 128)
     }
 
     fn mamba2_scan(&self, args: Mamba2ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
