@@ -6,7 +6,9 @@
 //! knows (the CPU reads packed offsets and slots on the host and checks
 //! their values; CUDA checks its kernels' limits).
 
-use super::{Backend, BackendError, ConvArgs, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, Result, SampleRow, View, ViewMut};
+use super::{
+    Backend, BackendError, ConvArgs, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, Result, SampleRow, View, ViewMut,
+};
 
 /// What the checks need to know of a device buffer: its element count.
 pub trait Buffer {
@@ -106,22 +108,14 @@ pub fn linear<B: Backend + ?Sized>(x: &View<'_, B::Vec>, w: &B::Mat, bias: Optio
     }
 }
 
-pub fn rmsnorm_linear<B: Backend + ?Sized>(
-    x: &B::Vec,
-    rows: usize,
-    norm: &B::Vec,
-    w: &B::Mat,
-    bias: Option<&B::Vec>,
-    normed: &B::Vec,
-    out: &ViewMut<'_, B::Vec>,
-) -> Result<()> {
-    let (k, n) = (w.cols(), w.rows());
-    check("rmsnorm_linear", x.len() >= rows * k && normed.len() >= rows * k && norm.len() == k, || {
-        format!("{rows} rows of width {k}: x {} normed {} norm {}", x.len(), normed.len(), norm.len())
+pub fn rmsnorm_linear<B: Backend + ?Sized>(p: &NormedLinear<'_, B>, normed: &B::Vec, out: &ViewMut<'_, B::Vec>) -> Result<()> {
+    let (rows, k, n) = (p.rows, p.w.cols(), p.w.rows());
+    check("rmsnorm_linear", p.x.len() >= rows * k && normed.len() >= rows * k && p.norm.len() == k, || {
+        format!("{rows} rows of width {k}: x {} normed {} norm {}", p.x.len(), normed.len(), p.norm.len())
     })?;
     check("rmsnorm_linear", out.rows == rows && out.cols == n, || format!("out [{}, {}] for [{rows}, {n}]", out.rows, out.cols))?;
     view_mut("rmsnorm_linear", "out", out)?;
-    match bias {
+    match p.bias {
         Some(b) => check("rmsnorm_linear", b.len() == n, || format!("bias of {} for {n} outputs", b.len())),
         None => Ok(()),
     }

@@ -219,6 +219,41 @@ pub struct ConvArgs<'a, B: Backend + ?Sized> {
     pub layer: usize,
 }
 
+/// A product of RMS-normalised rows: `rmsnorm(x) · wᵀ (+ bias)` over the
+/// first `rows` rows of the dense `[rows, w.cols]` buffer `x`, where
+/// `rmsnorm(x) = x / sqrt(mean(x^2) + eps) * norm` per row.
+pub struct NormedLinear<'a, B: Backend + ?Sized> {
+    pub x: &'a B::Vec,
+    pub rows: usize,
+    pub norm: &'a B::Vec,
+    pub eps: f32,
+    pub w: &'a B::Mat,
+    pub bias: Option<&'a B::Vec>,
+}
+
+impl<B: Backend + ?Sized> Clone for NormedLinear<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend + ?Sized> Copy for NormedLinear<'_, B> {}
+
+/// [`Backend::rmsnorm_linear_conv`] as its two ops, one after the other.
+pub fn rmsnorm_linear_then_conv<B: Backend + ?Sized>(
+    b: &B,
+    p: NormedLinear<'_, B>,
+    normed: &mut B::Vec,
+    proj: ViewMut<'_, B::Vec>,
+    conv: ProjConv<'_, B>,
+    batch: &Packed<'_, B>,
+    conv_out: ViewMut<'_, B::Vec>,
+) -> Result<()> {
+    let ViewMut { buf, offset, rows, cols, stride } = proj;
+    b.rmsnorm_linear(p, normed, ViewMut { buf: &mut *buf, offset, rows, cols, stride })?;
+    b.conv1d(conv.args(View { buf: &*buf, offset, rows, cols, stride }), batch, conv_out)
+}
+
 /// The conv of a mixer's entry ([`Backend::rmsnorm_linear_conv`]): a
 /// [`ConvArgs`] whose input is the columns `start..start + channels` of the
 /// in_proj output.
@@ -447,49 +482,28 @@ pub trait Backend: Send + 'static {
     /// residual add after a mixer's out_proj).
     fn linear_add(&self, x: View<'_, Self::Vec>, w: &Self::Mat, bias: Option<&Self::Vec>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
 
-    /// `out = rmsnorm(x) · wᵀ (+ bias)` over the first `rows` rows of the
-    /// dense `[rows, w.cols]` buffer `x`, where
-    /// `rmsnorm(x) = x / sqrt(mean(x^2) + eps) * norm` per row (the block's
+    /// `out = rmsnorm(x) · wᵀ (+ bias)`, see [`NormedLinear`] (the block's
     /// norm before in_proj, and the final norm before the LM head).
     /// `normed` (at least `rows × w.cols`) is scratch a backend may use for
     /// the normalised rows; its contents afterwards are unspecified.
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_linear(
-        &self,
-        x: &Self::Vec,
-        rows: usize,
-        norm: &Self::Vec,
-        eps: f32,
-        w: &Self::Mat,
-        bias: Option<&Self::Vec>,
-        normed: &mut Self::Vec,
-        out: ViewMut<'_, Self::Vec>,
-    ) -> Result<()>;
+    fn rmsnorm_linear(&self, p: NormedLinear<'_, Self>, normed: &mut Self::Vec, out: ViewMut<'_, Self::Vec>) -> Result<()>;
 
     /// A mixer's entry: `proj = rmsnorm(x) · wᵀ (+ bias)` as in
     /// [`Backend::rmsnorm_linear`], then the causal conv ([`Backend::conv1d`])
     /// over proj's conv columns into `conv_out`. Afterwards those columns
     /// of proj are unspecified: a backend that fuses the two (one token per
-    /// sequence) need not write them. The default runs the two ops.
-    #[allow(clippy::too_many_arguments)]
+    /// sequence) need not write them. The default runs the two ops
+    /// ([`rmsnorm_linear_then_conv`]).
     fn rmsnorm_linear_conv(
         &self,
-        x: &Self::Vec,
-        rows: usize,
-        norm: &Self::Vec,
-        eps: f32,
-        w: &Self::Mat,
-        bias: Option<&Self::Vec>,
+        p: NormedLinear<'_, Self>,
         normed: &mut Self::Vec,
         proj: ViewMut<'_, Self::Vec>,
         conv: ProjConv<'_, Self>,
         batch: &Packed<'_, Self>,
         conv_out: ViewMut<'_, Self::Vec>,
     ) -> Result<()> {
-        let ViewMut { buf, offset, rows: r, cols, stride } = proj;
-        self.rmsnorm_linear(x, rows, norm, eps, w, bias, normed, ViewMut { buf: &mut *buf, offset, rows: r, cols, stride })?;
-        let args = conv.args(View { buf: &*buf, offset, rows: r, cols, stride });
-        self.conv1d(args, batch, conv_out)
+        rmsnorm_linear_then_conv(self, p, normed, proj, conv, batch, conv_out)
     }
 
     /// Causal depthwise conv1d over a packed batch; see [`ConvArgs`].

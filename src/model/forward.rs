@@ -14,7 +14,8 @@ use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use crate::backend::{
-    Backend, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, PAD_SLOT, Packed, PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
+    Backend, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT, Packed, PoolLayout, ProjConv, SampleRow, SampledToken,
+    View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
@@ -468,19 +469,16 @@ impl<B: Backend> Model<B> {
                 layout: pool.conv_layout,
                 layer: l,
             };
-            b.rmsnorm_linear_conv(
-                &ws.residual,
-                n_tokens,
-                &lw.norm,
-                cfg.norm_eps,
-                &lw.in_proj,
-                lw.in_proj_bias.as_ref(),
-                &mut ws.normed,
-                ViewMut::dense(&mut ws.proj, n_tokens, p),
-                conv,
-                &batch,
-                ViewMut::dense(&mut ws.conv_out, n_tokens, cd),
-            )?;
+            let entry = NormedLinear {
+                x: &ws.residual,
+                rows: n_tokens,
+                norm: &lw.norm,
+                eps: cfg.norm_eps,
+                w: &lw.in_proj,
+                bias: lw.in_proj_bias.as_ref(),
+            };
+            let (proj, conv_out) = (ViewMut::dense(&mut ws.proj, n_tokens, p), ViewMut::dense(&mut ws.conv_out, n_tokens, cd));
+            b.rmsnorm_linear_conv(entry, &mut ws.normed, proj, conv, &batch, conv_out)?;
             let bufs = MixerBuffers {
                 proj: &ws.proj,
                 conv_out: &ws.conv_out,
@@ -502,7 +500,8 @@ impl<B: Backend> Model<B> {
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
         let v = cfg.vocab_size;
         let logits = ViewMut::dense(&mut ws.logits, n_seqs, v);
-        b.rmsnorm_linear(last, n_seqs, &w.norm_f, cfg.norm_eps, head, None, &mut ws.normed, logits)?;
+        let head = NormedLinear { x: last, rows: n_seqs, norm: &w.norm_f, eps: cfg.norm_eps, w: head, bias: None };
+        b.rmsnorm_linear(head, &mut ws.normed, logits)?;
         Ok(())
     }
 }

@@ -10,8 +10,8 @@ use mamba_serve::backend::cpu::CpuBackend;
 use mamba_serve::backend::cuda::CudaBackend;
 use mamba_serve::backend::rng::SplitMix64;
 use mamba_serve::backend::{
-    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, PoolLayout, ProjConv,
-    SampleRow, View, ViewMut,
+    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, PoolLayout,
+    ProjConv, SampleRow, View, ViewMut,
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
@@ -198,7 +198,8 @@ fn fused_on<B: Backend>(
     let mut normed = poisoned(b, m * k)?;
     let os = n + 3;
     let mut out = poisoned(b, m * os + 2)?;
-    b.rmsnorm_linear(&xb, m, &nb, 1e-5, &wm, bb.as_ref(), &mut normed, ViewMut { buf: &mut out, offset: 2, rows: m, cols: n, stride: os })?;
+    let p = NormedLinear { x: &xb, rows: m, norm: &nb, eps: 1e-5, w: &wm, bias: bb.as_ref() };
+    b.rmsnorm_linear(p, &mut normed, ViewMut { buf: &mut out, offset: 2, rows: m, cols: n, stride: os })?;
     let all = b.read(&out, 0, m * os + 2)?;
     let normed_product = (0..m).flat_map(|r| all[2 + r * os..2 + r * os + n].to_vec()).collect();
     let mut acc = b.upload(init)?;
@@ -290,19 +291,8 @@ fn entry_on<B: Backend>(
         layout,
         layer: 1,
     };
-    b.rmsnorm_linear_conv(
-        &xb,
-        m,
-        &nb,
-        1e-5,
-        &wm,
-        None,
-        &mut normed,
-        ViewMut::dense(&mut proj, m, n),
-        conv,
-        &packed,
-        ViewMut::dense(&mut conv_out, m, ch),
-    )?;
+    let p = NormedLinear { x: &xb, rows: m, norm: &nb, eps: 1e-5, w: &wm, bias: None };
+    b.rmsnorm_linear_conv(p, &mut normed, ViewMut::dense(&mut proj, m, n), conv, &packed, ViewMut::dense(&mut conv_out, m, ch))?;
     let p = b.read(&proj, 0, m * n)?;
     let p = &p;
     let outside = (0..m).flat_map(|r| (0..n).filter(|c| *c < start || *c >= start + ch).map(move |c| p[r * n + c])).collect();

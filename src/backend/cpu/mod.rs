@@ -17,8 +17,8 @@ use half::{bf16, f16};
 
 use super::checks::{self, check};
 use super::{
-    Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, Result, SampleRow, SampledToken, View,
-    ViewMut,
+    Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, Result, SampleRow,
+    SampledToken, View, ViewMut,
 };
 
 pub use math::{gelu, gelu_tanh, silu, softplus};
@@ -187,21 +187,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rmsnorm_linear(
-        &self,
-        x: &Vec<f32>,
-        rows: usize,
-        norm: &Vec<f32>,
-        eps: f32,
-        w: &CpuMat,
-        bias: Option<&Vec<f32>>,
-        normed: &mut Vec<f32>,
-        out: ViewMut<'_, Vec<f32>>,
-    ) -> Result<()> {
-        checks::rmsnorm_linear::<Self>(x, rows, norm, w, bias, normed, &out)?;
-        let (n, k) = (rows * w.cols, w.cols);
-        math::rmsnorm(&x[..n], norm, eps, k, &mut normed[..n]);
-        math::linear(View::dense(normed, rows, k), w, bias, out);
+    fn rmsnorm_linear(&self, p: NormedLinear<'_, Self>, normed: &mut Vec<f32>, out: ViewMut<'_, Vec<f32>>) -> Result<()> {
+        checks::rmsnorm_linear(&p, normed, &out)?;
+        let (n, k) = (p.rows * p.w.cols, p.w.cols);
+        math::rmsnorm(&p.x[..n], p.norm, p.eps, k, &mut normed[..n]);
+        math::linear(View::dense(normed, p.rows, k), p.w, p.bias, out);
         Ok(())
     }
 

@@ -26,9 +26,10 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaStream, result, sys}
 use self::blas::{Blas, Gemm};
 use self::kernels::{Args, Kernel, Kernels};
 use super::checks::{self, check};
+use super::rmsnorm_linear_then_conv;
 use super::{
-    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, Packed, ProjConv, Result,
-    SampleRow, SampledToken, View, ViewMut,
+    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, ProjConv,
+    Result, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Threads per block of the row-wise kernels.
@@ -811,24 +812,15 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn rmsnorm_linear(
-        &self,
-        x: &CudaVec,
-        rows: usize,
-        norm: &CudaVec,
-        eps: f32,
-        w: &CudaMat,
-        bias: Option<&CudaVec>,
-        normed: &mut CudaVec,
-        out: ViewMut<'_, CudaVec>,
-    ) -> Result<()> {
-        checks::rmsnorm_linear::<Self>(x, rows, norm, w, bias, normed, &out)?;
+    fn rmsnorm_linear(&self, p: NormedLinear<'_, Self>, normed: &mut CudaVec, out: ViewMut<'_, CudaVec>) -> Result<()> {
+        checks::rmsnorm_linear(&p, normed, &out)?;
+        let NormedLinear { x, rows, norm, eps, w, bias } = p;
         if rows == 0 || w.rows == 0 {
             return Ok(());
         }
         let k = w.cols;
         let xv = View::dense(x, rows, k);
-        if Self::use_gemv(rows, w) && Self::gemv_vec(&xv, w) && rows <= GEMV_MAX_ROWS {
+        if rows <= GEMV_MAX_ROWS && Self::gemv_vec(&xv, w) {
             // Decode: the norm folded into the product, nothing written between.
             return self.gemv(xv, w, bias, &out, GemvMode { accumulate: false, norm: Some((norm, eps)), conv: None });
         }
@@ -857,36 +849,27 @@ impl Backend for CudaBackend {
 
     fn rmsnorm_linear_conv(
         &self,
-        x: &CudaVec,
-        rows: usize,
-        norm: &CudaVec,
-        eps: f32,
-        w: &CudaMat,
-        bias: Option<&CudaVec>,
+        p: NormedLinear<'_, Self>,
         normed: &mut CudaVec,
         proj: ViewMut<'_, CudaVec>,
         conv: ProjConv<'_, Self>,
         batch: &Packed<'_, Self>,
         conv_out: ViewMut<'_, CudaVec>,
     ) -> Result<()> {
-        let xv = View::dense(x, rows, w.cols);
+        let xv = View::dense(p.x, p.rows, p.w.cols);
         let fused = batch.single_token
-            && rows == batch.n_seqs
-            && rows <= GEMV_MAX_ROWS
-            && Self::use_gemv(rows, w)
-            && Self::gemv_vec(&xv, w)
+            && p.rows == batch.n_seqs
+            && p.rows <= GEMV_MAX_ROWS
+            && Self::gemv_vec(&xv, p.w)
             && (1..=CONV_STEP_MAX_K).contains(&conv.kernel);
         if !fused {
-            let ViewMut { buf, offset, rows: r, cols, stride } = proj;
-            self.rmsnorm_linear(x, rows, norm, eps, w, bias, normed, ViewMut { buf: &mut *buf, offset, rows: r, cols, stride })?;
-            let args = conv.args(View { buf: &*buf, offset, rows: r, cols, stride });
-            return self.conv1d(args, batch, conv_out);
+            return rmsnorm_linear_then_conv(self, p, normed, proj, conv, batch, conv_out);
         }
         // Decode: the norm, in_proj and the conv step in one kernel.
-        checks::rmsnorm_linear::<Self>(x, rows, norm, w, bias, normed, &proj)?;
+        checks::rmsnorm_linear(&p, normed, &proj)?;
         let (start, channels) = (conv.start, conv.channels);
-        let ViewMut { buf, offset, rows: r, cols, stride } = proj;
-        let args = conv.args(View { buf: &*buf, offset, rows: r, cols, stride });
+        let ViewMut { buf, offset, rows, cols, stride } = proj;
+        let args = conv.args(View { buf: &*buf, offset, rows, cols, stride });
         checks::conv1d(&args, batch, &conv_out)?;
         let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
         let k = args.kernel as u64;
@@ -902,8 +885,9 @@ impl Backend for CudaBackend {
             conv_out.buf.at(conv_out.offset),
             conv_out.stride as u64,
         ];
-        let out = ViewMut { buf, offset, rows: r, cols, stride };
-        self.gemv(xv, w, bias, &out, GemvMode { accumulate: false, norm: Some((norm, eps)), conv: Some(epilogue) })
+        let out = ViewMut { buf, offset, rows, cols, stride };
+        let mode = GemvMode { accumulate: false, norm: Some((p.norm, p.eps)), conv: Some(epilogue) };
+        self.gemv(xv, p.w, p.bias, &out, mode)
     }
 
     fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
