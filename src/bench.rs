@@ -84,24 +84,6 @@ fn tokens(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
     (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
 }
 
-fn greedy(vocab: usize) -> SampleRow {
-    SampleRow {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repetition_penalty: 1.0,
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
-        seed: 0,
-        step: 0,
-        top_logprobs: 0,
-        valid_vocab: vocab as u32,
-        seen: vec![],
-        logit_bias: vec![],
-    }
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -114,7 +96,7 @@ fn prefill_once(runner: &mut dyn Runner, prompt: &[u32], vocab: usize) -> Result
     let start = Instant::now();
     let pieces: Vec<&[u32]> = prompt.chunks(chunk).collect();
     for (i, piece) in pieces.iter().enumerate() {
-        let row = (i + 1 == pieces.len()).then(|| greedy(vocab));
+        let row = (i + 1 == pieces.len()).then(|| SampleRow::greedy(vocab));
         runner.forward_sample(&[SeqChunk { slot: 0, tokens: piece, is_prompt: true }], &[row])?;
     }
     Ok(start.elapsed().as_secs_f64())
@@ -158,7 +140,7 @@ pub fn run(
             runner.reset_slot(slot)?;
         }
         let ids = tokens(batch, ids_below, 7 + batch as u64);
-        let rows: Vec<Option<SampleRow>> = (0..batch).map(|_| Some(greedy(vocab))).collect();
+        let rows: Vec<Option<SampleRow>> = (0..batch).map(|_| Some(SampleRow::greedy(vocab))).collect();
         let step = |runner: &mut dyn Runner| -> Result<(), ModelError> {
             let chunks: Vec<SeqChunk<'_>> = (0..batch).map(|s| SeqChunk { slot: s, tokens: &ids[s..s + 1], is_prompt: false }).collect();
             runner.forward_sample(&chunks, &rows).map(|_| ())

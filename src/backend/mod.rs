@@ -398,6 +398,28 @@ pub struct SampleRow {
     pub logit_bias: Vec<(u32, f32)>,
 }
 
+impl SampleRow {
+    /// Greedy, every processor off, over `valid_vocab` ids: the row other
+    /// settings start from.
+    pub fn greedy(valid_vocab: usize) -> Self {
+        SampleRow {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+            step: 0,
+            top_logprobs: 0,
+            valid_vocab: valid_vocab as u32,
+            seen: vec![],
+            logit_bias: vec![],
+        }
+    }
+}
+
 /// One sampled token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampledToken {

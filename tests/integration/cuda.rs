@@ -793,21 +793,7 @@ fn mamba2_scan_matches_the_cpu() -> TestResult {
 // ------------------------------------------------------------ sampling
 
 fn row(rng: &mut Rng, vocab: usize, kind: usize) -> SampleRow {
-    let mut r = SampleRow {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repetition_penalty: 1.0,
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
-        seed: rng.0.next_u64(),
-        step: rng.below(1000) as u64,
-        top_logprobs: 0,
-        valid_vocab: vocab as u32,
-        seen: vec![],
-        logit_bias: vec![],
-    };
+    let mut r = SampleRow { seed: rng.0.next_u64(), step: rng.below(1000) as u64, ..SampleRow::greedy(vocab) };
     match kind % 9 {
         0 => {}
         1 => r.temperature = 0.7,

@@ -143,15 +143,9 @@ mod tests {
                 top_k: k,
                 top_p: if case % 3 == 0 { 0.8 } else { 1.0 },
                 min_p: if case % 5 == 0 { 0.1 } else { 0.0 },
-                repetition_penalty: 1.0,
-                presence_penalty: 0.0,
-                frequency_penalty: 0.0,
                 seed: case,
                 step: case * 7,
-                top_logprobs: 0,
-                valid_vocab: n as u32,
-                seen: vec![],
-                logit_bias: vec![],
+                ..SampleRow::greedy(n)
             };
             // The reference: only the ids the full sort keeps stay finite,
             // then the draw without top-k (which sorts everything).
