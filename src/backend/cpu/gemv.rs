@@ -118,6 +118,7 @@ pub fn skinny(
     out: &mut [f32],
     o_off: usize,
     o_stride: usize,
+    accumulate: bool,
 ) {
     assert!(m <= MAX_ROWS && w.len() >= n * k, "skinny product outside its shape");
     let rows: Vec<&[f32]> = (0..m).map(|i| &x[x_off + i * x_stride..x_off + i * x_stride + k]).collect();
@@ -129,7 +130,8 @@ pub fn skinny(
             let mut i = 0;
             let put = |i: usize, v: f32| {
                 // SAFETY: this task alone owns output column j.
-                unsafe { outp.write(o_off + i * o_stride + j, v + b) };
+                let o = unsafe { outp.at(o_off + i * o_stride + j) };
+                *o = if accumulate { *o + (v + b) } else { v + b };
             };
             while i + 4 <= m {
                 let d = dots::<4>([rows[i], rows[i + 1], rows[i + 2], rows[i + 3]], wj);
@@ -164,7 +166,7 @@ mod tests {
         for (m, n, k) in [(1, 3, 5), (3, 130, 17), (5, 64, 64), (16, 7, 200)] {
             let (x, w, bias) = (data(m * k, 1), data(n * k, 2), data(n, 3));
             let mut out = vec![f32::NAN; m * n];
-            skinny(&x, 0, k, m, &w, n, k, Some(&bias), &mut out, 0, n);
+            skinny(&x, 0, k, m, &w, n, k, Some(&bias), &mut out, 0, n, false);
             let want = naive(&x, m, &w, n, k);
             for (idx, (o, r)) in out.iter().zip(&want).enumerate() {
                 let r = r + bias[idx % n] as f64;
@@ -178,10 +180,10 @@ mod tests {
         let (m, n, k) = (7, 50, 333);
         let (x, w) = (data(m * k, 4), data(n * k, 5));
         let mut batch = vec![0.0; m * n];
-        skinny(&x, 0, k, m, &w, n, k, None, &mut batch, 0, n);
+        skinny(&x, 0, k, m, &w, n, k, None, &mut batch, 0, n, false);
         for i in 0..m {
             let mut alone = vec![0.0; n];
-            skinny(&x, i * k, k, 1, &w, n, k, None, &mut alone, 0, n);
+            skinny(&x, i * k, k, 1, &w, n, k, None, &mut alone, 0, n, false);
             assert_eq!(alone, batch[i * n..(i + 1) * n]);
         }
     }

@@ -88,21 +88,28 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, dim: usize, out: &mut [f32]) {
     });
 }
 
-pub fn linear(x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: ViewMut<'_, Vec<f32>>) {
+/// `out = x · wᵀ (+ bias)`, or with `accumulate` `out += x · wᵀ (+ bias)`.
+pub fn linear(x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: ViewMut<'_, Vec<f32>>, accumulate: bool) {
     let (m, n, k) = (x.rows, w.rows, w.cols);
     if m == 0 {
         return;
     }
     if m <= super::gemv::MAX_ROWS {
-        super::gemv::skinny(x.buf, x.offset, x.stride, m, &w.data, n, k, bias.map(|b| b.as_slice()), out.buf, out.offset, out.stride);
+        let b = bias.map(|b| b.as_slice());
+        super::gemv::skinny(x.buf, x.offset, x.stride, m, &w.data, n, k, b, out.buf, out.offset, out.stride, accumulate);
         return;
     }
-    if let Some(b) = bias {
-        for r in 0..m {
-            let o = out.offset + r * out.stride;
-            out.buf[o..o + n].copy_from_slice(b);
+    // The product accumulates onto what `out` holds: the bias, the old
+    // values, or both.
+    for r in 0..m {
+        let o = &mut out.buf[out.offset + r * out.stride..][..n];
+        match (bias, accumulate) {
+            (Some(b), true) => o.iter_mut().zip(b).for_each(|(o, b)| *o += b),
+            (Some(b), false) => o.copy_from_slice(b),
+            (None, _) => {}
         }
     }
+    let read_dst = bias.is_some() || accumulate;
     let parallelism = if m * n * k >= 1 << 18 { Parallelism::Rayon(0) } else { Parallelism::None };
     let dst = &mut out.buf[out.offset..];
     let lhs = &x.buf[x.offset..];
@@ -117,7 +124,7 @@ pub fn linear(x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: V
             dst.as_mut_ptr(),
             1,
             out.stride as isize,
-            bias.is_some(),
+            read_dst,
             lhs.as_ptr(),
             1,
             x.stride as isize,
@@ -307,6 +314,33 @@ pub fn gated_rmsnorm(y: View<'_, Vec<f32>>, z: View<'_, Vec<f32>>, w: &[f32], ep
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accumulating_product_adds_what_the_plain_one_computes() {
+        let mut rng = crate::backend::rng::SplitMix64::new(9);
+        let mut vals = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f32() - 0.5).collect() };
+        // Up to MAX_ROWS rows take the skinny kernel, more the GEMM.
+        for m in [1, 5, super::super::gemv::MAX_ROWS + 3] {
+            let (n, k, os) = (24, 40, 27);
+            let w = CpuMat { rows: n, cols: k, data: vals(n * k) };
+            let x = vals(m * k);
+            let bias = vals(n);
+            let init = vals(m * os);
+            for b in [None, Some(&bias)] {
+                let mut product = vec![0.0; m * n];
+                linear(View::dense(&x, m, k), &w, b, ViewMut::dense(&mut product, m, n), false);
+                let mut acc = init.clone();
+                linear(View::dense(&x, m, k), &w, b, ViewMut { buf: &mut acc, offset: 0, rows: m, cols: n, stride: os }, true);
+                for r in 0..m {
+                    for c in 0..os {
+                        let want = if c < n { init[r * os + c] + product[r * n + c] } else { init[r * os + c] };
+                        let got = acc[r * os + c];
+                        assert!((got - want).abs() <= 1e-5, "m {m} bias {} ({r}, {c}): {got} vs {want}", b.is_some());
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn softplus_matches_definition_and_threshold() {

@@ -169,21 +169,13 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: ViewMut<'_, Vec<f32>>) -> Result<()> {
         checks::linear::<Self>(&x, w, bias, &out)?;
-        math::linear(x, w, bias, out);
+        math::linear(x, w, bias, out, false);
         Ok(())
     }
 
     fn linear_add(&self, x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: ViewMut<'_, Vec<f32>>) -> Result<()> {
         checks::linear::<Self>(&x, w, bias, &out)?;
-        let (m, n) = (x.rows, w.rows);
-        let mut product = vec![0.0; m * n];
-        math::linear(x, w, bias, ViewMut::dense(&mut product, m, n));
-        for (r, row) in product.chunks_exact(n.max(1)).enumerate().take(m) {
-            let o = out.offset + r * out.stride;
-            for (dst, v) in out.buf[o..o + n].iter_mut().zip(row) {
-                *dst += v;
-            }
-        }
+        math::linear(x, w, bias, out, true);
         Ok(())
     }
 
@@ -191,7 +183,7 @@ impl Backend for CpuBackend {
         checks::rmsnorm_linear(&p, normed, &out)?;
         let (n, k) = (p.rows * p.w.cols, p.w.cols);
         math::rmsnorm(&p.x[..n], p.norm, p.eps, k, &mut normed[..n]);
-        math::linear(View::dense(normed, p.rows, k), p.w, p.bias, out);
+        math::linear(View::dense(normed, p.rows, k), p.w, p.bias, out, false);
         Ok(())
     }
 

@@ -42,8 +42,18 @@ impl<'a, T> SharedMut<'a, T> {
     /// # Safety
     /// No other task may access index `i` concurrently.
     pub unsafe fn write(&self, i: usize, value: T) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { *self.at(i) = value }
+    }
+
+    /// One element, to read or write.
+    ///
+    /// # Safety
+    /// No other task may access index `i` while it is alive.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn at(&self, i: usize) -> &mut T {
         assert!(i < self.len, "index {i} outside {}", self.len);
         // SAFETY: in bounds (checked above); exclusive by the caller's promise.
-        unsafe { *self.ptr.add(i) = value }
+        unsafe { &mut *self.ptr.add(i) }
     }
 }
