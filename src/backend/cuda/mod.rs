@@ -902,8 +902,10 @@ impl Backend for CudaBackend {
         let x = args.x.buf.at(args.x.offset);
         let o = out.buf.at(out.offset);
         let act = args.activation.code();
-        if batch.single_token {
-            let a = Args::new()
+        // Every conv kernel's arguments start with the input, taps, bias,
+        // activation and the state pool.
+        let head = || {
+            Args::new()
                 .ptr(x)
                 .i32(args.x.stride)
                 .ptr(args.weight.buf.ptr)
@@ -913,11 +915,9 @@ impl Backend for CudaBackend {
                 .ptr(state)
                 .u64(slot_stride)
                 .u64(layer_off)
-                .ptr(batch.slots.buf.ptr)
-                .i32(batch.n_seqs)
-                .i32(ch)
-                .ptr(o)
-                .i32(out.stride);
+        };
+        if batch.single_token {
+            let a = head().ptr(batch.slots.buf.ptr).i32(batch.n_seqs).i32(ch).ptr(o).i32(out.stride);
             check("conv1d", k <= CONV_STEP_MAX_K, || format!("kernel size {k} above {CONV_STEP_MAX_K}"))?;
             let groups = (batch.n_seqs as u32).div_ceil(CONV_STEP_SEQS);
             let grid = (blocks, groups, 1);
@@ -926,19 +926,7 @@ impl Backend for CudaBackend {
             }
             return self.launch(Kernel::ConvStep, a, grid, 128);
         }
-        let a = Args::new()
-            .ptr(x)
-            .i32(args.x.stride)
-            .ptr(args.weight.buf.ptr)
-            .ptr(bias)
-            .i32(k)
-            .u32(act)
-            .ptr(state)
-            .u64(slot_stride)
-            .u64(layer_off)
-            .ptr(batch.cu_seqlens.buf.ptr)
-            .ptr(batch.slots.buf.ptr)
-            .i32(batch.n_seqs);
+        let a = head().ptr(batch.cu_seqlens.buf.ptr).ptr(batch.slots.buf.ptr).i32(batch.n_seqs);
         // Each thread runs one channel over CONV_RUN_ROWS rows with its
         // window in registers; the one-row-per-block kernel is left for
         // kernels wider than the register windows.
