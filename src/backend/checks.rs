@@ -208,7 +208,7 @@ pub fn gated_rmsnorm<T: Buffer>(y: &View<'_, T>, z: &View<'_, T>, weight: &T, gr
     sized_out("gated_rmsnorm", out, y.rows, d)
 }
 
-pub fn sample<T: Buffer>(logits: &View<'_, T>, rows: &[SampleRow]) -> Result<()> {
+pub fn sample<T: Buffer>(logits: &View<'_, T>, rows: &[&SampleRow]) -> Result<()> {
     check("sample", logits.rows == rows.len(), || format!("{} logit rows for {} samples", logits.rows, rows.len()))?;
     view("sample", "logits", logits)?;
     check("sample", rows.iter().all(|r| r.valid_vocab as usize <= logits.cols && r.valid_vocab > 0), || {

@@ -559,7 +559,7 @@ pub trait Backend: Send + 'static {
 
     /// Samples one token from each row of `logits` (`[rows.len(), vocab]`);
     /// only ids and logprobs leave the device.
-    fn sample(&self, logits: View<'_, Self::Vec>, rows: &[SampleRow]) -> Result<Vec<SampledToken>>;
+    fn sample(&self, logits: View<'_, Self::Vec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>>;
 
     /// `out[i, :] = src[rows[i], :]` for i < n.
     fn gather_rows(&self, src: View<'_, Self::Vec>, rows: &Self::Ids, n: usize, out: ViewMut<'_, Self::Vec>) -> Result<()>;

@@ -356,7 +356,7 @@ impl<B: Backend> Model<B> {
             while i < rows.len() && rows[i].is_some() {
                 i += 1;
             }
-            let batch: Vec<SampleRow> = rows[start..i].iter().map(|r| r.clone().expect("checked Some")).collect();
+            let batch: Vec<&SampleRow> = rows[start..i].iter().map(|r| r.as_ref().expect("checked Some")).collect();
             let logits = View { buf: &self.ws.logits, offset: start * v, rows: i - start, cols: v, stride: v };
             for (j, t) in self.backend.sample(logits, &batch)?.into_iter().enumerate() {
                 out[start + j] = Some(t);

@@ -235,7 +235,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn sample(&self, logits: View<'_, Vec<f32>>, rows: &[SampleRow]) -> Result<Vec<SampledToken>> {
+    fn sample(&self, logits: View<'_, Vec<f32>>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
         checks::sample(&logits, rows)?;
         Ok(rows
             .iter()

@@ -1170,7 +1170,7 @@ impl Backend for CudaBackend {
         self.launch(Kernel::GatedRmsNorm, a, (y.rows as u32, (d / group_size) as u32, 1), ROW_THREADS)
     }
 
-    fn sample(&self, logits: View<'_, CudaVec>, rows: &[SampleRow]) -> Result<Vec<SampledToken>> {
+    fn sample(&self, logits: View<'_, CudaVec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
         checks::sample(&logits, rows)?;
         self.no_capture("sample")?;
         sample::sample(self, logits, rows)

@@ -25,7 +25,7 @@ pub fn reserve(be: &CudaBackend, s: &mut Scratch, rows: usize, vocab: usize) -> 
     be.ensure(&mut s.out, rows * 8 * 4, "sampling output")
 }
 
-pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[SampleRow]) -> Result<Vec<SampledToken>> {
+pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
     if rows.is_empty() {
         return Ok(vec![]);
     }
@@ -63,7 +63,7 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[SampleRow]) -
         p[16] = row.logit_bias.len() as u32;
     }
     let n = rows.len() * vocab;
-    let any_materialize = rows.iter().any(materialize);
+    let any_materialize = rows.iter().any(|r| materialize(r));
     let any_draw = rows.iter().any(|r| r.temperature != 0.0);
     let (params, out, proc, keys, weights) = {
         let mut s = be.scratch.borrow_mut();
