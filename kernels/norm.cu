@@ -1,25 +1,18 @@
-// RMS norms: the fused residual add + RMSNorm before every mixer, the
-// weightless column-group norms of Falcon-Mamba, and Mamba-2's gated norm.
+// RMS norms: the block's norm before a product that is not a GEMV (the
+// GEMV folds it in), the weightless column-group norms of Falcon-Mamba, and
+// Mamba-2's gated norm.
 
 // One block per row of width `dim`:
-//   residual += delta (when delta is not null);
-//   out = residual / sqrt(mean(residual^2) + eps) * weight,
+//   out = x / sqrt(mean(x^2) + eps) * weight,
 // written as f32, or as 16-bit values when `half` is 1 (bf16) or 2 (f16):
 // the operand of a tensor-core product, `out` then pointing at u16 data.
-extern "C" __global__ void add_rmsnorm(float* residual, const float* delta, const float* weight, float eps, int dim,
-                                       float* out, int half) {
+// `rmsnorm_rows4` below is the same for dims the vector path takes.
+extern "C" __global__ void rmsnorm_rows(const float* x, const float* weight, float eps, int dim, void* out, int half) {
     __shared__ float sh[33];
     const u64 base = (u64)blockIdx.x * dim;
-    float* r = residual + base;
+    const float* r = x + base;
     float ss = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-        float v = r[c];
-        if (delta) {
-            v += delta[base + c];
-            r[c] = v;
-        }
-        ss += v * v;
-    }
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) ss += r[c] * r[c];
     ss = block_sum(ss, sh);
     const float s = (float)(1.0 / sqrt((double)ss / dim + (double)eps));
     if (half) {
@@ -30,7 +23,7 @@ extern "C" __global__ void add_rmsnorm(float* residual, const float* delta, cons
         }
         return;
     }
-    float* o = out + base;
+    float* o = (float*)out + base;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) o[c] = weight[c] * (r[c] * s);
 }
 

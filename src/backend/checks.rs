@@ -78,24 +78,6 @@ pub fn embed<B: Backend + ?Sized>(table: &B::Mat, ids: &B::Ids, n: usize, out: &
     check("embed", n <= ids.len() && n * d <= out.len(), || format!("{n} ids of width {d}, out holds {}", out.len()))
 }
 
-pub fn add_rmsnorm<B: Backend + ?Sized>(
-    residual: &B::Vec,
-    delta: Option<&B::Vec>,
-    weight: &B::Vec,
-    rows: usize,
-    dim: usize,
-    out: &B::Vec,
-) -> Result<()> {
-    let n = rows * dim;
-    check("add_rmsnorm", residual.len() >= n && out.len() >= n && weight.len() == dim, || {
-        format!("rows {rows} dim {dim}: residual {} out {} weight {}", residual.len(), out.len(), weight.len())
-    })?;
-    match delta {
-        Some(d) => check("add_rmsnorm", d.len() >= n, || format!("delta holds {} < {n}", d.len())),
-        None => Ok(()),
-    }
-}
-
 pub fn linear<B: Backend + ?Sized>(x: &View<'_, B::Vec>, w: &B::Mat, bias: Option<&B::Vec>, out: &ViewMut<'_, B::Vec>) -> Result<()> {
     check("linear", x.cols == w.cols() && out.cols == w.rows() && out.rows == x.rows, || {
         format!("x [{}, {}] · w[{}, {}]ᵀ into out [{}, {}]", x.rows, x.cols, w.rows(), w.cols(), out.rows, out.cols)

@@ -481,21 +481,6 @@ pub trait Backend: Send + 'static {
     /// `out[t, :] = f32(table[ids[t], :])` for t < n.
     fn embed(&self, table: &Self::Mat, ids: &Self::Ids, n: usize, out: &mut Self::Vec) -> Result<()>;
 
-    /// Fused residual add and RMSNorm over `rows` rows of width `dim`:
-    /// `residual += delta` (when given), then
-    /// `out = residual / sqrt(mean(residual^2) + eps) * weight`.
-    #[allow(clippy::too_many_arguments)]
-    fn add_rmsnorm(
-        &self,
-        residual: &mut Self::Vec,
-        delta: Option<&Self::Vec>,
-        weight: &Self::Vec,
-        eps: f32,
-        rows: usize,
-        dim: usize,
-        out: &mut Self::Vec,
-    ) -> Result<()>;
-
     /// `out = x · wᵀ (+ bias)`, x `[m, k]`, w `[n, k]`, out `[m, n]`;
     /// fp32 accumulation.
     fn linear(&self, x: View<'_, Self::Vec>, w: &Self::Mat, bias: Option<&Self::Vec>, out: ViewMut<'_, Self::Vec>) -> Result<()>;

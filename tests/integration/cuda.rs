@@ -356,19 +356,6 @@ fn embed_norms_and_gather_match_the_cpu() -> TestResult {
         })?;
         check_close(&format!("embed {dtype}"), &on_gpu, &on_cpu, 1e-7);
     }
-    for (rows, dim) in [(1, 768), (5, 2048), (33, 97)] {
-        let res = rng.vec(rows * dim, -3.0, 3.0);
-        let delta = rng.vec(rows * dim, -1.0, 1.0);
-        let w = rng.vec(dim, 0.5, 1.5);
-        for with_delta in [false, true] {
-            let mut results = vec![];
-            for b in [&cpu as &dyn AnyBackend, &g] {
-                results.push(b.add_rmsnorm_case(&res, with_delta.then_some(&delta[..]), &w, rows, dim)?);
-            }
-            check_close(&format!("add_rmsnorm residual {rows}x{dim}"), &results[1].0, &results[0].0, 1e-6);
-            check_close(&format!("add_rmsnorm out {rows}x{dim}"), &results[1].1, &results[0].1, 1e-5);
-        }
-    }
     // Falcon's column-group norms on a strided view, and the gated norm.
     let (rows, cols, stride) = (7, 35, 40);
     let x = rng.vec(rows * stride, -2.0, 2.0);
@@ -402,21 +389,12 @@ fn embed_norms_and_gather_match_the_cpu() -> TestResult {
 /// The small single-op cases, behind a trait object so one loop runs them
 /// on both backends.
 trait AnyBackend {
-    fn add_rmsnorm_case(&self, res: &[f32], delta: Option<&[f32]>, w: &[f32], rows: usize, dim: usize) -> R<(Vec<f32>, Vec<f32>)>;
     fn rms_columns_case(&self, x: &[f32], rows: usize, cols: usize, stride: usize, groups: &[(usize, usize)]) -> R<Vec<f32>>;
     fn gated_case(&self, y: &[f32], z: &[f32], w: &[f32], rows: usize, d: usize, group: usize) -> R<Vec<f32>>;
     fn gather_case(&self, src: &[f32], rows: usize, cols: usize, picks: &[u32]) -> R<Vec<f32>>;
 }
 
 impl<B: Backend> AnyBackend for B {
-    fn add_rmsnorm_case(&self, res: &[f32], delta: Option<&[f32]>, w: &[f32], rows: usize, dim: usize) -> R<(Vec<f32>, Vec<f32>)> {
-        let mut r = self.upload(res)?;
-        let d = delta.map(|d| self.upload(d)).transpose()?;
-        let wb = self.upload(w)?;
-        let mut out = poisoned(self, rows * dim)?;
-        self.add_rmsnorm(&mut r, d.as_ref(), &wb, 1e-5, rows, dim, &mut out)?;
-        Ok((self.read(&r, 0, rows * dim)?, self.read(&out, 0, rows * dim)?))
-    }
     fn rms_columns_case(&self, x: &[f32], rows: usize, cols: usize, stride: usize, groups: &[(usize, usize)]) -> R<Vec<f32>> {
         let mut xb = self.upload(x)?;
         self.rms_norm_columns(ViewMut { buf: &mut xb, offset: 0, rows, cols, stride }, groups, 1e-4)?;

@@ -64,20 +64,6 @@ fn inv_rms(x: impl Iterator<Item = f32>, n: usize, eps: f32) -> f32 {
     (1.0 / (ss / n as f64 + eps as f64).sqrt()) as f32
 }
 
-pub fn add_rmsnorm(residual: &mut [f32], delta: Option<&[f32]>, w: &[f32], eps: f32, dim: usize, out: &mut [f32]) {
-    residual.par_chunks_mut(dim).zip(out.par_chunks_mut(dim)).enumerate().for_each(|(r, (res, o))| {
-        if let Some(delta) = delta {
-            for (a, b) in res.iter_mut().zip(&delta[r * dim..(r + 1) * dim]) {
-                *a += *b;
-            }
-        }
-        let s = inv_rms(res.iter().copied(), dim, eps);
-        for ((o, &x), &w) in o.iter_mut().zip(res.iter()).zip(w) {
-            *o = w * (x * s);
-        }
-    });
-}
-
 /// `out = x / sqrt(mean(x^2) + eps) * w` per row of width `dim`.
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, dim: usize, out: &mut [f32]) {
     x.par_chunks(dim).zip(out.par_chunks_mut(dim)).for_each(|(row, o)| {

@@ -151,22 +151,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add_rmsnorm(
-        &self,
-        residual: &mut Vec<f32>,
-        delta: Option<&Vec<f32>>,
-        weight: &Vec<f32>,
-        eps: f32,
-        rows: usize,
-        dim: usize,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        checks::add_rmsnorm::<Self>(residual, delta, weight, rows, dim, out)?;
-        let n = rows * dim;
-        math::add_rmsnorm(&mut residual[..n], delta.map(|d| &d[..n]), weight, eps, dim, &mut out[..n]);
-        Ok(())
-    }
-
     fn linear(&self, x: View<'_, Vec<f32>>, w: &CpuMat, bias: Option<&Vec<f32>>, out: ViewMut<'_, Vec<f32>>) -> Result<()> {
         checks::linear::<Self>(&x, w, bias, &out)?;
         math::linear(x, w, bias, out, false);

@@ -53,7 +53,7 @@ kernels! {
     ToHalf = "embed" / "to_half",
     ToHalf8 = "embed" / "to_half8",
     BiasRows = "embed" / "bias_rows",
-    AddRmsNorm = "norm" / "add_rmsnorm",
+    RmsNormRows = "norm" / "rmsnorm_rows",
     RmsNormRows4 = "norm" / "rmsnorm_rows4",
     RmsNormColumns = "norm" / "rms_norm_columns",
     GatedRmsNorm = "norm" / "gated_rmsnorm",

@@ -761,33 +761,6 @@ impl Backend for CudaBackend {
         self.launch(k, args, (n as u32, 1, 1), ROW_THREADS)
     }
 
-    fn add_rmsnorm(
-        &self,
-        residual: &mut CudaVec,
-        delta: Option<&CudaVec>,
-        weight: &CudaVec,
-        eps: f32,
-        rows: usize,
-        dim: usize,
-        out: &mut CudaVec,
-    ) -> Result<()> {
-        checks::add_rmsnorm::<Self>(residual, delta, weight, rows, dim, out)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let args = Args::new()
-            .ptr(residual.buf.ptr)
-            .ptr(delta.map_or(0, |d| d.buf.ptr))
-            .ptr(weight.buf.ptr)
-            .f32(eps)
-            .i32(dim)
-            .ptr(out.buf.ptr)
-            .u32(0);
-        // Few rows (decode): a wide block per row shortens its serial loops.
-        let threads = if rows < 128 { 1024 } else { ROW_THREADS };
-        self.launch(Kernel::AddRmsNorm, args, (rows as u32, 1, 1), threads)
-    }
-
     fn linear(&self, x: View<'_, CudaVec>, w: &CudaMat, bias: Option<&CudaVec>, out: ViewMut<'_, CudaVec>) -> Result<()> {
         checks::linear::<Self>(&x, w, bias, &out)?;
         if x.rows == 0 || w.rows == 0 {
@@ -833,8 +806,8 @@ impl Backend for CudaBackend {
                 return self.launch(Kernel::RmsNormRows4, a, (rows as u32, 1, 1), threads);
             }
             let threads = if rows < 128 { 1024 } else { ROW_THREADS };
-            let a = Args::new().ptr(x.buf.ptr).ptr(0).ptr(norm.buf.ptr).f32(eps).i32(k).ptr(dst).u32(half);
-            self.launch(Kernel::AddRmsNorm, a, (rows as u32, 1, 1), threads)
+            let a = Args::new().ptr(x.buf.ptr).ptr(norm.buf.ptr).f32(eps).i32(k).ptr(dst).u32(half);
+            self.launch(Kernel::RmsNormRows, a, (rows as u32, 1, 1), threads)
         };
         if !Self::use_gemv(rows, w) && w.dtype != DType::F32 {
             // The norm writes the 16-bit activations the tensor cores take.
