@@ -217,157 +217,34 @@ kernels! {
     SampleRows = "sample" / "sample_rows",
 }
 
+/// The (rows a tile, columns a block) shapes each GEMV family is built for,
+/// in the order of its entries above.
+const GEMV_SHAPES: [(usize, usize); 11] = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2)];
+
 impl Kernel {
-    /// The vector GEMV kernel for `dtype`, `mt` rows of x per block (1, 2,
-    /// 4 or 8), `r` output columns per block (1, 2 or 4; at most 2 with 8
-    /// rows) and the RMS-norm prologue (`norm`); `None` for other shapes.
+    /// The block-split GEMV kernel for `dtype`, the RMS-norm prologue
+    /// (`norm`), `mt` rows of x a tile and `r` output columns a block (one
+    /// of GEMV_SHAPES); `None` for other shapes.
     pub fn gemv(dtype: crate::backend::DType, norm: bool, mt: usize, r: usize) -> Option<Kernel> {
-        use crate::backend::DType::*;
-        use Kernel::*;
-        Some(match (dtype, norm, mt, r) {
-            (F32, false, 1, 1) => GemvF32M1R1,
-            (F32, false, 1, 2) => GemvF32M1R2,
-            (F32, false, 1, 4) => GemvF32M1R4,
-            (F32, false, 2, 1) => GemvF32M2R1,
-            (F32, false, 2, 2) => GemvF32M2R2,
-            (F32, false, 2, 4) => GemvF32M2R4,
-            (F32, false, 4, 1) => GemvF32M4R1,
-            (F32, false, 4, 2) => GemvF32M4R2,
-            (F32, false, 4, 4) => GemvF32M4R4,
-            (F32, false, 8, 1) => GemvF32M8R1,
-            (F32, false, 8, 2) => GemvF32M8R2,
-            (F32, true, 1, 1) => GemvNormF32M1R1,
-            (F32, true, 1, 2) => GemvNormF32M1R2,
-            (F32, true, 1, 4) => GemvNormF32M1R4,
-            (F32, true, 2, 1) => GemvNormF32M2R1,
-            (F32, true, 2, 2) => GemvNormF32M2R2,
-            (F32, true, 2, 4) => GemvNormF32M2R4,
-            (F32, true, 4, 1) => GemvNormF32M4R1,
-            (F32, true, 4, 2) => GemvNormF32M4R2,
-            (F32, true, 4, 4) => GemvNormF32M4R4,
-            (F32, true, 8, 1) => GemvNormF32M8R1,
-            (F32, true, 8, 2) => GemvNormF32M8R2,
-            (BF16, false, 1, 1) => GemvBf16M1R1,
-            (BF16, false, 1, 2) => GemvBf16M1R2,
-            (BF16, false, 1, 4) => GemvBf16M1R4,
-            (BF16, false, 2, 1) => GemvBf16M2R1,
-            (BF16, false, 2, 2) => GemvBf16M2R2,
-            (BF16, false, 2, 4) => GemvBf16M2R4,
-            (BF16, false, 4, 1) => GemvBf16M4R1,
-            (BF16, false, 4, 2) => GemvBf16M4R2,
-            (BF16, false, 4, 4) => GemvBf16M4R4,
-            (BF16, false, 8, 1) => GemvBf16M8R1,
-            (BF16, false, 8, 2) => GemvBf16M8R2,
-            (BF16, true, 1, 1) => GemvNormBf16M1R1,
-            (BF16, true, 1, 2) => GemvNormBf16M1R2,
-            (BF16, true, 1, 4) => GemvNormBf16M1R4,
-            (BF16, true, 2, 1) => GemvNormBf16M2R1,
-            (BF16, true, 2, 2) => GemvNormBf16M2R2,
-            (BF16, true, 2, 4) => GemvNormBf16M2R4,
-            (BF16, true, 4, 1) => GemvNormBf16M4R1,
-            (BF16, true, 4, 2) => GemvNormBf16M4R2,
-            (BF16, true, 4, 4) => GemvNormBf16M4R4,
-            (BF16, true, 8, 1) => GemvNormBf16M8R1,
-            (BF16, true, 8, 2) => GemvNormBf16M8R2,
-            (F16, false, 1, 1) => GemvF16M1R1,
-            (F16, false, 1, 2) => GemvF16M1R2,
-            (F16, false, 1, 4) => GemvF16M1R4,
-            (F16, false, 2, 1) => GemvF16M2R1,
-            (F16, false, 2, 2) => GemvF16M2R2,
-            (F16, false, 2, 4) => GemvF16M2R4,
-            (F16, false, 4, 1) => GemvF16M4R1,
-            (F16, false, 4, 2) => GemvF16M4R2,
-            (F16, false, 4, 4) => GemvF16M4R4,
-            (F16, false, 8, 1) => GemvF16M8R1,
-            (F16, false, 8, 2) => GemvF16M8R2,
-            (F16, true, 1, 1) => GemvNormF16M1R1,
-            (F16, true, 1, 2) => GemvNormF16M1R2,
-            (F16, true, 1, 4) => GemvNormF16M1R4,
-            (F16, true, 2, 1) => GemvNormF16M2R1,
-            (F16, true, 2, 2) => GemvNormF16M2R2,
-            (F16, true, 2, 4) => GemvNormF16M2R4,
-            (F16, true, 4, 1) => GemvNormF16M4R1,
-            (F16, true, 4, 2) => GemvNormF16M4R2,
-            (F16, true, 4, 4) => GemvNormF16M4R4,
-            (F16, true, 8, 1) => GemvNormF16M8R1,
-            (F16, true, 8, 2) => GemvNormF16M8R2,
-            _ => return None,
-        })
+        Self::gemv_of(Kernel::GemvF32M1R1, dtype, norm, mt, r)
     }
 
     /// The streaming GEMV kernel (`gemv_stream_impl`), same parameters.
     pub fn gemv_stream(dtype: crate::backend::DType, norm: bool, mt: usize, r: usize) -> Option<Kernel> {
+        Self::gemv_of(Kernel::GemvStreamF32M1R1, dtype, norm, mt, r)
+    }
+
+    /// A family's entries run dtype (f32, bf16, f16) by norm (off, on) by
+    /// GEMV_SHAPES, from `first`.
+    fn gemv_of(first: Kernel, dtype: crate::backend::DType, norm: bool, mt: usize, r: usize) -> Option<Kernel> {
         use crate::backend::DType::*;
-        use Kernel::*;
-        Some(match (dtype, norm, mt, r) {
-            (F32, false, 1, 1) => GemvStreamF32M1R1,
-            (F32, false, 1, 2) => GemvStreamF32M1R2,
-            (F32, false, 1, 4) => GemvStreamF32M1R4,
-            (F32, false, 2, 1) => GemvStreamF32M2R1,
-            (F32, false, 2, 2) => GemvStreamF32M2R2,
-            (F32, false, 2, 4) => GemvStreamF32M2R4,
-            (F32, false, 4, 1) => GemvStreamF32M4R1,
-            (F32, false, 4, 2) => GemvStreamF32M4R2,
-            (F32, false, 4, 4) => GemvStreamF32M4R4,
-            (F32, false, 8, 1) => GemvStreamF32M8R1,
-            (F32, false, 8, 2) => GemvStreamF32M8R2,
-            (F32, true, 1, 1) => GemvStreamNormF32M1R1,
-            (F32, true, 1, 2) => GemvStreamNormF32M1R2,
-            (F32, true, 1, 4) => GemvStreamNormF32M1R4,
-            (F32, true, 2, 1) => GemvStreamNormF32M2R1,
-            (F32, true, 2, 2) => GemvStreamNormF32M2R2,
-            (F32, true, 2, 4) => GemvStreamNormF32M2R4,
-            (F32, true, 4, 1) => GemvStreamNormF32M4R1,
-            (F32, true, 4, 2) => GemvStreamNormF32M4R2,
-            (F32, true, 4, 4) => GemvStreamNormF32M4R4,
-            (F32, true, 8, 1) => GemvStreamNormF32M8R1,
-            (F32, true, 8, 2) => GemvStreamNormF32M8R2,
-            (BF16, false, 1, 1) => GemvStreamBf16M1R1,
-            (BF16, false, 1, 2) => GemvStreamBf16M1R2,
-            (BF16, false, 1, 4) => GemvStreamBf16M1R4,
-            (BF16, false, 2, 1) => GemvStreamBf16M2R1,
-            (BF16, false, 2, 2) => GemvStreamBf16M2R2,
-            (BF16, false, 2, 4) => GemvStreamBf16M2R4,
-            (BF16, false, 4, 1) => GemvStreamBf16M4R1,
-            (BF16, false, 4, 2) => GemvStreamBf16M4R2,
-            (BF16, false, 4, 4) => GemvStreamBf16M4R4,
-            (BF16, false, 8, 1) => GemvStreamBf16M8R1,
-            (BF16, false, 8, 2) => GemvStreamBf16M8R2,
-            (BF16, true, 1, 1) => GemvStreamNormBf16M1R1,
-            (BF16, true, 1, 2) => GemvStreamNormBf16M1R2,
-            (BF16, true, 1, 4) => GemvStreamNormBf16M1R4,
-            (BF16, true, 2, 1) => GemvStreamNormBf16M2R1,
-            (BF16, true, 2, 2) => GemvStreamNormBf16M2R2,
-            (BF16, true, 2, 4) => GemvStreamNormBf16M2R4,
-            (BF16, true, 4, 1) => GemvStreamNormBf16M4R1,
-            (BF16, true, 4, 2) => GemvStreamNormBf16M4R2,
-            (BF16, true, 4, 4) => GemvStreamNormBf16M4R4,
-            (BF16, true, 8, 1) => GemvStreamNormBf16M8R1,
-            (BF16, true, 8, 2) => GemvStreamNormBf16M8R2,
-            (F16, false, 1, 1) => GemvStreamF16M1R1,
-            (F16, false, 1, 2) => GemvStreamF16M1R2,
-            (F16, false, 1, 4) => GemvStreamF16M1R4,
-            (F16, false, 2, 1) => GemvStreamF16M2R1,
-            (F16, false, 2, 2) => GemvStreamF16M2R2,
-            (F16, false, 2, 4) => GemvStreamF16M2R4,
-            (F16, false, 4, 1) => GemvStreamF16M4R1,
-            (F16, false, 4, 2) => GemvStreamF16M4R2,
-            (F16, false, 4, 4) => GemvStreamF16M4R4,
-            (F16, false, 8, 1) => GemvStreamF16M8R1,
-            (F16, false, 8, 2) => GemvStreamF16M8R2,
-            (F16, true, 1, 1) => GemvStreamNormF16M1R1,
-            (F16, true, 1, 2) => GemvStreamNormF16M1R2,
-            (F16, true, 1, 4) => GemvStreamNormF16M1R4,
-            (F16, true, 2, 1) => GemvStreamNormF16M2R1,
-            (F16, true, 2, 2) => GemvStreamNormF16M2R2,
-            (F16, true, 2, 4) => GemvStreamNormF16M2R4,
-            (F16, true, 4, 1) => GemvStreamNormF16M4R1,
-            (F16, true, 4, 2) => GemvStreamNormF16M4R2,
-            (F16, true, 4, 4) => GemvStreamNormF16M4R4,
-            (F16, true, 8, 1) => GemvStreamNormF16M8R1,
-            (F16, true, 8, 2) => GemvStreamNormF16M8R2,
-            _ => return None,
-        })
+        let shape = GEMV_SHAPES.iter().position(|&s| s == (mt, r))?;
+        let dt = match dtype {
+            F32 => 0,
+            BF16 => 1,
+            F16 => 2,
+        };
+        Some(Kernel::ALL[first as usize + (dt * 2 + norm as usize) * GEMV_SHAPES.len() + shape])
     }
 }
 
@@ -503,5 +380,27 @@ impl Args {
         // SAFETY: as above; `config` and `attr` outlive the call.
         let r = unsafe { sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()) };
         if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(err(format!("{r:?}"))) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::DType;
+
+    #[test]
+    fn gemv_lookup_names_the_kernel_asked_for() {
+        for (dtype, dt) in [(DType::F32, "f32"), (DType::BF16, "bf16"), (DType::F16, "f16")] {
+            for norm in [false, true] {
+                for (mt, r) in GEMV_SHAPES {
+                    let n = if norm { "norm_" } else { "" };
+                    let block = Kernel::gemv(dtype, norm, mt, r).expect("a built shape");
+                    assert_eq!(block.source(), ("gemv", format!("gemv_{n}{dt}_m{mt}_r{r}").as_str()));
+                    let stream = Kernel::gemv_stream(dtype, norm, mt, r).expect("a built shape");
+                    assert_eq!(stream.source(), ("gemv", format!("gemv_stream_{n}{dt}_m{mt}_r{r}").as_str()));
+                }
+            }
+        }
+        assert_eq!(Kernel::gemv(DType::BF16, false, 8, 4), None);
     }
 }
