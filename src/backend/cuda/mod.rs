@@ -957,27 +957,13 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
+        let common = || {
+            let z = Some(&args.z);
+            scan_args(&args.x, &args.dt, args.dt_bias, args.a, &args.b, &args.c, args.skip, z, (state, slot_stride, layer_off), batch)
+        };
         if n <= SCAN_TILE_MAX_STATE {
-            let tiled_args = |part_len: usize, parts: u64| {
-                scan_args(
-                    &args.x,
-                    &args.dt,
-                    args.dt_bias,
-                    args.a,
-                    &args.b,
-                    &args.c,
-                    args.skip,
-                    Some(&args.z),
-                    (state, slot_stride, layer_off),
-                    batch,
-                )
-                .i32(d)
-                .i32(n)
-                .ptr(out.buf.at(out.offset))
-                .i32(out.stride)
-                .i32(part_len)
-                .ptr(parts)
-            };
+            let tiled_args =
+                |part_len: usize, parts: u64| common().i32(d).i32(n).ptr(out.buf.at(out.offset)).i32(out.stride).i32(part_len).ptr(parts);
             let blocks = d.div_ceil(SCAN_TILE_CHANNELS);
             let grid = (blocks as u32, batch.n_seqs as u32, 1);
             let sms = self.sms as usize;
@@ -994,27 +980,16 @@ impl Backend for CudaBackend {
         // Larger states: 32 lanes per channel, 4 channels per block.
         let grid = ((d as u32).div_ceil(4), batch.n_seqs as u32, 1);
         let k = Kernel::Mamba1ScanL32;
-        let a = scan_args(
-            &args.x,
-            &args.dt,
-            args.dt_bias,
-            args.a,
-            &args.b,
-            &args.c,
-            args.skip,
-            Some(&args.z),
-            (state, slot_stride, layer_off),
-            batch,
-        )
-        .ptr(batch.prompt.buf.ptr)
-        .i32(d)
-        .i32(n)
-        .i32(1)
-        .i32(1)
-        .f32(0.0)
-        .f32(f32::INFINITY)
-        .ptr(out.buf.at(out.offset))
-        .i32(out.stride);
+        let a = common()
+            .ptr(batch.prompt.buf.ptr)
+            .i32(d)
+            .i32(n)
+            .i32(1)
+            .i32(1)
+            .f32(0.0)
+            .f32(f32::INFINITY)
+            .ptr(out.buf.at(out.offset))
+            .i32(out.stride);
         self.launch(k, a, grid, 128)
     }
 
