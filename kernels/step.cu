@@ -158,15 +158,36 @@ extern "C" __global__ void mamba1_step_f16_v1(STEP_ARGS) { mamba1_step_impl<2, 1
 // `[channels, d_state]` f32 state is read and written once per layer.
 //
 // A group of `lanes` = d_state / 4 threads owns one channel, 4 consecutive
-// states per thread (16-byte accesses), for STEP_WIDE_SEQS sequences: the
-// thread loads a, D and dt_bias once, issues every sequence's state load
-// before using any (several 16-byte loads in flight per thread), then
-// updates and stores them in turn. The block stages its sequences' B and C
-// in shared memory once. Falcon-Mamba's weightless norms of dt, B and C are
-// applied when `norm` is set. Grid (channel blocks, sequence
-// groups).
+// states per thread (16-byte accesses); a block's cpb channels are fixed
+// and it walks the sequence groups (STEP_WIDE_SEQS sequences each)
+// blockIdx.y, blockIdx.y + gridDim.y, ... The loads of a group (its
+// states, B and C, and the block's dt, x and z) go to shared memory as
+// asynchronous copies, STEP_WIDE_STAGES - 1 groups ahead of the one being
+// updated, so the memory system always has the next groups' states in
+// flight while this one is computed and stored.
+//
+// The kernel must also issue few instructions: at 256 sequences it is as
+// much issue-bound as memory-bound. So the per-(sequence, channel) work,
+// softplus(dt) and SiLU(z), runs once per channel group (lane i takes
+// sequence i, then shuffles) rather than once per lane, and exp(dt * a)
+// is one `ex2.approx` of dt * a * log2(e). Falcon-Mamba's weightless norms
+// of dt, B and C (`norm`) and states under 16 (fewer lanes than
+// sequences) take the plain per-lane path.
+//
+// Dynamic shared memory: STEP_WIDE_STAGES stages of STEP_WIDE_SEQS
+// sequences of `wide_seq_floats` floats (the host computes the same size).
 #define STEP_WIDE_SEQS 4
-#define STEP_WIDE_MAX_STATE 128
+#define STEP_WIDE_STAGES 3
+
+__device__ __forceinline__ int wide_seq_floats(int threads, int d_state, int cpb) {
+    return threads * 4 + 2 * d_state + 3 * cpb;
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const float* __restrict__ xdbl, int xds,
                                       const float* __restrict__ dtpre, int dps, const float* __restrict__ dt_bias,
@@ -175,65 +196,118 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
                                       u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs,
                                       int channels, int d_state, int rank, int norm, float eps, int lanes,
                                       float* __restrict__ out, int os) {
-    const int lane = threadIdx.x & (lanes - 1);
-    const int cpb = blockDim.x / lanes;
-    const int c = blockIdx.x * cpb + threadIdx.x / lanes;
-    const bool active = c < channels;
-    const int cc = active ? c : channels - 1;
+    extern __shared__ float4 wide_smem[];
+    float* smem = (float*)wide_smem;
+    const int threads = blockDim.x, tid = threadIdx.x;
+    const int lane = tid & (lanes - 1);
+    const int cpb = threads / lanes;
+    const int cl = tid / lanes;
+    const int c0 = blockIdx.x * cpb;
+    const bool active = c0 + cl < channels;
+    const int cc = active ? c0 + cl : channels - 1;
     const int n0 = lane * 4;
     const bool valid = n0 < d_state;
-    const int s0 = blockIdx.y * STEP_WIDE_SEQS;
+    const int seq_floats = wide_seq_floats(threads, d_state, cpb);
+    const int stage_floats = STEP_WIDE_SEQS * seq_floats;
+    // Within a sequence's part of a stage: states, then B | C, then dt | x | z.
+    const int at_bc = threads * 4, at_dxz = at_bc + 2 * d_state;
+    const int groups = (n_seqs + STEP_WIDE_SEQS - 1) / STEP_WIDE_SEQS;
+    const u64 chan_off = layer_off + (u64)cc * d_state + n0;
+    // Threads below cpb copy dt, x and z of channel c0 + tid; the next
+    // 2 * d_state threads (wrapping) copy B and C.
+    const int copy_ch = min(c0 + tid, channels - 1);
+    const int bc_j = (tid - cpb + threads) % threads;
+    const bool shared_math = !norm && lanes >= STEP_WIDE_SEQS;
 
     const float4 av = valid ? *(const float4*)(a + (u64)cc * d_state + n0) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const float avv[4] = {av.x, av.y, av.z, av.w};
+    const float a2[4] = {av.x * 1.4426950408889634f, av.y * 1.4426950408889634f, av.z * 1.4426950408889634f,
+                         av.w * 1.4426950408889634f};
     const float bias = dt_bias[cc];
     const float dsk = skip[cc];
-    // Every load first: the states (from memory) and each sequence's
-    // scalars and B, C (from cache), so nothing waits in the loop below.
-    float4 h[STEP_WIDE_SEQS];
-    float* st[STEP_WIDE_SEQS];
-    float dtr[STEP_WIDE_SEQS], xv[STEP_WIDE_SEQS], zv[STEP_WIDE_SEQS];
-#pragma unroll
-    for (int i = 0; i < STEP_WIDE_SEQS; ++i) {
-        const int s = s0 + i;
-        const bool live = s < n_seqs;
-        const u32 slot = live ? slots[s] : PAD_SLOT;
-        st[i] = slot == PAD_SLOT ? 0 : state + (u64)slot * slot_stride + layer_off + (u64)cc * d_state + n0;
-        h[i] = (st[i] && valid) ? *(const float4*)st[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        const int sr = live ? s : 0;
-        dtr[i] = dtpre[(u64)sr * dps + cc];
-        xv[i] = x[(u64)sr * xs + cc];
-        zv[i] = z[(u64)sr * zs + cc];
-    }
-    // B and C of the block's sequences, shared by all its channels.
-    __shared__ float bc[STEP_WIDE_SEQS][2 * STEP_WIDE_MAX_STATE];
-    for (int i = threadIdx.x; i < STEP_WIDE_SEQS * 2 * d_state; i += blockDim.x) {
-        const int q = i / (2 * d_state), j = i % (2 * d_state), s = s0 + q;
-        bc[q][j] = s < n_seqs ? xdbl[(u64)s * xds + rank + j] : 0.0f;
-    }
-    __syncthreads();
 
+    // Starts the copies of group g into stage buffer b (one commit group).
+    auto issue = [&](int g, int b) {
+        float* base = smem + b * stage_floats;
 #pragma unroll
-    for (int i = 0; i < STEP_WIDE_SEQS; ++i) {
-        const int s = s0 + i;
-        if (s >= n_seqs) break;
-        float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
-        if (norm) falcon_inv_norms(xdbl + (u64)s * xds, rank, d_state, eps, lane, lanes, inv_dt, inv_b, inv_c);
-        const float dtv = softplus_f(dtr[i] * inv_dt + bias);
-        float yp = 0.0f;
-        if (valid) {
-            const float hv[4] = {h[i].x, h[i].y, h[i].z, h[i].w};
-            float hn[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const float da = expf(dtv * avv[q]);
-                hn[q] = da * hv[q] + (dtv * (bc[i][n0 + q] * inv_b)) * xv[i];
-                yp += hn[q] * (bc[i][d_state + n0 + q] * inv_c);
+        for (int i = 0; i < STEP_WIDE_SEQS; ++i) {
+            const int s = g * STEP_WIDE_SEQS + i;
+            const bool live = s < n_seqs;
+            const int sr = live ? s : 0;
+            float* q = base + i * seq_floats;
+            const u32 slot = live ? slots[s] : PAD_SLOT;
+            const bool has = slot != PAD_SLOT && valid;
+            cp_async16(q + tid * 4, has ? state + (u64)slot * slot_stride + chan_off : state, has);
+            if (tid < cpb) {
+                cp_async4(q + at_dxz + tid, dtpre + (u64)sr * dps + copy_ch, live);
+                cp_async4(q + at_dxz + cpb + tid, x + (u64)sr * xs + copy_ch, live);
+                cp_async4(q + at_dxz + 2 * cpb + tid, z + (u64)sr * zs + copy_ch, live);
             }
-            if (st[i] && active) *(float4*)st[i] = make_float4(hn[0], hn[1], hn[2], hn[3]);
+            for (int j = bc_j; j < 2 * d_state; j += threads) cp_async4(q + at_bc + j, xdbl + (u64)sr * xds + rank + j, live);
         }
-        for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
-        if (lane == 0 && active) out[(u64)s * os + cc] = (yp + xv[i] * dsk) * silu_f(zv[i]);
+        cp_async_commit();
+    };
+
+    int g = blockIdx.y;
+#pragma unroll
+    for (int p = 0; p < STEP_WIDE_STAGES - 1; ++p) {
+        const int gp = g + p * gridDim.y;
+        if (gp < groups) issue(gp, p);
+        else cp_async_commit();
+    }
+    for (int it = 0; g < groups; ++it, g += gridDim.y) {
+        const int ahead = g + (STEP_WIDE_STAGES - 1) * gridDim.y;
+        if (ahead < groups) issue(ahead, (it + STEP_WIDE_STAGES - 1) % STEP_WIDE_STAGES);
+        else cp_async_commit();
+        cp_async_wait<STEP_WIDE_STAGES - 1>();
+        __syncthreads();
+        const float* base = smem + (it % STEP_WIDE_STAGES) * stage_floats;
+        // Lane i's softplus(dt) and SiLU(z) of sequence i of the group.
+        float dt_mine = 0.0f, gate_mine = 0.0f;
+        if (shared_math) {
+            const float* q = base + (lane & (STEP_WIDE_SEQS - 1)) * seq_floats;
+            dt_mine = softplus_f(q[at_dxz + cl] + bias);
+            gate_mine = silu_f(q[at_dxz + 2 * cpb + cl]);
+        }
+#pragma unroll
+        for (int i = 0; i < STEP_WIDE_SEQS; ++i) {
+            const int s = g * STEP_WIDE_SEQS + i;
+            if (s >= n_seqs) break;
+            const float* q = base + i * seq_floats;
+            const float xv = q[at_dxz + cpb + cl];
+            float dtv, gate, inv_b = 1.0f, inv_c = 1.0f;
+            if (shared_math) {
+                dtv = __shfl_sync(FULL_MASK, dt_mine, i, lanes);
+                gate = __shfl_sync(FULL_MASK, gate_mine, i, lanes);
+            } else {
+                float inv_dt = 1.0f;
+                if (norm) falcon_inv_norms(xdbl + (u64)s * xds, rank, d_state, eps, lane, lanes, inv_dt, inv_b, inv_c);
+                dtv = softplus_f(q[at_dxz + cl] * inv_dt + bias);
+                gate = silu_f(q[at_dxz + 2 * cpb + cl]);
+            }
+            float yp = 0.0f;
+            if (valid) {
+                const float4 h = *(const float4*)(q + tid * 4);
+                const float4 bv = *(const float4*)(q + at_bc + n0);
+                const float4 cv = *(const float4*)(q + at_bc + d_state + n0);
+                const float hv[4] = {h.x, h.y, h.z, h.w};
+                const float bb[4] = {bv.x, bv.y, bv.z, bv.w};
+                const float cc4[4] = {cv.x, cv.y, cv.z, cv.w};
+                const float dx = dtv * xv;
+                float hn[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    hn[k] = exp2_approx(dtv * a2[k]) * hv[k] + (dx * inv_b) * bb[k];
+                    yp += hn[k] * (cc4[k] * inv_c);
+                }
+                const u32 slot = slots[s];
+                if (slot != PAD_SLOT && active)
+                    *(float4*)(state + (u64)slot * slot_stride + chan_off) = make_float4(hn[0], hn[1], hn[2], hn[3]);
+            }
+            for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
+            if (lane == 0 && active) out[(u64)s * os + cc] = (yp + xv * dsk) * gate;
+        }
+        // Every thread is done with this buffer before it is refilled.
+        __syncthreads();
     }
 }
 

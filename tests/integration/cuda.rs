@@ -666,9 +666,20 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
     let mut rng = Rng::new(15);
     // (sequences, channels, state, rank): one or four states a thread, the
     // dt dot product with 16-byte loads or scalar, and above 16 sequences
-    // the wide kernel (dt from a product; 12 states leave a lane idle).
-    let cases =
-        [(1, 64, 16, 4), (2, 64, 16, 16), (4, 64, 16, 16), (5, 37, 16, 3), (7, 96, 8, 6), (3, 40, 5, 5), (70, 48, 16, 8), (33, 40, 12, 8)];
+    // the wide kernel (dt from a product; 12 states leave a lane idle;
+    // 2056 channels make 65 channel blocks, each walking 4 or 5 groups of
+    // sequences through its ring of buffered copies, the last group part-filled).
+    let cases = [
+        (1, 64, 16, 4),
+        (2, 64, 16, 16),
+        (4, 64, 16, 16),
+        (5, 37, 16, 3),
+        (7, 96, 8, 6),
+        (3, 40, 5, 5),
+        (70, 48, 16, 8),
+        (33, 40, 12, 8),
+        (198, 2056, 16, 8),
+    ];
     for (s, ch, n, r) in cases {
         for dtype in [DType::F32, DType::BF16] {
             for norm in [None, Some(1e-4)] {

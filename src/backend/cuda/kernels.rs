@@ -282,11 +282,27 @@ impl Kernels {
             })?;
             functions.push(f);
         }
+        // The wide step sizes its grid to one wave of resident blocks, each
+        // holding ~30 KiB of buffered copies: give it all the shared memory
+        // the L1 can spare, or fewer blocks fit than its grid assumes.
+        let carveout = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+        let max_shared = sys::CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_SHARED as i32;
+        functions[Kernel::Mamba1StepWide as usize]
+            .set_attribute(carveout, max_shared)
+            .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
         Ok(Kernels { functions })
     }
 
     pub fn get(&self, k: Kernel) -> sys::CUfunction {
         self.functions[k as usize].cu_function()
+    }
+
+    /// How many blocks of `block` threads and `shared` bytes of dynamic
+    /// shared memory of kernel `k` one multiprocessor holds at once.
+    pub fn resident_blocks(&self, k: Kernel, block: u32, shared: usize) -> Result<u32> {
+        self.functions[k as usize]
+            .occupancy_max_active_blocks_per_multiprocessor(block, shared, None)
+            .map_err(|e| BackendError::Device { op: "occupancy query", detail: e.to_string() })
     }
 }
 
@@ -308,11 +324,18 @@ pub struct Args {
     slots: Vec<u64>,
     /// (index in `slots` of a placeholder, the struct's words).
     structs: Vec<(usize, Box<[u64]>)>,
+    /// Bytes of dynamic shared memory per block (at most 48 KiB).
+    shared: u32,
 }
 
 impl Args {
     pub fn new() -> Self {
-        Args { slots: Vec::with_capacity(32), structs: vec![] }
+        Args { slots: Vec::with_capacity(32), structs: vec![], shared: 0 }
+    }
+    /// Dynamic shared memory per block, for kernels that size it at launch.
+    pub fn shared_bytes(mut self, bytes: u32) -> Self {
+        self.shared = bytes;
+        self
     }
     /// A struct parameter, given as the 8-byte words of its C layout.
     pub fn words(mut self, words: &[u64]) -> Self {
@@ -358,7 +381,8 @@ impl Args {
             // words), alive until the call returns (the driver copies
             // parameters at launch); the caller matched the argument list
             // to the kernel's signature.
-            return unsafe { result::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params) }.map_err(|e| err(e.to_string()));
+            return unsafe { result::launch_kernel(f, grid, (block, 1, 1), self.shared, stream, &mut params) }
+                .map_err(|e| err(e.to_string()));
         }
         // SAFETY: a zeroed attribute is valid plain data; the fields set
         // below are the ones the driver reads for this attribute id.
@@ -372,7 +396,7 @@ impl Args {
             blockDimX: block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: 0,
+            sharedMemBytes: self.shared,
             hStream: stream,
             attrs: &mut attr,
             numAttrs: 1,

@@ -78,9 +78,11 @@ const STEP_ONE_STATE_MAX_SEQS: usize = 2;
 /// Decode conv steps of at most this many sequences launch as programmatic
 /// dependents ([`CudaBackend::launch_dependent`]).
 const DEPENDENT_LAUNCH_MAX_SEQS: usize = 16;
-/// Sequences per thread of the wide decode step (`STEP_WIDE_SEQS` in
-/// kernels/step.cu).
-const STEP_WIDE_SEQS: u32 = 4;
+/// The wide decode step (`kernels/step.cu`): sequences per group (one
+/// thread updates a channel's states of a group) and stages of buffered
+/// copies (two groups in flight while one is updated).
+const STEP_WIDE_SEQS: usize = 4;
+const STEP_WIDE_STAGES: usize = 3;
 /// Up to this many sequences, the decode step computes dt inside its kernel.
 const STEP_FUSED_DT_MAX_SEQS: usize = 16;
 /// Products of at most this many multiply-adds also stay on the exact f32
@@ -265,6 +267,9 @@ pub struct CudaBackend {
     /// Launch small decode steps' kernels as programmatic dependents (sm_90
     /// and later; `MAMBA_SERVE_NO_PDL` turns it off, for comparisons).
     dependent_launch: bool,
+    /// Blocks of the wide decode step a multiprocessor holds, for its
+    /// shared-memory size: (bytes, blocks).
+    wide_step_resident: Cell<Option<(usize, usize)>>,
 }
 
 // SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
@@ -337,6 +342,7 @@ impl CudaBackend {
             sm,
             sms: sms.max(1) as u32,
             dependent_launch: sm.0 >= 9 && std::env::var_os("MAMBA_SERVE_NO_PDL").is_none(),
+            wide_step_resident: Cell::new(None),
         })
     }
 
@@ -1053,8 +1059,23 @@ impl Backend for CudaBackend {
         drop(step_dt);
         let cpb = 128 / lanes as u32;
         if dtpre.is_some() && v4 {
-            // The wide step: STEP_WIDE_SEQS sequences a thread.
-            return self.launch(Kernel::Mamba1StepWide, a, ((d as u32).div_ceil(cpb), (s as u32).div_ceil(STEP_WIDE_SEQS), 1), 128);
+            // The wide step: each block walks every gridDim.y-th group of
+            // sequences, with one wave of blocks resident.
+            let (chunks, groups) = (d.div_ceil(cpb as usize), s.div_ceil(STEP_WIDE_SEQS));
+            let seq_floats = 128 * 4 + 2 * n + 3 * cpb as usize;
+            let shared = STEP_WIDE_STAGES * STEP_WIDE_SEQS * seq_floats * 4;
+            check("mamba1_step", shared <= 48 << 10, || format!("state size {n} too large for the wide step"))?;
+            let resident = match self.wide_step_resident.get() {
+                Some((bytes, blocks)) if bytes == shared => blocks,
+                _ => {
+                    let blocks = self.kernels.resident_blocks(Kernel::Mamba1StepWide, 128, shared)?.max(1) as usize;
+                    self.wide_step_resident.set(Some((shared, blocks)));
+                    blocks
+                }
+            };
+            let per_chunk = (self.sms as usize * resident / chunks).clamp(1, groups);
+            let a = a.shared_bytes(shared as u32);
+            return self.launch(Kernel::Mamba1StepWide, a, (chunks as u32, per_chunk as u32, 1), 128);
         }
         self.launch_dependent(k, a, ((d as u32).div_ceil(cpb), s as u32, 1), 128)
     }
