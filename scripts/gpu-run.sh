@@ -59,7 +59,7 @@ for phase in $phases; do
       } >>"$log/env.log" 2>&1
       ;;
     tests)
-      run tests 300 "$integration" cuda:: --test-threads=1 --nocapture
+      MAMBA_TEST_REQUIRE_GPU=1 run tests 300 "$integration" cuda:: --test-threads=1 --nocapture
       ;;
     server)
       # The server's integration tests on the GPU backend. The deployment

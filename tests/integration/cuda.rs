@@ -10,8 +10,8 @@ use mamba_serve::backend::cpu::CpuBackend;
 use mamba_serve::backend::cuda::CudaBackend;
 use mamba_serve::backend::rng::SplitMix64;
 use mamba_serve::backend::{
-    Activation, Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, PoolLayout,
-    ProjConv, SampleRow, View, ViewMut,
+    Activation, Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed,
+    PoolLayout, ProjConv, SampleRow, View, ViewMut,
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
@@ -23,13 +23,18 @@ use crate::common::*;
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// The GPU backend, or `None` (with the reason printed) when none is usable.
+/// The GPU backend, or `None` (the test skips, saying why) when this
+/// machine has no usable GPU. Any other start-up failure (a kernel that
+/// does not compile, a rejected attribute) fails the test, and with
+/// `MAMBA_TEST_REQUIRE_GPU` set (the GPU runs set it) so does a missing GPU.
 fn gpu(test: &str) -> Option<CudaBackend> {
     match CudaBackend::new(0) {
         Ok(b) => Some(b),
-        Err(e) => {
+        Err(e @ BackendError::Unavailable(..)) if std::env::var_os("MAMBA_TEST_REQUIRE_GPU").is_none() => {
             eprintln!("SKIPPED {test}: no usable GPU: {e}");
             None
         }
+        Err(e) => panic!("{test}: the CUDA backend did not start: {e}"),
     }
 }
 
@@ -144,8 +149,10 @@ fn linear_matches_the_cpu() -> TestResult {
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(11);
     // (m, n, k): GEMV tiles (vector and scalar, 1 or 4 columns a warp), the
-    // small exact path, and cuBLAS (more than 8 rows and 2^24 products).
+    // streaming GEMV with a long K (4096: 16 batches a group), the small
+    // exact path, and cuBLAS (more than 8 rows and 2^24 products).
     let shapes = [
+        (1, 3001, 4096),
         (1, 33, 17),
         (1, 64, 64),
         (3, 100, 256),
@@ -219,8 +226,12 @@ fn fused_norm_and_residual_products_match_the_cpu() -> TestResult {
     // the streaming GEMV (2048 columns and more: several K batches, a
     // partial last one, and more column groups than warps),
     // the scalar path (k % 8 != 0: the norm runs first), and cuBLAS (the
-    // norm writing 16-bit activations; the residual add as beta = 1).
+    // norm writing 16-bit activations; the residual add as beta = 1); one
+    // row of 3001 or 2500 columns with a long K (4096, 1032: a partial last
+    // batch) streams too.
     let shapes = [
+        (1, 3001, 4096),
+        (1, 2500, 1032),
         (1, 96, 64),
         (2, 300, 256),
         (5, 2100, 128),
@@ -306,8 +317,10 @@ fn fused_mixer_entry_matches_the_cpu() -> TestResult {
     let mut rng = Rng::new(15);
     // (sequences, k, in_proj outputs, conv start, conv channels, taps):
     // Mamba-1's x | z, Mamba-2's z | xBC | dt, a 2-tap conv, 8 rows (the
-    // largest fused tile) and 12 (the unfused path).
-    let cases = [(1, 64, 192, 0, 96, 4), (3, 128, 300, 100, 140, 4), (8, 64, 160, 0, 80, 2), (12, 64, 160, 0, 80, 4)];
+    // largest fused tile) and 12 (the unfused path); one sequence with
+    // 4100 outputs takes the streaming GEMV (conv columns in most warps).
+    let cases =
+        [(1, 64, 192, 0, 96, 4), (3, 128, 300, 100, 140, 4), (8, 64, 160, 0, 80, 2), (12, 64, 160, 0, 80, 4), (1, 2048, 4100, 0, 2050, 4)];
     for (seqs, k, n, start, ch, kernel) in cases {
         for dtype in [DType::F32, DType::BF16] {
             let n_slots = seqs + 3;
