@@ -160,14 +160,16 @@ extern "C" __global__ void conv1d_state(const float* x, int x_stride, int k, flo
 // loads all their windows before computing any, so several state loads per
 // thread are in flight, and loads the channel's weights once for all of
 // them. Kernels up to CONV_STEP_MAX_K taps. Grid (channel blocks, sequence
-// groups).
+// groups). With `half`, the output is also written there as a dense
+// 16-bit copy (`half_dt` 1 bf16, 2 f16) for x_proj's tensor-core product.
 #define CONV_STEP_SEQS 4
 #define CONV_STEP_MAX_K 8
 
 extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride, const float* __restrict__ weight,
                                        const float* __restrict__ bias, int k, int act, float* __restrict__ state,
                                        u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs,
-                                       int channels, float* __restrict__ out, int out_stride) {
+                                       int channels, float* __restrict__ out, int out_stride, u16* __restrict__ half,
+                                       int half_dt) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
     const int hist = k - 1;
@@ -205,6 +207,8 @@ extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride
                 if (j + 1 < hist) st[i][j] = win[i][j + 1];
             if (hist > 0) st[i][hist - 1] = xv;
         }
-        out[(u64)s * out_stride + c] = activate(act, acc);
+        const float v = activate(act, acc);
+        out[(u64)s * out_stride + c] = v;
+        if (half) half[(u64)s * channels + c] = half_dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
     }
 }

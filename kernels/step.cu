@@ -140,7 +140,7 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
     const float *x, int xs, const float *xdbl, int xds, const void *dtw, const float *dtpre, int dps,              \
         const float *dt_bias, const float *a, const float *skip, const float *z, int zs, float *state,             \
         u64 slot_stride, u64 layer_off, const u32 *slots, int n_seqs, int channels, int d_state, int rank,         \
-        int norm, float eps, int lanes, int vec_dot, float *out, int os
+        int norm, float eps, int lanes, int vec_dot, float *out, int os, u16 *half, int half_dt
 #define STEP_PASS                                                                                                  \
     x, xs, xdbl, xds, dtw, dtpre, dps, dt_bias, a, skip, z, zs, state, slot_stride, layer_off, slots, n_seqs,      \
         channels, d_state, rank, norm, eps, lanes, vec_dot, out, os
@@ -195,7 +195,7 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
                                       const float* __restrict__ z, int zs, float* __restrict__ state,
                                       u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs,
                                       int channels, int d_state, int rank, int norm, float eps, int lanes,
-                                      float* __restrict__ out, int os) {
+                                      float* __restrict__ out, int os, u16* __restrict__ half, int half_dt) {
     extern __shared__ float4 wide_smem[];
     float* smem = (float*)wide_smem;
     const int threads = blockDim.x, tid = threadIdx.x;
@@ -308,7 +308,11 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
                     *(float4*)(state + (u64)slot * slot_stride + chan_off) = make_float4(hn[0], hn[1], hn[2], hn[3]);
             }
             for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
-            if (lane == 0 && active) out[(u64)s * os + cc] = (yp + xv * dsk) * gate;
+            if (lane == 0 && active) {
+                const float v = (yp + xv * dsk) * gate;
+                out[(u64)s * os + cc] = v;
+                if (half) half[(u64)s * channels + cc] = half_dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+            }
         }
         // Every thread is done with this buffer before it is refilled.
         __syncthreads();
@@ -316,7 +320,10 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
 }
 
 // The fused step's arguments (STEP_ARGS); `dtw` and `vec_dot` are unused.
+// With `half`, the output is also written there as a dense 16-bit copy
+// (`half_dt` 1 bf16, 2 f16): the operand out_proj's tensor-core product
+// takes, so no conversion kernel runs between (the fused step ignores it).
 extern "C" __global__ void mamba1_step_wide(STEP_ARGS) {
     mamba1_step_wide_impl(x, xs, xdbl, xds, dtpre, dps, dt_bias, a, skip, z, zs, state, slot_stride, layer_off, slots,
-                          n_seqs, channels, d_state, rank, norm, eps, lanes, out, os);
+                          n_seqs, channels, d_state, rank, norm, eps, lanes, out, os, half, half_dt);
 }

@@ -714,6 +714,105 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
     Ok(())
 }
 
+/// The large-batch decode conv and step, each followed by a tensor-core
+/// product over its output (as x_proj and out_proj follow them in a
+/// layer): the two products' outputs, and how many launches each product
+/// took.
+#[allow(clippy::too_many_arguments)]
+fn decode_chain_on<B: Backend>(
+    b: &B,
+    bt: &Batch,
+    c: &ScanCase,
+    taps: &[f32],
+    conv_state: &[f32],
+    r: usize,
+    dtw: &[u8],
+    (wp, n_out): (&[u8], usize),
+) -> R<(Vec<f32>, Vec<f32>, [u64; 2])> {
+    let s = bt.lens.len();
+    let (ch, n) = (c.ch, c.n);
+    let (cu, slots, prompt) = bt.on(b)?;
+    let packed = Packed { n_tokens: s, n_seqs: s, cu_seqlens: &cu, slots: &slots, prompt: &prompt, single_token: true };
+    let w = mat(b, n_out, ch, DType::BF16, wp)?;
+    let x = b.upload(&c.x)?;
+    // A first 16-bit product sets the type the copies are written in.
+    let mut warm = poisoned(b, s * n_out)?;
+    b.linear(View::dense(&x, s, ch), &w, None, ViewMut::dense(&mut warm, s, n_out))?;
+
+    let (tb, mut cst) = (b.upload(taps)?, b.upload(conv_state)?);
+    let mut conv_out = poisoned(b, s * ch)?;
+    // Every buffer is made first: an upload or fill between an op and the
+    // product over its output drops the copy.
+    let mut first = poisoned(b, s * n_out)?;
+    let conv = ConvArgs {
+        x: View::dense(&x, s, ch),
+        weight: &tb,
+        bias: None,
+        kernel: 4,
+        activation: Activation::Silu,
+        state: &mut cst,
+        layout: PoolLayout { n_slots: c.layout.n_slots, n_layers: 2, per_layer: ch * 3 },
+        layer: 1,
+    };
+    b.conv1d(conv, &packed, ViewMut::dense(&mut conv_out, s, ch))?;
+    let before = b.launches();
+    b.linear(View::dense(&conv_out, s, ch), &w, None, ViewMut::dense(&mut first, s, n_out))?;
+    let first_launches = b.launches() - before;
+
+    let (bias, a, skip, z, xdbl) = (b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.z)?, b.upload(&c.bc)?);
+    let dt_proj = mat(b, ch, r, DType::BF16, dtw)?;
+    let mut st = b.upload(&c.state)?;
+    let mut y = poisoned(b, s * ch)?;
+    let mut second = b.upload(&vec![0.25; s * n_out])?;
+    let args = Mamba1StepArgs {
+        x: View::dense(&conv_out, s, ch),
+        xdbl: View::dense(&xdbl, s, r + 2 * n),
+        dt_proj: &dt_proj,
+        dt_bias: &bias,
+        a: &a,
+        skip: &skip,
+        z: View::dense(&z, s, ch),
+        norm_eps: None,
+        dt_rank: r,
+        d_state: n,
+        state: &mut st,
+        layout: c.layout,
+        layer: 1,
+    };
+    b.mamba1_step(args, &packed, ViewMut::dense(&mut y, s, ch))?;
+    let before = b.launches();
+    b.linear_add(View::dense(&y, s, ch), &w, None, ViewMut::dense(&mut second, s, n_out))?;
+    let second_launches = b.launches() - before;
+    Ok((b.read(&first, 0, s * n_out)?, b.read(&second, 0, s * n_out)?, [first_launches, second_launches]))
+}
+
+#[test]
+fn large_decode_batches_hand_their_16_bit_copies_to_the_next_product() -> TestResult {
+    let Some(g) = gpu("large_decode_batches_hand_their_16_bit_copies_to_the_next_product") else { return Ok(()) };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(21);
+    // 40 sequences (the wide step), 600 channels, products of 800 outputs
+    // (over 2^24 multiply-adds: cuBLAS on 16-bit operands).
+    let (s, ch, n, r, n_out) = (40, 600, 16, 8, 800);
+    let bt = batch(&mut rng, &vec![1; s], 48);
+    let mut c = scan_case(&mut rng, s, ch, n);
+    c.layout = PoolLayout { n_slots: 48, n_layers: 2, per_layer: ch * n };
+    c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+    c.bc = rng.vec(s * (r + 2 * n), -1.5, 1.5);
+    let taps = rng.vec(ch * 4, -1.0, 1.0);
+    let conv_state = rng.vec(48 * 2 * ch * 3, -1.0, 1.0);
+    let (dtw, _) = as_dtype(&rng.vec(ch * r, -0.5, 0.5), DType::BF16);
+    let (wp, _) = as_dtype(&rng.vec(n_out * ch, -0.1, 0.1), DType::BF16);
+    let want = decode_chain_on(&cpu, &bt, &c, &taps, &conv_state, r, &dtw, (&wp, n_out))?;
+    let got = decode_chain_on(&g, &bt, &c, &taps, &conv_state, r, &dtw, (&wp, n_out))?;
+    check_close("product over the decode conv's output", &got.0, &want.0, 1e-2);
+    check_close("product over the decode step's output", &got.1, &want.1, 1e-2);
+    // The conv and the step wrote the 16-bit operands: each product is one
+    // cuBLAS call, with no conversion kernel before it.
+    assert_eq!(got.2, [1, 1], "launches of the two products");
+    Ok(())
+}
+
 fn mamba2_on<B: Backend>(b: &B, bt: &Batch, (h, p, grp, n): (usize, usize, usize, usize), c: &ScanCase) -> R<(Vec<f32>, Vec<f32>)> {
     let t = bt.n_tokens();
     let (x, dt, bias, a, skip, bc) =

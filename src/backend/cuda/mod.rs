@@ -234,12 +234,38 @@ impl Drop for Staging {
 struct Scratch {
     /// 16-bit copies of activations for tensor-core products.
     half: DevBuf,
+    /// The 16-bit copy a decode kernel writes of its output ([`HalfCopy`]).
+    half_copy: DevBuf,
     /// Sampling: per-row parameters and outputs, processed logits, keys, weights.
     params: DevBuf,
     out: DevBuf,
     proc: DevBuf,
     keys: DevBuf,
     weights: DevBuf,
+}
+
+/// A dense 16-bit copy of an op's f32 output that the kernel writing the
+/// output also wrote (the large-batch decode conv and step), so that the
+/// tensor-core product reading that output next skips its conversion
+/// kernel. Valid only until the next launch or copy: [`CudaBackend::launch_as`]
+/// clears it, and the product takes it before launching anything.
+#[derive(Clone, Copy, PartialEq)]
+struct HalfCopy {
+    /// Where the f32 output starts, and its shape.
+    of: u64,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    dtype: DType,
+}
+
+/// The kernels' 16-bit type code for a [`HalfCopy`] (0: none).
+fn half_code(copy: Option<HalfCopy>) -> u32 {
+    match copy.map(|c| c.dtype) {
+        Some(DType::BF16) => 1,
+        Some(DType::F16) => 2,
+        _ => 0,
+    }
 }
 
 /// One GPU, one stream, the compiled kernels and a cuBLAS handle.
@@ -270,6 +296,14 @@ pub struct CudaBackend {
     /// Blocks of the wide decode step a multiprocessor holds, for its
     /// shared-memory size: (bytes, blocks).
     wide_step_resident: Cell<Option<(usize, usize)>>,
+    /// See [`HalfCopy`]: the copy in `scratch.half_copy`, if one is valid.
+    half_copy: Cell<Option<HalfCopy>>,
+    /// The 16-bit weight type of the last tensor-core product: the type a
+    /// decode kernel writes its 16-bit copy in.
+    half_type: Cell<Option<DType>>,
+    /// Whether decode kernels write those copies (`MAMBA_SERVE_NO_HALF_COPY`
+    /// turns it off, for comparisons).
+    write_half_copies: bool,
 }
 
 // SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
@@ -323,8 +357,15 @@ impl CudaBackend {
         let empty = || DevBuf::alloc(&ctx, 0, "scratch");
         let step_dt = RefCell::new(CudaVec { buf: empty()?, len: 0 });
         let scan_parts = RefCell::new(empty()?);
-        let scratch =
-            RefCell::new(Scratch { half: empty()?, params: empty()?, out: empty()?, proc: empty()?, keys: empty()?, weights: empty()? });
+        let scratch = RefCell::new(Scratch {
+            half: empty()?,
+            half_copy: empty()?,
+            params: empty()?,
+            out: empty()?,
+            proc: empty()?,
+            keys: empty()?,
+            weights: empty()?,
+        });
         Ok(CudaBackend {
             ctx,
             stream,
@@ -343,6 +384,9 @@ impl CudaBackend {
             sms: sms.max(1) as u32,
             dependent_launch: sm.0 >= 9 && std::env::var_os("MAMBA_SERVE_NO_PDL").is_none(),
             wide_step_resident: Cell::new(None),
+            half_copy: Cell::new(None),
+            half_type: Cell::new(None),
+            write_half_copies: std::env::var_os("MAMBA_SERVE_NO_HALF_COPY").is_none(),
         })
     }
 
@@ -376,6 +420,7 @@ impl CudaBackend {
     }
 
     fn launch_as(&self, k: Kernel, args: Args, grid: (u32, u32, u32), block: u32, dependent: bool) -> Result<()> {
+        self.half_copy.set(None);
         self.profiled(
             || format!("{k:?}"),
             || {
@@ -408,6 +453,7 @@ impl CudaBackend {
 
     /// Copies host bytes to the device through pinned staging memory.
     fn upload_bytes(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.half_copy.set(None);
         if src.is_empty() {
             return Ok(());
         }
@@ -540,6 +586,21 @@ impl CudaBackend {
         self.launch_dependent(k, args(), grid, threads)
     }
 
+    /// The 16-bit copy a large-batch decode kernel writes alongside its
+    /// output `out` of `rows` rows: in the type of the last tensor-core
+    /// product, when the next product over it will take one (more than
+    /// GEMV_MAX_ROWS rows) and the reserved scratch holds it.
+    fn half_copy_for(&self, rows: usize, out: &ViewMut<'_, CudaVec>) -> Result<Option<HalfCopy>> {
+        let Some(dtype) = self.half_type.get().filter(|_| self.write_half_copies && rows > GEMV_MAX_ROWS) else { return Ok(None) };
+        let bytes = rows * out.cols * 2;
+        let mut scratch = self.scratch.borrow_mut();
+        if !self.capturing.get() {
+            self.ensure(&mut scratch.half_copy, bytes, "half activations")?;
+        }
+        let fits = scratch.half_copy.bytes >= bytes;
+        Ok(fits.then_some(HalfCopy { of: out.buf.at(out.offset), rows, cols: out.cols, stride: out.stride, dtype }))
+    }
+
     /// Whether a product can take the GEMV's 16-byte vector path.
     fn gemv_vec(x: &View<'_, CudaVec>, w: &CudaMat) -> bool {
         w.cols % 8 == 0 && x.offset % 4 == 0 && x.stride % 4 == 0
@@ -558,6 +619,10 @@ impl CudaBackend {
     /// `accumulate`. 16-bit weights take 16-bit activations: `x` is either
     /// an f32 view rounded here, or already converted (`GemmInput::Half`).
     fn blas_gemm(&self, x: GemmInput<'_>, w: &CudaMat, bias: Option<&CudaVec>, out: &ViewMut<'_, CudaVec>, accumulate: bool) -> Result<()> {
+        let copy = self.half_copy.take();
+        if w.dtype != DType::F32 {
+            self.half_type.set(Some(w.dtype));
+        }
         let (m, n, k) = (x.rows(), w.rows, w.cols);
         let out_ptr = out.buf.at(out.offset);
         if let Some(b) = bias {
@@ -566,6 +631,10 @@ impl CudaBackend {
         }
         let beta = if bias.is_some() || accumulate { 1.0 } else { 0.0 };
         let (x_ptr, x_stride) = match x {
+            GemmInput::F32(v) if copy == Some(HalfCopy { of: v.buf.at(v.offset), rows: m, cols: k, stride: v.stride, dtype: w.dtype }) => {
+                // The kernel that wrote this activation also wrote its 16-bit copy.
+                (self.scratch.borrow().half_copy.ptr, k)
+            }
             GemmInput::F32(v) if w.dtype != DType::F32 => {
                 // Tensor cores take 16-bit operands: round this activation once.
                 let half = self.half_scratch(m * k * 2)?;
@@ -734,6 +803,7 @@ impl Backend for CudaBackend {
     }
 
     fn copy_within(&self, buf: &mut CudaVec, src: usize, dst: usize, len: usize) -> Result<()> {
+        self.half_copy.set(None);
         check("copy_within", src + len <= buf.len && dst + len <= buf.len, || {
             format!("copy {len} from {src} to {dst} in a buffer of {}", buf.len)
         })?;
@@ -896,14 +966,17 @@ impl Backend for CudaBackend {
                 .u64(layer_off)
         };
         if batch.single_token {
-            let a = head().ptr(batch.slots.buf.ptr).i32(batch.n_seqs).i32(ch).ptr(o).i32(out.stride);
             check("conv1d", k <= CONV_STEP_MAX_K, || format!("kernel size {k} above {CONV_STEP_MAX_K}"))?;
             let groups = (batch.n_seqs as u32).div_ceil(CONV_STEP_SEQS);
             let grid = (blocks, groups, 1);
+            let a = head().ptr(batch.slots.buf.ptr).i32(batch.n_seqs).i32(ch).ptr(o).i32(out.stride);
             if batch.n_seqs <= DEPENDENT_LAUNCH_MAX_SEQS {
-                return self.launch_dependent(Kernel::ConvStep, a, grid, 128);
+                return self.launch_dependent(Kernel::ConvStep, a.ptr(0).u32(0), grid, 128);
             }
-            return self.launch(Kernel::ConvStep, a, grid, 128);
+            let copy = self.half_copy_for(batch.n_seqs, &out)?;
+            self.launch(Kernel::ConvStep, a.ptr(copy.map_or(0, |_| self.scratch.borrow().half_copy.ptr)).u32(half_code(copy)), grid, 128)?;
+            self.half_copy.set(copy);
+            return Ok(());
         }
         let a = head().ptr(batch.cu_seqlens.buf.ptr).ptr(batch.slots.buf.ptr).i32(batch.n_seqs);
         // Each thread runs one channel over CONV_RUN_ROWS rows with its
@@ -1057,6 +1130,9 @@ impl Backend for CudaBackend {
             .ptr(out.buf.at(out.offset))
             .i32(out.stride);
         drop(step_dt);
+        // Only the wide step writes the 16-bit copy.
+        let copy = if dtpre.is_some() && v4 { self.half_copy_for(s, &out)? } else { None };
+        let a = a.ptr(copy.map_or(0, |_| self.scratch.borrow().half_copy.ptr)).u32(half_code(copy));
         let cpb = 128 / lanes as u32;
         if dtpre.is_some() && v4 {
             // The wide step: each block walks every gridDim.y-th group of
@@ -1075,7 +1151,9 @@ impl Backend for CudaBackend {
             };
             let per_chunk = (self.sms as usize * resident / chunks).clamp(1, groups);
             let a = a.shared_bytes(shared as u32);
-            return self.launch(Kernel::Mamba1StepWide, a, (chunks as u32, per_chunk as u32, 1), 128);
+            self.launch(Kernel::Mamba1StepWide, a, (chunks as u32, per_chunk as u32, 1), 128)?;
+            self.half_copy.set(copy);
+            return Ok(());
         }
         self.launch_dependent(k, a, ((d as u32).div_ceil(cpb), s as u32, 1), 128)
     }
@@ -1164,6 +1242,7 @@ impl Backend for CudaBackend {
         let mut s = self.scratch.borrow_mut();
         let s = &mut *s;
         self.ensure(&mut s.half, max_rows * max_cols * 2, "half activations")?;
+        self.ensure(&mut s.half_copy, max_rows * max_cols * 2, "half activations")?;
         let mut dt = self.step_dt.borrow_mut();
         self.ensure(&mut dt.buf, max_rows * max_cols * 4, "time steps")?;
         dt.len = dt.buf.bytes / 4;
