@@ -259,15 +259,6 @@ struct HalfCopy {
     dtype: DType,
 }
 
-/// The kernels' 16-bit type code for a [`HalfCopy`] (0: none).
-fn half_code(copy: Option<HalfCopy>) -> u32 {
-    match copy.map(|c| c.dtype) {
-        Some(DType::BF16) => 1,
-        Some(DType::F16) => 2,
-        _ => 0,
-    }
-}
-
 /// One GPU, one stream, the compiled kernels and a cuBLAS handle.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -599,6 +590,16 @@ impl CudaBackend {
         }
         let fits = scratch.half_copy.bytes >= bytes;
         Ok(fits.then_some(HalfCopy { of: out.buf.at(out.offset), rows, cols: out.cols, stride: out.stride, dtype }))
+    }
+
+    /// A kernel's `half, half_dt` arguments for `copy`: where to write it and
+    /// its 16-bit type code (1 bf16, 2 f16), or (null, 0) for none.
+    fn half_copy_args(&self, copy: Option<HalfCopy>) -> (u64, u32) {
+        match copy.map(|c| c.dtype) {
+            Some(DType::BF16) => (self.scratch.borrow().half_copy.ptr, 1),
+            Some(DType::F16) => (self.scratch.borrow().half_copy.ptr, 2),
+            _ => (0, 0),
+        }
     }
 
     /// Whether a product can take the GEMV's 16-byte vector path.
@@ -974,7 +975,8 @@ impl Backend for CudaBackend {
                 return self.launch_dependent(Kernel::ConvStep, a.ptr(0).u32(0), grid, 128);
             }
             let copy = self.half_copy_for(batch.n_seqs, &out)?;
-            self.launch(Kernel::ConvStep, a.ptr(copy.map_or(0, |_| self.scratch.borrow().half_copy.ptr)).u32(half_code(copy)), grid, 128)?;
+            let (half, half_dt) = self.half_copy_args(copy);
+            self.launch(Kernel::ConvStep, a.ptr(half).u32(half_dt), grid, 128)?;
             self.half_copy.set(copy);
             return Ok(());
         }
@@ -1132,7 +1134,8 @@ impl Backend for CudaBackend {
         drop(step_dt);
         // Only the wide step writes the 16-bit copy.
         let copy = if dtpre.is_some() && v4 { self.half_copy_for(s, &out)? } else { None };
-        let a = a.ptr(copy.map_or(0, |_| self.scratch.borrow().half_copy.ptr)).u32(half_code(copy));
+        let (half, half_dt) = self.half_copy_args(copy);
+        let a = a.ptr(half).u32(half_dt);
         let cpb = 128 / lanes as u32;
         if dtpre.is_some() && v4 {
             // The wide step: each block walks every gridDim.y-th group of
