@@ -679,9 +679,11 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
     let mut rng = Rng::new(15);
     // (sequences, channels, state, rank): one or four states a thread, the
     // dt dot product with 16-byte loads or scalar, and above 16 sequences
-    // the wide kernel (dt from a product; 12 states leave a lane idle;
-    // 2056 channels make 65 channel blocks, each walking 4 or 5 groups of
-    // sequences through its ring of buffered copies, the last group part-filled).
+    // the wide kernel (dt from a product; 12 states leave a lane idle; 8
+    // states give 2 lanes a channel, fewer than a group's sequences, so
+    // each lane computes its own softplus and gate; 2056 channels make 65
+    // channel blocks, each walking 4 or 5 groups of sequences through its
+    // ring of buffered copies, the last group part-filled).
     let cases = [
         (1, 64, 16, 4),
         (2, 64, 16, 16),
@@ -691,6 +693,7 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
         (3, 40, 5, 5),
         (70, 48, 16, 8),
         (33, 40, 12, 8),
+        (37, 72, 8, 8),
         (198, 2056, 16, 8),
     ];
     for (s, ch, n, r) in cases {
