@@ -123,6 +123,17 @@ __device__ __forceinline__ void gemv_accumulate(const Chunk<DT> (&c)[R], const f
     }
 }
 
+// Zeroes the product sums and the norm's sums of squares.
+template <int MT, int R>
+__device__ __forceinline__ void gemv_zero(float (&acc)[R][MT], float (&ss)[MT]) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        ss[m] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][m] = 0.0f;
+    }
+}
+
 // The finished sum v of output (row, n): plus the bias, then the conv step
 // when n is a conv column, else stored or added to `out`.
 __device__ __forceinline__ void gemv_finish(float v, const float* bias, float* out, int os, int accumulate,
@@ -151,12 +162,7 @@ __device__ void gemv_vec_impl(const float* x, int xs, int M, const void* __restr
     const int mc = min(MT, M - m0);
     const float* xb = x + (u64)m0 * xs;
     float acc[R][MT], ss[MT];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-        ss[m] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][m] = 0.0f;
-    }
+    gemv_zero<MT, R>(acc, ss);
     grid_dep_sync();
     const int step = blockDim.x * 8;
     for (int k0 = tid * 8; k0 < K; k0 += step * GEMV_U) {
@@ -249,12 +255,7 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
     // The first weights are on their way while the previous kernel ends.
     grid_dep_sync();
     float acc[R][MT], ss[MT];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-        ss[m] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][m] = 0.0f;
-    }
+    gemv_zero<MT, R>(acc, ss);
     while (true) {
         int g2 = g, kb2 = kb + 1;
         if (kb2 == batches) {

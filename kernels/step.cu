@@ -217,7 +217,8 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
     // 2 * d_state threads (wrapping) copy B and C.
     const int copy_ch = min(c0 + tid, channels - 1);
     const int bc_j = (tid - cpb + threads) % threads;
-    const bool shared_math = !norm && lanes >= 4;
+    // Lane i of a channel group takes sequence i: every sequence has a lane.
+    const bool shared_math = !norm && lanes >= STEP_WIDE_SEQS;
 
     const float4 av = valid ? *(const float4*)(a + (u64)cc * d_state + n0) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const float a2[4] = {av.x * 1.4426950408889634f, av.y * 1.4426950408889634f, av.z * 1.4426950408889634f,
@@ -261,16 +262,12 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
         cp_async_wait<STEP_WIDE_STAGES - 1>();
         __syncthreads();
         const float* base = smem + (it % STEP_WIDE_STAGES) * stage_floats;
-        // Lane l's softplus(dt) and SiLU(z) of sequences 4 m + (l mod 4).
-        float dt_mine[STEP_WIDE_SEQS / 4], gate_mine[STEP_WIDE_SEQS / 4];
-#pragma unroll
-        for (int m = 0; m < STEP_WIDE_SEQS / 4; ++m) {
-            dt_mine[m] = gate_mine[m] = 0.0f;
-            if (shared_math) {
-                const float* q = base + (4 * m + (lane & 3)) * seq_floats;
-                dt_mine[m] = softplus_f(q[at_dxz + cl] + bias);
-                gate_mine[m] = silu_f(q[at_dxz + 2 * cpb + cl]);
-            }
+        // Lane l's softplus(dt) and SiLU(z) of sequence l mod 4 of the group.
+        float dt_mine = 0.0f, gate_mine = 0.0f;
+        if (shared_math) {
+            const float* q = base + (lane & (STEP_WIDE_SEQS - 1)) * seq_floats;
+            dt_mine = softplus_f(q[at_dxz + cl] + bias);
+            gate_mine = silu_f(q[at_dxz + 2 * cpb + cl]);
         }
 #pragma unroll
         for (int i = 0; i < STEP_WIDE_SEQS; ++i) {
@@ -280,8 +277,8 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
             const float xv = q[at_dxz + cpb + cl];
             float dtv, gate, inv_b = 1.0f, inv_c = 1.0f;
             if (shared_math) {
-                dtv = __shfl_sync(FULL_MASK, dt_mine[i / 4], i & 3, lanes);
-                gate = __shfl_sync(FULL_MASK, gate_mine[i / 4], i & 3, lanes);
+                dtv = __shfl_sync(FULL_MASK, dt_mine, i, lanes);
+                gate = __shfl_sync(FULL_MASK, gate_mine, i, lanes);
             } else {
                 float inv_dt = 1.0f;
                 if (norm) falcon_inv_norms(xdbl + (u64)s * xds, rank, d_state, eps, lane, lanes, inv_dt, inv_b, inv_c);
