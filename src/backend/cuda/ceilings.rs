@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::blas::Gemm;
 use super::{CudaBackend, DevBuf, dev};
 use crate::backend::{DType, Result};
-use cudarc::driver::{result, sys};
+use cudarc::driver::result;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Ceilings {
@@ -19,29 +19,6 @@ pub struct Ceilings {
     /// bf16 `n × n × n` product through cuBLAS, fp32 accumulation.
     pub bf16_tflop_per_s: f64,
     pub gemm_n: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Times `f` with CUDA events: `warm` untimed runs, then the median of `reps`.
-fn time_ms(be: &CudaBackend, warm: usize, reps: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
-    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let (start, end) = (be.ctx.new_event(flags).map_err(dev("event"))?, be.ctx.new_event(flags).map_err(dev("event"))?);
-    for _ in 0..warm {
-        f()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        start.record(&be.stream).map_err(dev("event record"))?;
-        f()?;
-        end.record(&be.stream).map_err(dev("event record"))?;
-        end.synchronize().map_err(dev("event sync"))?;
-        times.push(start.elapsed_ms(&end).map_err(dev("event time"))? as f64);
-    }
-    Ok(median(times))
 }
 
 /// Random bf16 bits in [-1, 1) (no zeros: zeros run faster than real data).
@@ -73,7 +50,7 @@ pub fn measure(ordinal: usize) -> Result<Ceilings> {
         // SAFETY: both buffers hold copy_bytes.
         unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, copy_bytes, be.cu_stream()) }.map_err(dev("copy"))
     };
-    let copy_ms = time_ms(&be, 3, 20, &copy)?;
+    let copy_ms = be.time_ms(3, 20, &copy)?;
     drop((src, dst));
 
     let n = 8192usize;
@@ -84,7 +61,7 @@ pub fn measure(ordinal: usize) -> Result<Ceilings> {
     be.upload_bytes(b.ptr, &random_bf16(n * n, 2))?;
     let g = Gemm { m: n, n, k: n, x: a.ptr, x_stride: n, w: b.ptr, dtype: DType::BF16, out: c.ptr, out_stride: n, beta: 0.0 };
     let gemm = || be.blas.gemm(&g);
-    let gemm_ms = time_ms(&be, 3, 20, &gemm)?;
+    let gemm_ms = be.time_ms(3, 20, &gemm)?;
     be.sync()?;
     Ok(Ceilings {
         device: be.name.clone(),
@@ -97,7 +74,10 @@ pub fn measure(ordinal: usize) -> Result<Ceilings> {
 
 /// Times cuBLAS bf16 products of the shapes a Mamba forward issues (rows
 /// m of activations, n outputs, k inputs), with f32 and with bf16 outputs:
-/// one line each, TFLOP/s and the weight bandwidth they reach.
+/// one line each, TFLOP/s and the weight bandwidth they reach. Each is
+/// timed as 20 runs replayed from one graph, as a decode step runs them:
+/// timed one launch at a time, the host's launch cost would dominate the
+/// small ones.
 pub fn gemm_survey(ordinal: usize, shapes: &[(usize, usize, usize)]) -> Result<Vec<String>> {
     let be = CudaBackend::new(ordinal)?;
     be.bind()?;
@@ -109,9 +89,9 @@ pub fn gemm_survey(ordinal: usize, shapes: &[(usize, usize, usize)]) -> Result<V
         be.upload_bytes(x.ptr, &random_bf16(m * k, 3))?;
         be.upload_bytes(w.ptr, &random_bf16(n * k, 4))?;
         let g = Gemm { m, n, k, x: x.ptr, x_stride: k, w: w.ptr, dtype: DType::BF16, out: c.ptr, out_stride: n, beta: 0.0 };
-        let f32_ms = time_ms(&be, 3, 10, &|| be.blas.gemm(&g))?;
+        let f32_ms = be.time_graph_ms(20, 7, &|| be.blas.gemm(&g))?;
         let h = g.half_output();
-        let bf16_ms = time_ms(&be, 3, 10, &|| be.blas.gemm_half_out(&h))?;
+        let bf16_ms = be.time_graph_ms(20, 7, &|| be.blas.gemm_half_out(&h))?;
         let flop = 2.0 * (m * n * k) as f64;
         let wbytes = (n * k * 2) as f64;
         lines.push(format!(
