@@ -150,8 +150,16 @@ fn linear_matches_the_cpu() -> TestResult {
     let mut rng = Rng::new(11);
     // (m, n, k): GEMV tiles (vector and scalar, 1 or 4 columns a warp), the
     // streaming GEMV with a long K (4096: 16 batches a group), the small
-    // exact path, and cuBLAS (more than 8 rows and 2^24 products).
+    // exact path, cuBLAS (more than 8 rows and 2^24 products), and the
+    // split-K kernels for 16-bit skinny products (at most 256 outputs, k at
+    // least 1024): partial row tiles, outputs not a multiple of 8, a k
+    // whose last step is partial, both kernel widths, one slice a block.
     let shapes = [
+        (256, 160, 4096),
+        (40, 76, 6000),
+        (300, 192, 2048),
+        (1024, 256, 1024),
+        (100, 13, 13000),
         (1, 3001, 4096),
         (1, 33, 17),
         (1, 64, 64),
@@ -813,6 +821,102 @@ fn large_decode_batches_hand_their_16_bit_copies_to_the_next_product() -> TestRe
     // The conv and the step wrote the 16-bit operands: each product is one
     // cuBLAS call, with no conversion kernel before it.
     assert_eq!(got.2, [1, 1], "launches of the two products");
+    Ok(())
+}
+
+/// A large decode batch's conv, x_proj over its output, and the step whose
+/// dt_proj reads x_proj's first dt_rank columns: x_proj's output, the
+/// step's output and state, and the launches x_proj and the step took.
+#[allow(clippy::too_many_arguments)]
+fn x_proj_chain_on<B: Backend>(
+    b: &B,
+    bt: &Batch,
+    c: &ScanCase,
+    taps: &[f32],
+    conv_state: &[f32],
+    r: usize,
+    dtw: &[u8],
+    xpw: &[u8],
+) -> R<(Vec<f32>, Vec<f32>, Vec<f32>, [u64; 2])> {
+    let s = bt.lens.len();
+    let (ch, n) = (c.ch, c.n);
+    let n_out = r + 2 * n;
+    let (cu, slots, prompt) = bt.on(b)?;
+    let packed = Packed { n_tokens: s, n_seqs: s, cu_seqlens: &cu, slots: &slots, prompt: &prompt, single_token: true };
+    let x_proj = mat(b, n_out, ch, DType::BF16, xpw)?;
+    let dt_proj = mat(b, ch, r, DType::BF16, dtw)?;
+    let x = b.upload(&c.x)?;
+    // A first 16-bit product sets the type the copies are written in.
+    let mut xdbl = poisoned(b, s * n_out)?;
+    b.linear(View::dense(&x, s, ch), &x_proj, None, ViewMut::dense(&mut xdbl, s, n_out))?;
+    let (tb, mut cst) = (b.upload(taps)?, b.upload(conv_state)?);
+    let (bias, a, skip, z) = (b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.z)?);
+    let mut st = b.upload(&c.state)?;
+    let mut conv_out = poisoned(b, s * ch)?;
+    let mut y = poisoned(b, s * ch)?;
+    b.fill(&mut xdbl, 0, s * n_out, f32::NAN)?;
+    let conv = ConvArgs {
+        x: View::dense(&x, s, ch),
+        weight: &tb,
+        bias: None,
+        kernel: 4,
+        activation: Activation::Silu,
+        state: &mut cst,
+        layout: PoolLayout { n_slots: c.layout.n_slots, n_layers: 2, per_layer: ch * 3 },
+        layer: 1,
+    };
+    b.conv1d(conv, &packed, ViewMut::dense(&mut conv_out, s, ch))?;
+    let before = b.launches();
+    b.linear(View::dense(&conv_out, s, ch), &x_proj, None, ViewMut::dense(&mut xdbl, s, n_out))?;
+    let x_proj_launches = b.launches() - before;
+    let args = Mamba1StepArgs {
+        x: View::dense(&conv_out, s, ch),
+        xdbl: View::dense(&xdbl, s, n_out),
+        dt_proj: &dt_proj,
+        dt_bias: &bias,
+        a: &a,
+        skip: &skip,
+        z: View::dense(&z, s, ch),
+        norm_eps: None,
+        dt_rank: r,
+        d_state: n,
+        state: &mut st,
+        layout: c.layout,
+        layer: 1,
+    };
+    let before = b.launches();
+    b.mamba1_step(args, &packed, ViewMut::dense(&mut y, s, ch))?;
+    let step_launches = b.launches() - before;
+    let state = b.read(&st, 0, c.layout.len())?;
+    Ok((b.read(&xdbl, 0, s * n_out)?, b.read(&y, 0, s * ch)?, state, [x_proj_launches, step_launches]))
+}
+
+#[test]
+fn large_decode_batches_run_x_proj_split_k_and_hand_dt_proj_its_copy() -> TestResult {
+    let Some(g) = gpu("large_decode_batches_run_x_proj_split_k_and_hand_dt_proj_its_copy") else { return Ok(()) };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(22);
+    // 64 sequences, 2056 channels (k not a multiple of the 32-long step),
+    // dt_rank 130: x_proj has 162 outputs (not a multiple of 8).
+    let (s, ch, n, r) = (64, 2056, 16, 130);
+    let n_out = r + 2 * n;
+    let bt = batch(&mut rng, &vec![1; s], 70);
+    let mut c = scan_case(&mut rng, s, ch, n);
+    c.layout = PoolLayout { n_slots: 70, n_layers: 2, per_layer: ch * n };
+    c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+    let taps = rng.vec(ch * 4, -1.0, 1.0);
+    let conv_state = rng.vec(70 * 2 * ch * 3, -1.0, 1.0);
+    let (dtw, _) = as_dtype(&rng.vec(ch * r, -0.2, 0.2), DType::BF16);
+    let (xpw, _) = as_dtype(&rng.vec(n_out * ch, -0.05, 0.05), DType::BF16);
+    let want = x_proj_chain_on(&cpu, &bt, &c, &taps, &conv_state, r, &dtw, &xpw)?;
+    let got = x_proj_chain_on(&g, &bt, &c, &taps, &conv_state, r, &dtw, &xpw)?;
+    check_close("x_proj over the decode conv's output", &got.0, &want.0, 1e-2);
+    check_close("decode step output", &got.1, &want.1, 1e-2);
+    check_close("decode step state", &got.2, &want.2, 1e-2);
+    // x_proj: the split-K partial products and their sum (which writes the
+    // 16-bit copy); the step: dt_proj on that copy, with no conversion
+    // kernel, then the wide step.
+    assert_eq!(got.3, [2, 2], "launches of x_proj and of the step");
     Ok(())
 }
 
