@@ -212,3 +212,64 @@ extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride
         if (half) half[(u64)s * channels + c] = half_dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
     }
 }
+
+// conv1d_step for 4-tap kernels over 16-byte aligned rows: each thread
+// takes 4 adjacent channels, so their 12 state values, 16 taps, inputs and
+// outputs move as 16-byte pieces (the scalar kernel's warps touch every
+// state sector with three 4-byte loads and three 4-byte stores). Same
+// arguments as conv1d_step (k is 4); grid (blocks of 128 channel quads,
+// sequence groups).
+extern "C" __global__ void conv1d_step4(const float* __restrict__ x, int x_stride, const float* __restrict__ weight,
+                                        const float* __restrict__ bias, int k, int act, float* __restrict__ state,
+                                        u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs,
+                                        int channels, float* __restrict__ out, int out_stride, u16* __restrict__ half,
+                                        int half_dt) {
+    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (c >= channels) return;
+    float4 w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[j] = ((const float4*)(weight + (u64)c * 4))[j];
+    const float4 b = bias ? *(const float4*)(bias + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const int s0 = blockIdx.y * CONV_STEP_SEQS;
+    // Per sequence: the 4 channels' 3-value windows (12 floats) and inputs.
+    float4 win[CONV_STEP_SEQS][3], xin[CONV_STEP_SEQS];
+    float4* st[CONV_STEP_SEQS];
+#pragma unroll
+    for (int i = 0; i < CONV_STEP_SEQS; ++i) {
+        const int s = s0 + i;
+        const u32 slot = s < n_seqs ? slots[s] : PAD_SLOT;
+        st[i] = slot == PAD_SLOT ? 0 : (float4*)conv_state_ptr(state, slot, slot_stride, layer_off, c, 3);
+#pragma unroll
+        for (int j = 0; j < 3; ++j) win[i][j] = st[i] ? st[i][j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        xin[i] = s < n_seqs ? *(const float4*)(x + (u64)s * x_stride + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < CONV_STEP_SEQS; ++i) {
+        const int s = s0 + i;
+        if (s >= n_seqs) break;
+        // Channel q's window is h[3q .. 3q + 2] then its input.
+        const float h[12] = {win[i][0].x, win[i][0].y, win[i][0].z, win[i][0].w, win[i][1].x, win[i][1].y,
+                             win[i][1].z, win[i][1].w, win[i][2].x, win[i][2].y, win[i][2].z, win[i][2].w};
+        const float xv[4] = {xin[i].x, xin[i].y, xin[i].z, xin[i].w};
+        const float bv[4] = {b.x, b.y, b.z, b.w};
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float4 t = w[q];
+            const float acc = bv[q] + t.x * h[3 * q] + t.y * h[3 * q + 1] + t.z * h[3 * q + 2] + t.w * xv[q];
+            v[q] = activate(act, acc);
+        }
+        if (st[i]) {
+            st[i][0] = make_float4(h[1], h[2], xv[0], h[4]);
+            st[i][1] = make_float4(h[5], xv[1], h[7], h[8]);
+            st[i][2] = make_float4(xv[2], h[10], h[11], xv[3]);
+        }
+        *(float4*)(out + (u64)s * out_stride + c) = make_float4(v[0], v[1], v[2], v[3]);
+        if (half) {
+            u16 hv[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) hv[q] = half_dt == 1 ? f32_to_bf16(v[q]) : f32_to_f16(v[q]);
+            *(uint2*)(half + (u64)s * channels + c) = make_uint2((u32)hv[0] | ((u32)hv[1] << 16), (u32)hv[2] | ((u32)hv[3] << 16));
+        }
+    }
+}

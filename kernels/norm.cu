@@ -75,12 +75,16 @@ extern "C" __global__ void rmsnorm_rows4(const float* __restrict__ x, const floa
     const u64 base = (u64)blockIdx.x * dim;
     const float4* r = (const float4*)(x + base);
     const int n4 = dim / 4;
-    float4 v[4];
+    float4 v[4], wt[4];
     float ss = 0.0f;
+    // The weights load with the row, not after the sum: one memory round
+    // trip fewer.
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int i = threadIdx.x + j * blockDim.x;
-        v[j] = i < n4 ? r[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const bool in = i < n4;
+        v[j] = in ? r[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        wt[j] = in ? ((const float4*)weight)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
     }
     ss = block_sum(ss, sh);
@@ -89,7 +93,7 @@ extern "C" __global__ void rmsnorm_rows4(const float* __restrict__ x, const floa
     for (int j = 0; j < 4; ++j) {
         const int i = threadIdx.x + j * blockDim.x;
         if (i >= n4) continue;
-        const float4 g = ((const float4*)weight)[i];
+        const float4 g = wt[j];
         const float o0 = g.x * (v[j].x * s), o1 = g.y * (v[j].y * s), o2 = g.z * (v[j].z * s), o3 = g.w * (v[j].w * s);
         if (half) {
             const u16 h0 = half == 1 ? f32_to_bf16(o0) : f32_to_f16(o0);

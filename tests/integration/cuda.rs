@@ -453,7 +453,7 @@ fn conv_on<B: Backend>(
     ch: usize,
 ) -> R<(Vec<f32>, Vec<f32>)> {
     let t = bt.n_tokens();
-    let xs = ch + 5;
+    let (x_off, xs) = conv_x_layout(ch);
     let xb = b.upload(x)?;
     let wb = b.upload(w)?;
     let bb = bias.map(|v| b.upload(v)).transpose()?;
@@ -469,7 +469,7 @@ fn conv_on<B: Backend>(
     };
     let mut out = poisoned(b, t * ch)?;
     let args = ConvArgs {
-        x: View { buf: &xb, offset: 5, rows: t, cols: ch, stride: xs },
+        x: View { buf: &xb, offset: x_off, rows: t, cols: ch, stride: xs },
         weight: &wb,
         bias: bb.as_ref(),
         kernel: k,
@@ -480,6 +480,13 @@ fn conv_on<B: Backend>(
     };
     b.conv1d(args, &packed, ViewMut::dense(&mut out, t, ch))?;
     Ok((b.read(&out, 0, t * ch)?, b.read(&st, 0, state.len())?))
+}
+
+/// Where conv inputs start and their row stride: 16-byte aligned rows when
+/// the channels allow (the large-batch step's vector kernel takes those),
+/// misaligned ones otherwise.
+fn conv_x_layout(ch: usize) -> (usize, usize) {
+    if ch % 4 == 0 { (4, ch + 4) } else { (5, ch + 5) }
 }
 
 #[test]
@@ -503,13 +510,20 @@ fn conv1d_matches_the_cpu() -> TestResult {
         (&[62, 1, 1, 100], 20, 3),
         (&[100, 2], 40, 7),
         (&[3, 40], 20, 10),
+        // Decode steps of more than 16 sequences: aligned rows take the
+        // 4-channel kernel (a partial block of channel quads; a partial
+        // group of sequences), misaligned ones the scalar one.
+        (&[1; 40], 132, 4),
+        (&[1; 23], 1028, 4),
+        (&[1; 20], 129, 4),
     ];
     for &(lens, ch, k) in cases {
         for act in [Activation::Silu, Activation::Identity, Activation::Gelu] {
-            let n_slots = 6;
+            let n_slots = lens.len().max(6);
             let layout = PoolLayout { n_slots, n_layers: 3, per_layer: ch * (k - 1) };
             let bt = batch(&mut rng, lens, n_slots);
-            let x = rng.vec(5 + bt.n_tokens() * (ch + 5), -2.0, 2.0);
+            let (x_off, xs) = conv_x_layout(ch);
+            let x = rng.vec(x_off + bt.n_tokens() * xs, -2.0, 2.0);
             let w = rng.vec(ch * k, -1.0, 1.0);
             let bias = rng.vec(ch, -0.5, 0.5);
             let state = rng.vec(layout.len(), -1.0, 1.0);

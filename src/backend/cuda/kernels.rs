@@ -73,6 +73,7 @@ kernels! {
     ConvRunsK8 = "conv" / "conv1d_runs_k8",
     ConvState = "conv" / "conv1d_state",
     ConvStep = "conv" / "conv1d_step",
+    ConvStep4 = "conv" / "conv1d_step4",
     Mamba1ScanL4 = "scan" / "mamba1_scan_l4",
     Mamba1ScanL8 = "scan" / "mamba1_scan_l8",
     Mamba1ScanL16 = "scan" / "mamba1_scan_l16",

@@ -781,7 +781,7 @@ impl CudaBackend {
         };
         let shared = SPLITK_STAGES * (SPLITK_ROWS + n.next_multiple_of(8)) * SPLITK_PITCH * 2;
         let a = Args::new().ptr(x_ptr).i32(x_stride).ptr(w.buf.ptr).i32(m).i32(n).i32(k).i32(per).ptr(partials).shared_bytes(shared as u32);
-        self.launch(kernel, a, (m.div_ceil(SPLITK_ROWS) as u32, slices as u32, 1), 128)?;
+        self.launch(kernel, a, (m.div_ceil(SPLITK_ROWS) as u32, slices as u32, 1), 256)?;
         let copy = self.half_copy_for(m, out)?;
         let (half, half_dt) = self.half_copy_args(copy);
         let out_ptr = out.buf.at(out.offset);
@@ -1112,6 +1112,16 @@ impl Backend for CudaBackend {
             }
             let copy = self.half_copy_for(batch.n_seqs, &out)?;
             let (half, half_dt) = self.half_copy_args(copy);
+            // Four channels a thread, in 16-byte pieces, where everything
+            // is aligned for them.
+            let aligned = [x, o, state, args.weight.buf.ptr, bias].iter().all(|p| p % 16 == 0)
+                && [ch, args.x.stride, out.stride, slot_stride as usize, layer_off as usize].iter().all(|v| v % 4 == 0);
+            if k == 4 && aligned {
+                let grid = ((ch as u32 / 4).div_ceil(128), groups, 1);
+                self.launch(Kernel::ConvStep4, a.ptr(half).u32(half_dt), grid, 128)?;
+                self.half_copy.set(copy);
+                return Ok(());
+            }
             self.launch(Kernel::ConvStep, a.ptr(half).u32(half_dt), grid, 128)?;
             self.half_copy.set(copy);
             return Ok(());
