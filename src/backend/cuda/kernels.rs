@@ -15,16 +15,6 @@ use crate::backend::{BackendError, Result};
 
 const PRELUDE: &str = include_str!("../../../kernels/prelude.cu");
 
-/// The split-K products' tiles (`kernels/splitk.cu`): rows a block, k a
-/// pipeline step, 16-bit values a shared-memory row, steps in flight, the
-/// most outputs; and the dynamic shared memory the widest one needs.
-pub const SPLITK_ROWS: usize = 64;
-pub const SPLITK_KSTEP: usize = 32;
-pub const SPLITK_PITCH: usize = 40;
-pub const SPLITK_STAGES: usize = 4;
-pub const SPLITK_MAX_N: usize = 256;
-pub const SPLITK_MAX_SHARED: usize = SPLITK_STAGES * (SPLITK_ROWS + SPLITK_MAX_N) * SPLITK_PITCH * 2;
-
 /// The kernel source files, one per op family.
 const FAMILIES: &[(&str, &str)] = &[
     ("embed", include_str!("../../../kernels/embed.cu")),
@@ -33,7 +23,6 @@ const FAMILIES: &[(&str, &str)] = &[
     ("scan", include_str!("../../../kernels/scan.cu")),
     ("step", include_str!("../../../kernels/step.cu")),
     ("gemv", include_str!("../../../kernels/gemv.cu")),
-    ("splitk", include_str!("../../../kernels/splitk.cu")),
     ("sample", include_str!("../../../kernels/sample.cu")),
 ];
 
@@ -85,11 +74,6 @@ kernels! {
     Mamba2ScanL16 = "scan" / "mamba2_scan_l16",
     Mamba2ScanL32 = "scan" / "mamba2_scan_l32",
     Mamba1StepWide = "step" / "mamba1_step_wide",
-    SplitkBf16N128 = "splitk" / "splitk_bf16_n128",
-    SplitkBf16N256 = "splitk" / "splitk_bf16_n256",
-    SplitkF16N128 = "splitk" / "splitk_f16_n128",
-    SplitkF16N256 = "splitk" / "splitk_f16_n256",
-    SplitkReduce = "splitk" / "splitk_reduce",
     Mamba1StepF32V4 = "step" / "mamba1_step_f32_v4",
     Mamba1StepBf16V4 = "step" / "mamba1_step_bf16_v4",
     Mamba1StepF16V4 = "step" / "mamba1_step_f16_v4",
@@ -307,13 +291,6 @@ impl Kernels {
         functions[Kernel::Mamba1StepWide as usize]
             .set_attribute(carveout, max_shared)
             .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
-        // The split-K products stage up to 100 KiB of operands.
-        let max_dynamic = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        for k in [Kernel::SplitkBf16N128, Kernel::SplitkBf16N256, Kernel::SplitkF16N128, Kernel::SplitkF16N256] {
-            functions[k as usize]
-                .set_attribute(max_dynamic, SPLITK_MAX_SHARED as i32)
-                .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
-        }
         Ok(Kernels { functions })
     }
 

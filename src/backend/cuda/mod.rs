@@ -24,7 +24,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaStream, result, sys};
 
 use self::blas::{Blas, Gemm};
-use self::kernels::{Args, Kernel, Kernels, SPLITK_KSTEP, SPLITK_MAX_N, SPLITK_PITCH, SPLITK_ROWS, SPLITK_STAGES};
+use self::kernels::{Args, Kernel, Kernels};
 use super::checks::{self, check};
 use super::rmsnorm_linear_then_conv;
 use super::{
@@ -85,14 +85,6 @@ const STEP_WIDE_SEQS: usize = 4;
 const STEP_WIDE_STAGES: usize = 3;
 /// Up to this many sequences, the decode step computes dt inside its kernel.
 const STEP_FUSED_DT_MAX_SEQS: usize = 16;
-/// Skinny products (at most SPLITK_MAX_N outputs, at least SPLITK_MIN_K
-/// inputs, more than GEMV_MAX_ROWS and at most SPLITK_MAX_ROWS rows: x_proj
-/// at decode batches) run as our split-K kernels instead of cuBLAS, whose
-/// own split-K and reduction cost 6.4 + 3.0 µs for mamba-1.4b's x_proj at
-/// 256 rows. Their k splits into at most SPLITK_MAX_SPLITS slices.
-const SPLITK_MIN_K: usize = 1024;
-const SPLITK_MAX_ROWS: usize = 1024;
-const SPLITK_MAX_SPLITS: usize = 64;
 /// Products of at most this many multiply-adds also stay on the exact f32
 /// activation path (so tiny models match the CPU closely).
 const SMALL_GEMM_MACS: usize = 1 << 24;
@@ -244,8 +236,6 @@ struct Scratch {
     half: DevBuf,
     /// The 16-bit copy a decode kernel writes of its output ([`HalfCopy`]).
     half_copy: DevBuf,
-    /// Per-slice partial sums of a split-K product.
-    partials: DevBuf,
     /// Sampling: per-row parameters and outputs, processed logits, keys, weights.
     params: DevBuf,
     out: DevBuf,
@@ -267,21 +257,6 @@ struct HalfCopy {
     cols: usize,
     stride: usize,
     dtype: DType,
-}
-
-impl HalfCopy {
-    /// The first column of `v` in this copy, when `v` is a column window
-    /// of the output it copies (the same rows) and a product of `dtype`
-    /// weights reads it: dt_proj reads the first dt_rank columns of
-    /// x_proj's output.
-    fn column_of(&self, v: &View<'_, CudaVec>, dtype: DType) -> Option<usize> {
-        let start = v.buf.at(v.offset);
-        if dtype != self.dtype || v.rows != self.rows || v.stride != self.stride || start < self.of || (start - self.of) % 4 != 0 {
-            return None;
-        }
-        let col = ((start - self.of) / 4) as usize;
-        (col + v.cols <= self.cols).then_some(col)
-    }
 }
 
 /// One GPU, one stream, the compiled kernels and a cuBLAS handle.
@@ -320,9 +295,6 @@ pub struct CudaBackend {
     /// Whether decode kernels write those copies (`MAMBA_SERVE_NO_HALF_COPY`
     /// turns it off, for comparisons).
     write_half_copies: bool,
-    /// Whether skinny products use the split-K kernels (`MAMBA_SERVE_NO_SPLITK`
-    /// turns it off, for comparisons).
-    splitk: bool,
 }
 
 // SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
@@ -379,7 +351,6 @@ impl CudaBackend {
         let scratch = RefCell::new(Scratch {
             half: empty()?,
             half_copy: empty()?,
-            partials: empty()?,
             params: empty()?,
             out: empty()?,
             proc: empty()?,
@@ -407,7 +378,6 @@ impl CudaBackend {
             half_copy: Cell::new(None),
             half_type: Cell::new(None),
             write_half_copies: std::env::var_os("MAMBA_SERVE_NO_HALF_COPY").is_none(),
-            splitk: std::env::var_os("MAMBA_SERVE_NO_SPLITK").is_none(),
         })
     }
 
@@ -698,14 +668,10 @@ impl CudaBackend {
             self.launch(Kernel::BiasRows, args, ((n as u32).div_ceil(ROW_THREADS), (m as u32).min(65535), 1), ROW_THREADS)?;
         }
         let beta = if bias.is_some() || accumulate { 1.0 } else { 0.0 };
-        let copied = match (&x, copy) {
-            (GemmInput::F32(v), Some(c)) => c.column_of(v, w.dtype).map(|col| (col, c.cols)),
-            _ => None,
-        };
         let (x_ptr, x_stride) = match x {
-            GemmInput::F32(_) if let Some((col, cols)) = copied => {
+            GemmInput::F32(v) if copy == Some(HalfCopy { of: v.buf.at(v.offset), rows: m, cols: k, stride: v.stride, dtype: w.dtype }) => {
                 // The kernel that wrote this activation also wrote its 16-bit copy.
-                (self.scratch.borrow().half_copy.ptr + 2 * col as u64, cols)
+                (self.scratch.borrow().half_copy.ptr, k)
             }
             GemmInput::F32(v) if w.dtype != DType::F32 => {
                 // Tensor cores take 16-bit operands: round this activation once.
@@ -716,9 +682,6 @@ impl CudaBackend {
             GemmInput::F32(v) => (v.buf.at(v.offset), v.stride),
             GemmInput::Half { ptr, stride, .. } => (ptr, stride),
         };
-        if let Some(kernel) = self.splitk_kernel(m, w, x_ptr, x_stride) {
-            return self.splitk(kernel, (x_ptr, x_stride), w, out, bias.is_some() || accumulate);
-        }
         let g = Gemm { m, n, k, x: x_ptr, x_stride, w: w.buf.ptr, dtype: w.dtype, out: out_ptr, out_stride: out.stride, beta };
         self.profiled(
             || format!("cublas gemm m{m} n{n} k{k} {}", w.dtype),
@@ -727,68 +690,6 @@ impl CudaBackend {
                 self.blas.gemm(&g)
             },
         )
-    }
-
-    /// The split-K kernel for a product of `rows` rows of 16-bit `x` (at
-    /// `x_ptr`, rows `x_stride` apart) by `w`, when it is skinny and its
-    /// operands are aligned for 16-byte copies; `None` sends it to cuBLAS.
-    fn splitk_kernel(&self, rows: usize, w: &CudaMat, x_ptr: u64, x_stride: usize) -> Option<Kernel> {
-        let (n, k) = (w.rows, w.cols);
-        let shape = rows > GEMV_MAX_ROWS && rows <= SPLITK_MAX_ROWS && n <= SPLITK_MAX_N && k >= SPLITK_MIN_K;
-        let aligned = k % 8 == 0 && x_stride % 8 == 0 && x_ptr % 16 == 0 && w.buf.ptr % 16 == 0;
-        if !(self.splitk && shape && aligned) {
-            return None;
-        }
-        match (w.dtype, n <= 128) {
-            (DType::BF16, true) => Some(Kernel::SplitkBf16N128),
-            (DType::BF16, false) => Some(Kernel::SplitkBf16N256),
-            (DType::F16, true) => Some(Kernel::SplitkF16N128),
-            (DType::F16, false) => Some(Kernel::SplitkF16N256),
-            (DType::F32, _) => None,
-        }
-    }
-
-    /// How a split-K product of `rows` rows and `k` inputs divides k:
-    /// (slices, k per slice), about one block per multiprocessor.
-    fn splitk_slices(&self, rows: usize, k: usize) -> (usize, usize) {
-        let per = k.div_ceil(self.splitk_max_slices(rows)).next_multiple_of(SPLITK_KSTEP);
-        (k.div_ceil(per), per)
-    }
-
-    /// The most k slices a split-K product of `rows` rows takes.
-    fn splitk_max_slices(&self, rows: usize) -> usize {
-        (self.sms as usize / rows.div_ceil(SPLITK_ROWS)).clamp(1, SPLITK_MAX_SPLITS)
-    }
-
-    /// Bytes of partial sums the split-K products of up to `max_rows` rows
-    /// need at most.
-    fn splitk_partial_bytes(&self, max_rows: usize) -> usize {
-        let most = (1..=max_rows.min(SPLITK_MAX_ROWS)).map(|m| self.splitk_max_slices(m) * m).max().unwrap_or(0);
-        most * SPLITK_MAX_N * 4
-    }
-
-    /// `out (+)= x · wᵀ` by `kernel` (see `kernels/splitk.cu`): the partial
-    /// products of each k slice, then their sum in order, which also writes
-    /// the output's 16-bit copy when the next product will take it
-    /// ([`HalfCopy`]).
-    fn splitk(&self, kernel: Kernel, (x_ptr, x_stride): (u64, usize), w: &CudaMat, out: &ViewMut<'_, CudaVec>, accumulate: bool) -> Result<()> {
-        let (m, n, k) = (out.rows, w.rows, w.cols);
-        let (slices, per) = self.splitk_slices(m, k);
-        let partials = {
-            let mut scratch = self.scratch.borrow_mut();
-            self.ensure(&mut scratch.partials, slices * m * n * 4, "split-K partial sums")?;
-            scratch.partials.ptr
-        };
-        let shared = SPLITK_STAGES * (SPLITK_ROWS + n.next_multiple_of(8)) * SPLITK_PITCH * 2;
-        let a = Args::new().ptr(x_ptr).i32(x_stride).ptr(w.buf.ptr).i32(m).i32(n).i32(k).i32(per).ptr(partials).shared_bytes(shared as u32);
-        self.launch(kernel, a, (m.div_ceil(SPLITK_ROWS) as u32, slices as u32, 1), 256)?;
-        let copy = self.half_copy_for(m, out)?;
-        let (half, half_dt) = self.half_copy_args(copy);
-        let out_ptr = out.buf.at(out.offset);
-        let a = Args::new().ptr(partials).i32(slices).i32(m).i32(n).ptr(out_ptr).i32(out.stride).u32(accumulate as u32).ptr(half).u32(half_dt);
-        self.launch(Kernel::SplitkReduce, a, (((m * n) as u32).div_ceil(ROW_THREADS), 1, 1), ROW_THREADS)?;
-        self.half_copy.set(copy);
-        Ok(())
     }
 
     /// The scratch for 16-bit activations, grown to `bytes` if needed.
@@ -1392,7 +1293,6 @@ impl Backend for CudaBackend {
         let s = &mut *s;
         self.ensure(&mut s.half, max_rows * max_cols * 2, "half activations")?;
         self.ensure(&mut s.half_copy, max_rows * max_cols * 2, "half activations")?;
-        self.ensure(&mut s.partials, self.splitk_partial_bytes(max_rows), "split-K partial sums")?;
         let mut dt = self.step_dt.borrow_mut();
         self.ensure(&mut dt.buf, max_rows * max_cols * 4, "time steps")?;
         dt.len = dt.buf.bytes / 4;
