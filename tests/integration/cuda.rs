@@ -849,7 +849,7 @@ fn x_proj_chain_on<B: Backend>(
     r: usize,
     dtw: &[u8],
     xpw: &[u8],
-) -> R<(Vec<f32>, Vec<f32>, Vec<f32>, [u64; 2])> {
+) -> R<ChainOut> {
     let s = bt.lens.len();
     let (ch, n) = (c.ch, c.n);
     let n_out = r + 2 * n;
@@ -899,8 +899,20 @@ fn x_proj_chain_on<B: Backend>(
     let before = b.launches();
     b.mamba1_step(args, &packed, ViewMut::dense(&mut y, s, ch))?;
     let step_launches = b.launches() - before;
-    let state = b.read(&st, 0, c.layout.len())?;
-    Ok((b.read(&xdbl, 0, s * n_out)?, b.read(&y, 0, s * ch)?, state, [x_proj_launches, step_launches]))
+    Ok(ChainOut {
+        xdbl: b.read(&xdbl, 0, s * n_out)?,
+        y: b.read(&y, 0, s * ch)?,
+        state: b.read(&st, 0, c.layout.len())?,
+        launches: [x_proj_launches, step_launches],
+    })
+}
+
+/// What `x_proj_chain_on` reads back.
+struct ChainOut {
+    xdbl: Vec<f32>,
+    y: Vec<f32>,
+    state: Vec<f32>,
+    launches: [u64; 2],
 }
 
 #[test]
@@ -921,12 +933,12 @@ fn a_large_decode_batch_conv_x_proj_and_step_match_the_cpu() -> TestResult {
     let (xpw, _) = as_dtype(&rng.vec(n_out * ch, -0.05, 0.05), DType::BF16);
     let want = x_proj_chain_on(&cpu, &bt, &c, &taps, &conv_state, r, &dtw, &xpw)?;
     let got = x_proj_chain_on(&g, &bt, &c, &taps, &conv_state, r, &dtw, &xpw)?;
-    check_close("x_proj over the decode conv's output", &got.0, &want.0, 1e-2);
-    check_close("decode step output", &got.1, &want.1, 1e-2);
-    check_close("decode step state", &got.2, &want.2, 1e-2);
+    check_close("x_proj over the decode conv's output", &got.xdbl, &want.xdbl, 1e-2);
+    check_close("decode step output", &got.y, &want.y, 1e-2);
+    check_close("decode step state", &got.state, &want.state, 1e-2);
     // x_proj: one cuBLAS call on the conv's 16-bit copy, no conversion
     // kernel; the step: dt_proj's input converted, dt_proj, the wide step.
-    assert_eq!(got.3, [1, 3], "launches of x_proj and of the step");
+    assert_eq!(got.launches, [1, 3], "launches of x_proj and of the step");
     Ok(())
 }
 

@@ -1017,13 +1017,9 @@ impl Backend for CudaBackend {
             // is aligned for them.
             let aligned = [x, o, state, args.weight.buf.ptr, bias].iter().all(|p| p % 16 == 0)
                 && [ch, args.x.stride, out.stride, slot_stride as usize, layer_off as usize].iter().all(|v| v % 4 == 0);
-            if k == 4 && aligned {
-                let grid = ((ch as u32 / 4).div_ceil(128), groups, 1);
-                self.launch(Kernel::ConvStep4, a.ptr(half).u32(half_dt), grid, 128)?;
-                self.half_copy.set(copy);
-                return Ok(());
-            }
-            self.launch(Kernel::ConvStep, a.ptr(half).u32(half_dt), grid, 128)?;
+            let (kernel, grid) =
+                if k == 4 && aligned { (Kernel::ConvStep4, ((ch as u32 / 4).div_ceil(128), groups, 1)) } else { (Kernel::ConvStep, grid) };
+            self.launch(kernel, a.ptr(half).u32(half_dt), grid, 128)?;
             self.half_copy.set(copy);
             return Ok(());
         }
