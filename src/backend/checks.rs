@@ -7,7 +7,8 @@
 //! their values; CUDA checks its kernels' limits).
 
 use super::{
-    Backend, BackendError, ConvArgs, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, Result, SampleRow, View, ViewMut,
+    Backend, BackendError, ConvArgs, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, PoolLayout, Result, SampleRow,
+    View, ViewMut,
 };
 
 /// What the checks need to know of a device buffer: its element count.
@@ -127,14 +128,25 @@ pub fn rms_norm_columns<T: Buffer>(x: &ViewMut<'_, T>, groups: &[(usize, usize)]
     view_mut("rms_norm_columns", "x", x)
 }
 
+/// A Mamba-1 mixer's state pool (`state_len` floats in `layout`) and its
+/// per-channel parameters (lengths of a, dt_bias and D) for d channels × n
+/// states.
+fn mamba1_params(
+    op: &'static str,
+    layout: PoolLayout,
+    state_len: usize,
+    [a, dt_bias, skip]: [usize; 3],
+    (d, n): (usize, usize),
+) -> Result<()> {
+    check(op, layout.per_layer == d * n && state_len == layout.len(), || {
+        format!("state per layer {} for {d} channels × {n}", layout.per_layer)
+    })?;
+    check(op, a == d * n && dt_bias == d && skip == d, || format!("a {a} dt_bias {dt_bias} D {skip} for {d} channels × {n}"))
+}
+
 pub fn mamba1_scan<B: Backend + ?Sized>(args: &Mamba1ScanArgs<'_, B>, batch: &Packed<'_, B>, out: &ViewMut<'_, B::Vec>) -> Result<()> {
     let (d, n, t) = (args.x.cols, args.d_state, batch.n_tokens);
-    check("mamba1_scan", args.layout.per_layer == d * n && args.state.len() == args.layout.len(), || {
-        format!("state per layer {} for {d} channels × {n}", args.layout.per_layer)
-    })?;
-    check("mamba1_scan", args.a.len() == d * n && args.dt_bias.len() == d && args.skip.len() == d, || {
-        format!("a {} dt_bias {} D {} for {d} channels × {n}", args.a.len(), args.dt_bias.len(), args.skip.len())
-    })?;
+    mamba1_params("mamba1_scan", args.layout, args.state.len(), [args.a.len(), args.dt_bias.len(), args.skip.len()], (d, n))?;
     for (what, v) in [("x", &args.x), ("dt", &args.dt), ("z", &args.z)] {
         sized("mamba1_scan", what, v, t, d)?;
     }
@@ -148,12 +160,7 @@ pub fn mamba1_scan<B: Backend + ?Sized>(args: &Mamba1ScanArgs<'_, B>, batch: &Pa
 pub fn mamba1_step<B: Backend + ?Sized>(args: &Mamba1StepArgs<'_, B>, batch: &Packed<'_, B>, out: &ViewMut<'_, B::Vec>) -> Result<()> {
     let (d, n, r, s) = (args.x.cols, args.d_state, args.dt_rank, batch.n_seqs);
     check("mamba1_step", batch.single_token && batch.n_tokens == s, || "every segment must hold one token".into())?;
-    check("mamba1_step", args.layout.per_layer == d * n && args.state.len() == args.layout.len(), || {
-        format!("state per layer {} for {d} channels × {n}", args.layout.per_layer)
-    })?;
-    check("mamba1_step", args.a.len() == d * n && args.dt_bias.len() == d && args.skip.len() == d, || {
-        format!("a {} dt_bias {} D {} for {d} channels × {n}", args.a.len(), args.dt_bias.len(), args.skip.len())
-    })?;
+    mamba1_params("mamba1_step", args.layout, args.state.len(), [args.a.len(), args.dt_bias.len(), args.skip.len()], (d, n))?;
     check("mamba1_step", args.dt_proj.rows() == d && args.dt_proj.cols() == r, || {
         format!("dt_proj [{}, {}] for {d} channels, rank {r}", args.dt_proj.rows(), args.dt_proj.cols())
     })?;

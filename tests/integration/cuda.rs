@@ -139,7 +139,13 @@ fn linear_on<B: Backend>(
     let mut out = poisoned(b, m * os + 2)?;
     let xv = View { buf: &xb, offset: off, rows: m, cols: k, stride };
     b.linear(xv, &wm, bb.as_ref(), ViewMut { buf: &mut out, offset: 2, rows: m, cols: n, stride: os })?;
-    let all = b.read(&out, 0, m * os + 2)?;
+    read_window(b, &out, (m, n, os))
+}
+
+/// The `[m, n]` window at offset 2, rows `os` apart, that the product tests
+/// write into a wider buffer, read back dense.
+fn read_window<B: Backend>(b: &B, buf: &B::Vec, (m, n, os): (usize, usize, usize)) -> R<Vec<f32>> {
+    let all = b.read(buf, 0, m * os + 2)?;
     Ok((0..m).flat_map(|r| all[2 + r * os..2 + r * os + n].to_vec()).collect())
 }
 
@@ -213,12 +219,10 @@ fn fused_on<B: Backend>(
     let mut out = poisoned(b, m * os + 2)?;
     let p = NormedLinear { x: &xb, rows: m, norm: &nb, eps: 1e-5, w: &wm, bias: bb.as_ref() };
     b.rmsnorm_linear(p, &mut normed, ViewMut { buf: &mut out, offset: 2, rows: m, cols: n, stride: os })?;
-    let all = b.read(&out, 0, m * os + 2)?;
-    let normed_product = (0..m).flat_map(|r| all[2 + r * os..2 + r * os + n].to_vec()).collect();
+    let normed_product = read_window(b, &out, (m, n, os))?;
     let mut acc = b.upload(init)?;
     b.linear_add(View::dense(&xb, m, k), &wm, bb.as_ref(), ViewMut { buf: &mut acc, offset: 2, rows: m, cols: n, stride: os })?;
-    let all = b.read(&acc, 0, m * os + 2)?;
-    let added = (0..m).flat_map(|r| all[2 + r * os..2 + r * os + n].to_vec()).collect();
+    let added = read_window(b, &acc, (m, n, os))?;
     Ok((normed_product, added))
 }
 

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use super::blas::Gemm;
 use super::{CudaBackend, DevBuf, dev};
-use crate::backend::{DType, Result};
-use cudarc::driver::result;
+use crate::backend::{BackendError, DType, Result};
+use cudarc::driver::{result, sys};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Ceilings {
@@ -19,6 +19,45 @@ pub struct Ceilings {
     /// bf16 `n × n × n` product through cuBLAS, fp32 accumulation.
     pub bf16_tflop_per_s: f64,
     pub gemm_n: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times `f` with CUDA events: `warm` untimed runs, then the median of `reps`.
+fn time_ms(be: &CudaBackend, warm: usize, reps: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
+    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (be.ctx.new_event(flags).map_err(dev("event"))?, be.ctx.new_event(flags).map_err(dev("event"))?);
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        start.record(&be.stream).map_err(dev("event record"))?;
+        f()?;
+        end.record(&be.stream).map_err(dev("event record"))?;
+        end.synchronize().map_err(dev("event sync"))?;
+        times.push(start.elapsed_ms(&end).map_err(dev("event time"))? as f64);
+    }
+    Ok(median(times))
+}
+
+/// GPU time of one run of `f` (a short op, such as one product), in ms:
+/// `runs` runs recorded as one graph, so the host's launch cost and the
+/// idle GPU between timed launches stay out of it, then the median of
+/// `reps` replays (after one untimed), divided by `runs`.
+fn time_graph_ms(be: &CudaBackend, runs: usize, reps: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
+    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    be.stream.begin_capture(mode).map_err(dev("begin graph capture"))?;
+    let recorded = (0..runs).try_for_each(|_| f());
+    // End the recording whatever happened, so the stream is usable.
+    let graph = be.stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(dev("end graph capture"));
+    recorded?;
+    let graph = graph?.ok_or_else(|| BackendError::Device { op: "end graph capture", detail: "nothing was recorded".into() })?;
+    let ms = time_ms(be, 1, reps, &|| graph.launch().map_err(dev("graph launch")))?;
+    Ok(ms / runs as f64)
 }
 
 /// Random bf16 bits in [-1, 1) (no zeros: zeros run faster than real data).
@@ -50,7 +89,7 @@ pub fn measure(ordinal: usize) -> Result<Ceilings> {
         // SAFETY: both buffers hold copy_bytes.
         unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, copy_bytes, be.cu_stream()) }.map_err(dev("copy"))
     };
-    let copy_ms = be.time_ms(3, 20, &copy)?;
+    let copy_ms = time_ms(&be, 3, 20, &copy)?;
     drop((src, dst));
 
     let n = 8192usize;
@@ -61,7 +100,7 @@ pub fn measure(ordinal: usize) -> Result<Ceilings> {
     be.upload_bytes(b.ptr, &random_bf16(n * n, 2))?;
     let g = Gemm { m: n, n, k: n, x: a.ptr, x_stride: n, w: b.ptr, dtype: DType::BF16, out: c.ptr, out_stride: n, beta: 0.0 };
     let gemm = || be.blas.gemm(&g);
-    let gemm_ms = be.time_ms(3, 20, &gemm)?;
+    let gemm_ms = time_ms(&be, 3, 20, &gemm)?;
     be.sync()?;
     Ok(Ceilings {
         device: be.name.clone(),
@@ -89,9 +128,9 @@ pub fn gemm_survey(ordinal: usize, shapes: &[(usize, usize, usize)]) -> Result<V
         be.upload_bytes(x.ptr, &random_bf16(m * k, 3))?;
         be.upload_bytes(w.ptr, &random_bf16(n * k, 4))?;
         let g = Gemm { m, n, k, x: x.ptr, x_stride: k, w: w.ptr, dtype: DType::BF16, out: c.ptr, out_stride: n, beta: 0.0 };
-        let f32_ms = be.time_graph_ms(20, 7, &|| be.blas.gemm(&g))?;
+        let f32_ms = time_graph_ms(&be, 20, 7, &|| be.blas.gemm(&g))?;
         let h = g.half_output();
-        let bf16_ms = be.time_graph_ms(20, 7, &|| be.blas.gemm_half_out(&h))?;
+        let bf16_ms = time_graph_ms(&be, 20, 7, &|| be.blas.gemm_half_out(&h))?;
         let flop = 2.0 * (m * n * k) as f64;
         let wbytes = (n * k * 2) as f64;
         lines.push(format!(

@@ -438,43 +438,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Times `f` with CUDA events: `warm` untimed runs, then the median of
-    /// `reps` timed ones, in ms. Not while recording a graph.
-    fn time_ms(&self, warm: usize, reps: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
-        self.no_capture("time")?;
-        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let (start, end) = (self.ctx.new_event(flags).map_err(dev("event"))?, self.ctx.new_event(flags).map_err(dev("event"))?);
-        for _ in 0..warm {
-            f()?;
-        }
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            start.record(&self.stream).map_err(dev("event record"))?;
-            f()?;
-            end.record(&self.stream).map_err(dev("event record"))?;
-            end.synchronize().map_err(dev("event sync"))?;
-            times.push(start.elapsed_ms(&end).map_err(dev("event time"))? as f64);
-        }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
-    }
-
-    /// GPU time of one run of `f` (a short op, such as one product), in ms:
-    /// `runs` runs recorded as one graph, so the host's launch cost and the
-    /// idle GPU between timed launches stay out of it, then the median of
-    /// `reps` replays (after one untimed), divided by `runs`.
-    fn time_graph_ms(&self, runs: usize, reps: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
-        self.no_capture("time")?;
-        self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(dev("begin graph capture"))?;
-        let recorded = (0..runs).try_for_each(|_| f());
-        // End the recording whatever happened, so the stream is usable.
-        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(dev("end graph capture"));
-        recorded?;
-        let graph = graph?.ok_or_else(|| BackendError::Device { op: "end graph capture", detail: "nothing was recorded".into() })?;
-        let ms = self.time_ms(1, reps, &|| graph.launch().map_err(dev("graph launch")))?;
-        Ok(ms / runs as f64)
-    }
-
     fn no_capture(&self, op: &'static str) -> Result<()> {
         check(op, !self.capturing.get(), || "not allowed while a graph is being recorded".into())
     }
