@@ -47,6 +47,26 @@ __device__ __forceinline__ void cp_async16(float* dst, const float* src, bool ok
 #endif
 }
 
+// cp_async16 and cp_async4 to a shared-memory address already converted
+// (`smem_addr`), which saves the conversion per copy.
+__device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+#else
+    const float4 v = ok ? *(const float4*)src : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async4_at(u32 dst, const void* src, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0) : "memory");
+#else
+    const u32 v = ok ? *(const u32*)src : 0u;
+    asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst), "r"(v) : "memory");
+#endif
+}
+
 __device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0) : "memory");

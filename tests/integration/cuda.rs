@@ -10,8 +10,8 @@ use mamba_serve::backend::cpu::CpuBackend;
 use mamba_serve::backend::cuda::CudaBackend;
 use mamba_serve::backend::rng::SplitMix64;
 use mamba_serve::backend::{
-    Activation, Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed,
-    PoolLayout, ProjConv, SampleRow, View, ViewMut,
+    Activation, Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT,
+    Packed, PoolLayout, ProjConv, SampleRow, View, ViewMut,
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
@@ -666,10 +666,20 @@ fn mamba1_scan_of_many_short_segments_matches_the_cpu() -> TestResult {
     Ok(())
 }
 
-fn step_on<B: Backend>(b: &B, bt: &Batch, c: &ScanCase, r: usize, dtw: &[u8], dtype: DType, norm: Option<f32>) -> R<(Vec<f32>, Vec<f32>)> {
+/// One decode step over `c`, x taken at (offset, row stride) of `c.x`.
+#[allow(clippy::too_many_arguments)]
+fn step_on<B: Backend>(
+    b: &B,
+    bt: &Batch,
+    c: &ScanCase,
+    (x_off, xs): (usize, usize),
+    r: usize,
+    dtw: &[u8],
+    dtype: DType,
+    norm: Option<f32>,
+) -> R<(Vec<f32>, Vec<f32>)> {
     let s = bt.lens.len();
     let (ch, n) = (c.ch, c.n);
-    let xs = ch + 2;
     let (x, bias, a, skip, z) = (b.upload(&c.x)?, b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.z)?);
     let xdbl = b.upload(&c.bc)?;
     let w = mat(b, ch, r, dtype, dtw)?;
@@ -678,7 +688,7 @@ fn step_on<B: Backend>(b: &B, bt: &Batch, c: &ScanCase, r: usize, dtw: &[u8], dt
     let packed = Packed { n_tokens: s, n_seqs: s, cu_seqlens: &cu, slots: &slots, prompt: &prompt, single_token: true };
     let mut out = poisoned(b, s * ch)?;
     let args = Mamba1StepArgs {
-        x: View { buf: &x, offset: 1, rows: s, cols: ch, stride: xs },
+        x: View { buf: &x, offset: x_off, rows: s, cols: ch, stride: xs },
         xdbl: View::dense(&xdbl, s, r + 2 * n),
         dt_proj: &w,
         dt_bias: &bias,
@@ -707,7 +717,13 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
     // states give 2 lanes a channel, fewer than a group's sequences, so
     // each lane computes its own softplus and gate; 2056 channels make 65
     // channel blocks, each walking 4 or 5 groups of sequences through its
-    // ring of buffered copies, the last group part-filled).
+    // ring of buffered copies, the last group part-filled). Wide cases run
+    // twice: x at a misaligned offset (the general wide kernel), then at an
+    // aligned one, where 16 states, no norm, 16-byte rows of B | C and a
+    // channel count that is a multiple of 4 take the lean wide kernel (2056
+    // channels: the last block has 8; 130 channels: the general kernel
+    // again). Two of their slots are padding rows (a graph's bucket rows):
+    // their state is neither read nor written.
     let cases = [
         (1, 64, 16, 4),
         (2, 64, 16, 16),
@@ -719,22 +735,72 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
         (33, 40, 12, 8),
         (37, 72, 8, 8),
         (198, 2056, 16, 8),
+        (45, 300, 16, 48),
+        (64, 2056, 16, 128),
+        (21, 130, 16, 160),
+        (24, 64, 16, 176),
     ];
     for (s, ch, n, r) in cases {
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
             for norm in [None, Some(1e-4)] {
-                let bt = batch(&mut rng, &vec![1; s], 7.max(s));
-                let mut c = scan_case(&mut rng, s, ch, n);
-                c.layout = PoolLayout { n_slots: 7.max(s), n_layers: 2, per_layer: ch * n };
-                c.state = rng.vec(c.layout.len(), -1.0, 1.0);
-                c.x = rng.vec(1 + s * (ch + 2), -2.0, 2.0);
-                c.bc = rng.vec(s * (r + 2 * n), -1.5, 1.5);
-                let (w, _) = as_dtype(&rng.vec(ch * r, -0.5, 0.5), dtype);
-                let want = step_on(&cpu, &bt, &c, r, &w, dtype, norm)?;
-                let got = step_on(&g, &bt, &c, r, &w, dtype, norm)?;
-                let what = format!("mamba1_step s {s} ch {ch} n {n} r {r} {dtype} norm {norm:?}");
-                check_close(&format!("{what} out"), &got.0, &want.0, 1e-5);
-                check_close(&format!("{what} state"), &got.1, &want.1, 1e-5);
+                // A dt_proj product large enough for cuBLAS rounds dt_low to
+                // the weights' 16-bit type, as the reference does for 16-bit
+                // models: held to the 16-bit tolerance. The others are f32.
+                let rounds = dtype != DType::F32 && s > 16 && s * ch * r > 1 << 24;
+                let tol = if rounds { 1e-2 } else { 1e-5 };
+                let x_offsets: &[usize] = if s > 16 { &[1, 4] } else { &[1] };
+                for &x_off in x_offsets {
+                    let bt = batch(&mut rng, &vec![1; s], 7.max(s));
+                    let mut c = scan_case(&mut rng, s, ch, n);
+                    c.layout = PoolLayout { n_slots: 7.max(s), n_layers: 2, per_layer: ch * n };
+                    c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+                    let xs = ch + 4;
+                    c.x = rng.vec(x_off + s * xs, -2.0, 2.0);
+                    c.bc = rng.vec(s * (r + 2 * n), -1.5, 1.5);
+                    let (w, _) = as_dtype(&rng.vec(ch * r, -0.5, 0.5), dtype);
+                    let what = format!("mamba1_step s {s} ch {ch} n {n} r {r} {dtype} norm {norm:?} x at {x_off}");
+                    if s <= 16 {
+                        let want = step_on(&cpu, &bt, &c, (x_off, xs), r, &w, dtype, norm)?;
+                        let got = step_on(&g, &bt, &c, (x_off, xs), r, &w, dtype, norm)?;
+                        check_close(&format!("{what} out"), &got.0, &want.0, tol);
+                        check_close(&format!("{what} state"), &got.1, &want.1, tol);
+                        continue;
+                    }
+                    // Rows 2 and s - 1 are padding on the GPU; the CPU, which
+                    // takes no padding rows, runs the batch without them.
+                    let pads = [2, s - 1];
+                    let mut padded = bt;
+                    let mut kept = Batch { lens: vec![1; s - 2], slots: vec![], prompt: vec![0; s - 2] };
+                    let mut kc = ScanCase {
+                        ch,
+                        n,
+                        x: c.x[..x_off].to_vec(),
+                        dt: vec![],
+                        dt_bias: c.dt_bias.clone(),
+                        a: c.a.clone(),
+                        bc: vec![],
+                        skip: c.skip.clone(),
+                        z: vec![],
+                        state: c.state.clone(),
+                        layout: c.layout,
+                    };
+                    let bw = r + 2 * n;
+                    for i in (0..s).filter(|i| !pads.contains(i)) {
+                        kept.slots.push(padded.slots[i]);
+                        kc.x.extend_from_slice(&c.x[x_off + i * xs..x_off + (i + 1) * xs]);
+                        kc.z.extend_from_slice(&c.z[i * ch..(i + 1) * ch]);
+                        kc.bc.extend_from_slice(&c.bc[i * bw..(i + 1) * bw]);
+                    }
+                    for &i in &pads {
+                        padded.slots[i] = PAD_SLOT;
+                    }
+                    let want = step_on(&cpu, &kept, &kc, (x_off, xs), r, &w, dtype, norm)?;
+                    let got = step_on(&g, &padded, &c, (x_off, xs), r, &w, dtype, norm)?;
+                    let got_kept: Vec<f32> =
+                        (0..s).filter(|i| !pads.contains(i)).flat_map(|i| got.0[i * ch..(i + 1) * ch].to_vec()).collect();
+                    check_close(&format!("{what} out"), &got_kept, &want.0, tol);
+                    check_close(&format!("{what} state"), &got.1, &want.1, tol);
+                }
             }
         }
     }
@@ -924,25 +990,29 @@ fn a_large_decode_batch_conv_x_proj_and_step_match_the_cpu() -> TestResult {
     let Some(g) = gpu("a_large_decode_batch_conv_x_proj_and_step_match_the_cpu") else { return Ok(()) };
     let cpu = CpuBackend::new();
     let mut rng = Rng::new(22);
-    // 64 sequences, 2056 channels, dt_rank 130: x_proj has 162 outputs.
-    let (s, ch, n, r) = (64, 2056, 16, 130);
-    let n_out = r + 2 * n;
-    let bt = batch(&mut rng, &vec![1; s], 70);
-    let mut c = scan_case(&mut rng, s, ch, n);
-    c.layout = PoolLayout { n_slots: 70, n_layers: 2, per_layer: ch * n };
-    c.state = rng.vec(c.layout.len(), -1.0, 1.0);
-    let taps = rng.vec(ch * 4, -1.0, 1.0);
-    let conv_state = rng.vec(70 * 2 * ch * 3, -1.0, 1.0);
-    let (dtw, _) = as_dtype(&rng.vec(ch * r, -0.2, 0.2), DType::BF16);
-    let (xpw, _) = as_dtype(&rng.vec(n_out * ch, -0.05, 0.05), DType::BF16);
-    let want = x_proj_chain_on(&cpu, &bt, &c, &taps, &conv_state, r, &dtw, &xpw)?;
-    let got = x_proj_chain_on(&g, &bt, &c, &taps, &conv_state, r, &dtw, &xpw)?;
-    check_close("x_proj over the decode conv's output", &got.xdbl, &want.xdbl, 1e-2);
-    check_close("decode step output", &got.y, &want.y, 1e-2);
-    check_close("decode step state", &got.state, &want.state, 1e-2);
-    // x_proj: one cuBLAS call on the conv's 16-bit copy, no conversion
-    // kernel; the step: dt_proj's input converted, dt_proj, the wide step.
-    assert_eq!(got.launches, [1, 3], "launches of x_proj and of the step");
+    // 64 sequences, 2056 channels, dt_rank 128 (x_proj has 160 outputs, as
+    // in mamba-1.4b: the lean wide step) and 130 (162 outputs: B | C
+    // misaligned, the general wide step). x_proj is one cuBLAS call on the
+    // conv's 16-bit copy, no conversion kernel; the step is dt_proj's input
+    // converted, dt_proj, the wide step.
+    for r in [128, 130] {
+        let (s, ch, n) = (64, 2056, 16);
+        let n_out = r + 2 * n;
+        let bt = batch(&mut rng, &vec![1; s], 70);
+        let mut c = scan_case(&mut rng, s, ch, n);
+        c.layout = PoolLayout { n_slots: 70, n_layers: 2, per_layer: ch * n };
+        c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+        let taps = rng.vec(ch * 4, -1.0, 1.0);
+        let conv_state = rng.vec(70 * 2 * ch * 3, -1.0, 1.0);
+        let (dtw, _) = as_dtype(&rng.vec(ch * r, -0.2, 0.2), DType::BF16);
+        let (xpw, _) = as_dtype(&rng.vec(n_out * ch, -0.05, 0.05), DType::BF16);
+        let want = x_proj_chain_on(&cpu, &bt, &c, &taps, &conv_state, r, &dtw, &xpw)?;
+        let got = x_proj_chain_on(&g, &bt, &c, &taps, &conv_state, r, &dtw, &xpw)?;
+        check_close(&format!("rank {r}: x_proj over the decode conv's output"), &got.xdbl, &want.xdbl, 1e-2);
+        check_close(&format!("rank {r}: decode step output"), &got.y, &want.y, 1e-2);
+        check_close(&format!("rank {r}: decode step state"), &got.state, &want.state, 1e-2);
+        assert_eq!(got.launches, [1, 3], "rank {r}: launches of x_proj and of the step");
+    }
     Ok(())
 }
 

@@ -74,6 +74,7 @@ kernels! {
     Mamba2ScanL16 = "scan" / "mamba2_scan_l16",
     Mamba2ScanL32 = "scan" / "mamba2_scan_l32",
     Mamba1StepWide = "step" / "mamba1_step_wide",
+    Mamba1StepLean = "step" / "mamba1_step_lean",
     Mamba1StepF32V4 = "step" / "mamba1_step_f32_v4",
     Mamba1StepBf16V4 = "step" / "mamba1_step_bf16_v4",
     Mamba1StepF16V4 = "step" / "mamba1_step_f16_v4",
@@ -288,9 +289,11 @@ impl Kernels {
         // the L1 can spare, or fewer blocks fit than its grid assumes.
         let carveout = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
         let max_shared = sys::CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_SHARED as i32;
-        functions[Kernel::Mamba1StepWide as usize]
-            .set_attribute(carveout, max_shared)
-            .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
+        for k in [Kernel::Mamba1StepWide, Kernel::Mamba1StepLean] {
+            functions[k as usize]
+                .set_attribute(carveout, max_shared)
+                .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
+        }
         Ok(Kernels { functions })
     }
 

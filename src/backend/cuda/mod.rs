@@ -83,6 +83,9 @@ const DEPENDENT_LAUNCH_MAX_SEQS: usize = 16;
 /// copies (two groups in flight while one is updated).
 const STEP_WIDE_SEQS: usize = 4;
 const STEP_WIDE_STAGES: usize = 3;
+/// Floats of one sequence's part of a stage in the wide step's lean kernel
+/// (`STEP_LEAN_SEQ` in `kernels/step.cu`).
+const STEP_LEAN_SEQ_FLOATS: usize = 644;
 /// Up to this many sequences, the decode step computes dt inside its kernel.
 const STEP_FUSED_DT_MAX_SEQS: usize = 16;
 /// Products of at most this many multiply-adds also stay on the exact f32
@@ -285,8 +288,11 @@ pub struct CudaBackend {
     /// and later; `MAMBA_SERVE_NO_PDL` turns it off, for comparisons).
     dependent_launch: bool,
     /// Blocks of the wide decode step a multiprocessor holds, for its
-    /// shared-memory size: (bytes, blocks).
-    wide_step_resident: Cell<Option<(usize, usize)>>,
+    /// kernel and shared-memory size: (kernel, bytes, blocks).
+    wide_step_resident: Cell<Option<(Kernel, usize, usize)>>,
+    /// Whether the wide decode step takes its lean kernel where it can
+    /// (`MAMBA_SERVE_NO_LEAN_STEP` turns it off, for comparisons).
+    lean_step: bool,
     /// See [`HalfCopy`]: the copy in `scratch.half_copy`, if one is valid.
     half_copy: Cell<Option<HalfCopy>>,
     /// The 16-bit weight type of the last tensor-core product: the type a
@@ -375,6 +381,7 @@ impl CudaBackend {
             sms: sms.max(1) as u32,
             dependent_launch: sm.0 >= 9 && std::env::var_os("MAMBA_SERVE_NO_PDL").is_none(),
             wide_step_resident: Cell::new(None),
+            lean_step: std::env::var_os("MAMBA_SERVE_NO_LEAN_STEP").is_none(),
             half_copy: Cell::new(None),
             half_type: Cell::new(None),
             write_half_copies: std::env::var_os("MAMBA_SERVE_NO_HALF_COPY").is_none(),
@@ -1145,22 +1152,36 @@ impl Backend for CudaBackend {
         let cpb = 128 / lanes as u32;
         if dtpre.is_some() && v4 {
             // The wide step: each block walks every gridDim.y-th group of
-            // sequences, with one wave of blocks resident.
+            // sequences, with one wave of blocks resident. Its lean kernel
+            // takes the common case: 16 states, no norms, and x, z, dt and
+            // B | C in 16-byte aligned rows (dt is dense, `d` wide).
+            let aligned = |v: &View<'_, CudaVec>, from: usize| (v.offset + from) % 4 == 0 && v.stride % 4 == 0;
+            let lean = self.lean_step
+                && n == 16
+                && args.norm_eps.is_none()
+                && d % 4 == 0
+                && aligned(&args.x, 0)
+                && aligned(&args.z, 0)
+                && aligned(&args.xdbl, r);
+            let (kernel, seq_floats) = if lean {
+                (Kernel::Mamba1StepLean, STEP_LEAN_SEQ_FLOATS)
+            } else {
+                (Kernel::Mamba1StepWide, 128 * 4 + 2 * n + 3 * cpb as usize)
+            };
             let (chunks, groups) = (d.div_ceil(cpb as usize), s.div_ceil(STEP_WIDE_SEQS));
-            let seq_floats = 128 * 4 + 2 * n + 3 * cpb as usize;
             let shared = STEP_WIDE_STAGES * STEP_WIDE_SEQS * seq_floats * 4;
             check("mamba1_step", shared <= 48 << 10, || format!("state size {n} too large for the wide step"))?;
             let resident = match self.wide_step_resident.get() {
-                Some((bytes, blocks)) if bytes == shared => blocks,
+                Some((k, bytes, blocks)) if k == kernel && bytes == shared => blocks,
                 _ => {
-                    let blocks = self.kernels.resident_blocks(Kernel::Mamba1StepWide, 128, shared)?.max(1) as usize;
-                    self.wide_step_resident.set(Some((shared, blocks)));
+                    let blocks = self.kernels.resident_blocks(kernel, 128, shared)?.max(1) as usize;
+                    self.wide_step_resident.set(Some((kernel, shared, blocks)));
                     blocks
                 }
             };
             let per_chunk = (self.sms as usize * resident / chunks).clamp(1, groups);
             let a = a.shared_bytes(shared as u32);
-            self.launch(Kernel::Mamba1StepWide, a, (chunks as u32, per_chunk as u32, 1), 128)?;
+            self.launch(kernel, a, (chunks as u32, per_chunk as u32, 1), 128)?;
             self.half_copy.set(copy);
             return Ok(());
         }
