@@ -722,8 +722,11 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
     // aligned one, where 16 states, no norm, 16-byte rows of B | C and a
     // channel count that is a multiple of 4 take the lean wide kernel (2056
     // channels: the last block has 8; 130 channels: the general kernel
-    // again). Two of their slots are padding rows (a graph's bucket rows):
-    // their state is neither read nor written.
+    // again). Two of their rows are padding (a graph's bucket rows) on the
+    // GPU, checked against the CPU's run of the batch without them: the
+    // other rows' outputs and the whole pool must match, so a padding row
+    // neither reads nor writes any slot's state. dt_proj is f32, bf16 and
+    // f16.
     let cases = [
         (1, 64, 16, 4),
         (2, 64, 16, 16),
