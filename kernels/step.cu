@@ -189,6 +189,41 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
+// The wide steps' copy pipeline: the block walks the sequence groups
+// blockIdx.y, blockIdx.y + gridDim.y, ...; `issue(g, b)` starts group g's
+// copies into stage buffer b as one commit group, STEP_WIDE_STAGES - 1
+// groups ahead of `update(g, b)`, which runs once group g's copies have
+// landed for the whole block. Empty commit groups past the end keep the
+// wait counts exact.
+template <typename Issue, typename Update>
+__device__ __forceinline__ void wide_pipeline(int groups, Issue issue, Update update) {
+    int g = blockIdx.y;
+#pragma unroll
+    for (int p = 0; p < STEP_WIDE_STAGES - 1; ++p) {
+        const int gp = g + p * gridDim.y;
+        if (gp < groups) issue(gp, p);
+        else cp_async_commit();
+    }
+    for (int it = 0; g < groups; ++it, g += gridDim.y) {
+        const int ahead = g + (STEP_WIDE_STAGES - 1) * gridDim.y;
+        if (ahead < groups) issue(ahead, (it + STEP_WIDE_STAGES - 1) % STEP_WIDE_STAGES);
+        else cp_async_commit();
+        cp_async_wait<STEP_WIDE_STAGES - 1>();
+        __syncthreads();
+        update(g, it % STEP_WIDE_STAGES);
+        // Every thread is done with this buffer before it is refilled.
+        __syncthreads();
+    }
+}
+
+// A wide step's output of sequence s, channel c, and with `half` its dense
+// 16-bit copy (`half_dt` 1 bf16, 2 f16).
+__device__ __forceinline__ void wide_store_out(float* out, int os, u16* half, int half_dt, int channels, int s, int c,
+                                               float v) {
+    out[(u64)s * os + c] = v;
+    if (half) half[(u64)s * channels + c] = half_dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
+}
+
 __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const float* __restrict__ xdbl, int xds,
                                       const float* __restrict__ dtpre, int dps, const float* __restrict__ dt_bias,
                                       const float* __restrict__ a, const float* __restrict__ skip,
@@ -248,20 +283,8 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
         cp_async_commit();
     };
 
-    int g = blockIdx.y;
-#pragma unroll
-    for (int p = 0; p < STEP_WIDE_STAGES - 1; ++p) {
-        const int gp = g + p * gridDim.y;
-        if (gp < groups) issue(gp, p);
-        else cp_async_commit();
-    }
-    for (int it = 0; g < groups; ++it, g += gridDim.y) {
-        const int ahead = g + (STEP_WIDE_STAGES - 1) * gridDim.y;
-        if (ahead < groups) issue(ahead, (it + STEP_WIDE_STAGES - 1) % STEP_WIDE_STAGES);
-        else cp_async_commit();
-        cp_async_wait<STEP_WIDE_STAGES - 1>();
-        __syncthreads();
-        const float* base = smem + (it % STEP_WIDE_STAGES) * stage_floats;
+    wide_pipeline(groups, issue, [&](int g, int b) {
+        const float* base = smem + b * stage_floats;
         // Lane l's softplus(dt) and SiLU(z) of sequence l mod 4 of the group.
         float dt_mine = 0.0f, gate_mine = 0.0f;
         if (shared_math) {
@@ -305,15 +328,9 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
                     *(float4*)(state + (u64)slot * slot_stride + chan_off) = make_float4(hn[0], hn[1], hn[2], hn[3]);
             }
             for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
-            if (lane == 0 && active) {
-                const float v = (yp + xv * dsk) * gate;
-                out[(u64)s * os + cc] = v;
-                if (half) half[(u64)s * channels + cc] = half_dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
-            }
+            if (lane == 0 && active) wide_store_out(out, os, half, half_dt, channels, s, cc, (yp + xv * dsk) * gate);
         }
-        // Every thread is done with this buffer before it is refilled.
-        __syncthreads();
-    }
+    });
 }
 
 // The fused step's arguments (STEP_ARGS); `dtw` and `vec_dot` are unused.
@@ -394,20 +411,8 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
         cp_async_commit();
     };
 
-    int g = blockIdx.y;
-#pragma unroll
-    for (int p = 0; p < STEP_WIDE_STAGES - 1; ++p) {
-        const int gp = g + p * gridDim.y;
-        if (gp < groups) issue(gp, p);
-        else cp_async_commit();
-    }
-    for (int it = 0; g < groups; ++it, g += gridDim.y) {
-        const int ahead = g + (STEP_WIDE_STAGES - 1) * gridDim.y;
-        if (ahead < groups) issue(ahead, (it + STEP_WIDE_STAGES - 1) % STEP_WIDE_STAGES);
-        else cp_async_commit();
-        cp_async_wait<STEP_WIDE_STAGES - 1>();
-        __syncthreads();
-        const float* base = smem + (it % STEP_WIDE_STAGES) * STEP_LEAN_STAGE;
+    wide_pipeline(groups, issue, [&](int g, int b) {
+        const float* base = smem + b * STEP_LEAN_STAGE;
         // Lane i's softplus(dt) and SiLU(z) of sequence i of the group.
         const float* mine = base + lane * STEP_LEAN_SEQ;
         const float dt_mine = softplus_f(mine[544 + cl] + bias);
@@ -439,12 +444,6 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
             if (lane == i) y_mine = yp + xv * dsk;
         }
         const int s = g * STEP_WIDE_SEQS + lane;
-        if (active && s < n_seqs) {
-            const float v = y_mine * gate_mine;
-            out[(u64)s * os + cc] = v;
-            if (half) half[(u64)s * channels + cc] = half_dt == 1 ? f32_to_bf16(v) : f32_to_f16(v);
-        }
-        // Every thread is done with this buffer before it is refilled.
-        __syncthreads();
-    }
+        if (active && s < n_seqs) wide_store_out(out, os, half, half_dt, channels, s, cc, y_mine * gate_mine);
+    });
 }
