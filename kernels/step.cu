@@ -1,6 +1,7 @@
 // Decode steps of Mamba-1 (one token per sequence): the fused step for
 // small batches, which also computes dt, and the wide step for large ones,
-// which takes dt from a matrix product. Both take STEP_ARGS.
+// which takes dt from a matrix product, in a general kernel and a lean one
+// for the common case. All take STEP_ARGS.
 
 // Falcon-Mamba's weightless RMS norms of xdbl row `row` = [dt_low (rank) |
 // B (d_state) | C (d_state)], as three inverse scales; the `lanes` threads
