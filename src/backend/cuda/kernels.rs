@@ -239,14 +239,20 @@ impl Kernel {
     /// A family's entries run dtype (f32, bf16, f16) by norm (off, on) by
     /// GEMV_SHAPES, from `first`.
     fn gemv_of(first: Kernel, dtype: crate::backend::DType, norm: bool, mt: usize, r: usize) -> Option<Kernel> {
-        use crate::backend::DType::*;
         let shape = GEMV_SHAPES.iter().position(|&s| s == (mt, r))?;
-        let dt = match dtype {
-            F32 => 0,
-            BF16 => 1,
-            F16 => 2,
-        };
+        let dt = dtype_code(dtype) as usize;
         Some(Kernel::ALL[first as usize + (dt * 2 + norm as usize) * GEMV_SHAPES.len() + shape])
+    }
+}
+
+/// How the kernels name a dtype (their `DT` template codes and their
+/// `half` / `half_dt` arguments): 0 f32, 1 bf16, 2 f16.
+pub fn dtype_code(dtype: crate::backend::DType) -> u32 {
+    use crate::backend::DType::*;
+    match dtype {
+        F32 => 0,
+        BF16 => 1,
+        F16 => 2,
     }
 }
 

@@ -603,8 +603,7 @@ impl CudaBackend {
     /// its 16-bit type code (1 bf16, 2 f16), or (null, 0) for none.
     fn half_copy_args(&self, copy: Option<HalfCopy>) -> (u64, u32) {
         match copy.map(|c| c.dtype) {
-            Some(DType::BF16) => (self.scratch.borrow().half_copy.ptr, 1),
-            Some(DType::F16) => (self.scratch.borrow().half_copy.ptr, 2),
+            Some(dtype) if dtype != DType::F32 => (self.scratch.borrow().half_copy.ptr, kernels::dtype_code(dtype)),
             _ => (0, 0),
         }
     }
@@ -671,9 +670,8 @@ impl CudaBackend {
 
     /// Dense 16-bit copy (`dtype`) of an f32 view at `dst`.
     fn to_half(&self, v: &View<'_, CudaVec>, dst: u64, dtype: DType) -> Result<()> {
-        let code = if dtype == DType::BF16 { 1 } else { 2 };
         let (m, k) = (v.rows, v.cols);
-        let args = Args::new().ptr(v.buf.at(v.offset)).i32(m).i32(k).i32(v.stride).ptr(dst).u32(code);
+        let args = Args::new().ptr(v.buf.at(v.offset)).i32(m).i32(k).i32(v.stride).ptr(dst).u32(kernels::dtype_code(dtype));
         if k % 8 == 0 && v.offset % 4 == 0 && v.stride % 4 == 0 {
             // Eight columns per thread: two 16-byte loads, one 16-byte store.
             let grid = ((k as u32 / 8).div_ceil(ROW_THREADS), (m as u32).min(65535), 1);
@@ -883,20 +881,20 @@ impl Backend for CudaBackend {
         }
         // One block a row; rows of a width the vector kernel takes are read
         // once, as 16-byte pieces held in registers.
+        // `half`: the kernels' dtype code of what the norm writes (0 f32).
         let norm_rows = |dst: u64, half: u32| {
-            if k % 4 == 0 && k <= 16 * 1024 {
-                let threads = (k / 16).next_multiple_of(32).clamp(32, 1024) as u32;
-                let a = Args::new().ptr(x.buf.ptr).ptr(norm.buf.ptr).f32(eps).i32(k).ptr(dst).u32(half);
-                return self.launch(Kernel::RmsNormRows4, a, (rows as u32, 1, 1), threads);
-            }
-            let threads = if rows < 128 { 1024 } else { ROW_THREADS };
             let a = Args::new().ptr(x.buf.ptr).ptr(norm.buf.ptr).f32(eps).i32(k).ptr(dst).u32(half);
-            self.launch(Kernel::RmsNormRows, a, (rows as u32, 1, 1), threads)
+            let (kernel, threads) = if k % 4 == 0 && k <= 16 * 1024 {
+                (Kernel::RmsNormRows4, (k / 16).next_multiple_of(32).clamp(32, 1024) as u32)
+            } else {
+                (Kernel::RmsNormRows, if rows < 128 { 1024 } else { ROW_THREADS })
+            };
+            self.launch(kernel, a, (rows as u32, 1, 1), threads)
         };
         if !Self::use_gemv(rows, w) && w.dtype != DType::F32 {
             // The norm writes the 16-bit activations the tensor cores take.
             let half = self.half_scratch(rows * k * 2)?;
-            norm_rows(half, if w.dtype == DType::BF16 { 1 } else { 2 })?;
+            norm_rows(half, kernels::dtype_code(w.dtype))?;
             let input = GemmInput::Half { ptr: half, stride: k, rows };
             return self.blas_gemm(input, w, bias, &out, false);
         }
