@@ -273,3 +273,93 @@ extern "C" __global__ void conv1d_step4(const float* __restrict__ x, int x_strid
         }
     }
 }
+
+// conv1d_step4 with the state moved through shared memory: a warp's 128
+// channels of one sequence are 384 contiguous floats of the slot, which
+// the warp loads and stores as three 512-byte rows of 16-byte pieces
+// (lane l takes pieces l, l + 32, l + 64) and hands on to the lanes that
+// own them through shared memory. Loaded and stored per thread, each
+// 16-byte piece sat 48 bytes from its neighbour's, so every instruction
+// wrote every 32-byte sector of the row in part. Same arguments and grid
+// as conv1d_step4.
+#define CONV_STEP4_WARPS 4
+
+extern "C" __global__ void __launch_bounds__(128) conv1d_step4_staged(
+    const float* __restrict__ x, int x_stride, const float* __restrict__ weight, const float* __restrict__ bias, int k, int act,
+    float* __restrict__ state, u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs, int channels,
+    float* __restrict__ out, int out_stride, u16* __restrict__ half, int half_dt) {
+    __shared__ float4 stage[CONV_STEP4_WARPS][CONV_STEP_SEQS][96];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int quads = channels / 4;
+    const int q0 = blockIdx.x * blockDim.x + warp * 32;
+    if (q0 >= quads) return;
+    // The warp's quads (of 4 channels) and its pieces of a sequence's state.
+    const int vq = min(32, quads - q0), pieces = 3 * vq;
+    const bool active = lane < vq;
+    const int c = (q0 + lane) * 4;
+    float4 w[4];
+    float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = ((const float4*)(weight + (u64)c * 4))[j];
+        if (bias) b = *(const float4*)(bias + c);
+    }
+    const int s0 = blockIdx.y * CONV_STEP_SEQS;
+    float4 raw[CONV_STEP_SEQS][3], xin[CONV_STEP_SEQS];
+    float4* st[CONV_STEP_SEQS];
+#pragma unroll
+    for (int i = 0; i < CONV_STEP_SEQS; ++i) {
+        const int s = s0 + i;
+        const u32 slot = s < n_seqs ? slots[s] : PAD_SLOT;
+        st[i] = slot == PAD_SLOT ? 0 : (float4*)conv_state_ptr(state, slot, slot_stride, layer_off, q0 * 4, 3);
+#pragma unroll
+        for (int j = 0; j < 3; ++j) {
+            const int p = lane + 32 * j;
+            raw[i][j] = st[i] && p < pieces ? st[i][p] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        xin[i] = s < n_seqs && active ? *(const float4*)(x + (u64)s * x_stride + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < CONV_STEP_SEQS; ++i)
+#pragma unroll
+        for (int j = 0; j < 3; ++j) stage[warp][i][lane + 32 * j] = raw[i][j];
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < CONV_STEP_SEQS; ++i) {
+        const int s = s0 + i;
+        if (s >= n_seqs || !active) continue;
+        // Channel q's window is h[3q .. 3q + 2] then its input.
+        float4* mine = &stage[warp][i][3 * lane];
+        const float4 w0 = mine[0], w1 = mine[1], w2 = mine[2];
+        const float h[12] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w, w2.x, w2.y, w2.z, w2.w};
+        const float xv[4] = {xin[i].x, xin[i].y, xin[i].z, xin[i].w};
+        const float bv[4] = {b.x, b.y, b.z, b.w};
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float4 t = w[q];
+            const float acc = bv[q] + t.x * h[3 * q] + t.y * h[3 * q + 1] + t.z * h[3 * q + 2] + t.w * xv[q];
+            v[q] = activate(act, acc);
+        }
+        mine[0] = make_float4(h[1], h[2], xv[0], h[4]);
+        mine[1] = make_float4(h[5], xv[1], h[7], h[8]);
+        mine[2] = make_float4(xv[2], h[10], h[11], xv[3]);
+        *(float4*)(out + (u64)s * out_stride + c) = make_float4(v[0], v[1], v[2], v[3]);
+        if (half) {
+            u16 hv[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) hv[q] = half_dt == 1 ? f32_to_bf16(v[q]) : f32_to_f16(v[q]);
+            *(uint2*)(half + (u64)s * channels + c) = make_uint2((u32)hv[0] | ((u32)hv[1] << 16), (u32)hv[2] | ((u32)hv[3] << 16));
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < CONV_STEP_SEQS; ++i) {
+        if (!st[i]) continue;
+#pragma unroll
+        for (int j = 0; j < 3; ++j) {
+            const int p = lane + 32 * j;
+            if (p < pieces) st_global_v4(st[i] + p, stage[warp][i][p]);
+        }
+    }
+}

@@ -58,6 +58,12 @@ __device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, bool ok)
 #endif
 }
 
+// One 16-byte global store (a float4 assignment can compile to four 4-byte
+// stores: four times the store sectors).
+__device__ __forceinline__ void st_global_v4(void* p, float4 v) {
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+}
+
 __device__ __forceinline__ void cp_async4_at(u32 dst, const void* src, bool ok) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0) : "memory");

@@ -435,10 +435,8 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
             float yp = h0 * cv.x + h1 * cv.y + h2 * cv.z + h3 * cv.w;
             const u32 slot = ((const u32*)q)[640];
             if (g * STEP_WIDE_SEQS + i < n_seqs && slot != PAD_SLOT && active) {
-                // One 16-byte store (a plain float4 assignment here compiled
-                // to four 4-byte stores: four times the store sectors).
-                float* p = st_dst + (u64)slot * slot_stride;
-                asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(h0), "f"(h1), "f"(h2), "f"(h3) : "memory");
+                // (A plain float4 assignment here compiled to four 4-byte stores.)
+                st_global_v4(st_dst + (u64)slot * slot_stride, make_float4(h0, h1, h2, h3));
             }
             yp += __shfl_xor_sync(FULL_MASK, yp, 1);
             yp += __shfl_xor_sync(FULL_MASK, yp, 2);

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use super::ModelError;
 use super::checkpoint::{TensorData, TensorSource};
 use super::config::{Arch, ModelConfig};
-use crate::backend::{Backend, HostMatrix, cpu::widen};
+use crate::backend::{Backend, HostMatrix, widen};
 
 /// Weights of one Mamba block.
 pub struct LayerWeights<B: Backend> {

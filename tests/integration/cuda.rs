@@ -66,7 +66,7 @@ fn as_dtype(v: &[f32], dtype: DType) -> (Vec<u8>, Vec<f32>) {
         DType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
         DType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
     };
-    let back = mamba_serve::backend::cpu::widen(&bytes, dtype);
+    let back = mamba_serve::backend::widen(&bytes, dtype);
     (bytes, back)
 }
 
@@ -157,9 +157,17 @@ fn linear_matches_the_cpu() -> TestResult {
     // (m, n, k): GEMV tiles (vector and scalar, 1 or 4 columns a warp), the
     // streaming GEMV with a long K (4096: 16 batches a group), the small
     // exact path, and cuBLAS (more than 8 rows and 2^24 products), skinny
-    // products (few outputs, long k: x_proj at decode batches) among them.
+    // products (few outputs, long k: x_proj at decode batches) among them
+    // (one with an odd k: the scalar conversion; one with a short k but
+    // above the short-k kernel's rows), and the short-k tensor-core kernel
+    // for 16-bit weights (dt_proj at decode batches; k of two chunks, the
+    // last padded; partial tiles).
     let shapes = [
         (256, 160, 4096),
+        (256, 4096, 128),
+        (33, 2600, 200),
+        (700, 300, 100),
+        (512, 600, 64),
         (40, 76, 6000),
         (300, 192, 2048),
         (1024, 256, 1024),
@@ -186,8 +194,8 @@ fn linear_matches_the_cpu() -> TestResult {
                 let bias = with_bias.then(|| rng.vec(n, -1.0, 1.0));
                 let want = linear_on(&cpu, &x, (m, k, stride, off), &w, n, dtype, bias.as_deref())?;
                 let got = linear_on(&g, &x, (m, k, stride, off), &w, n, dtype, bias.as_deref())?;
-                // Products rounded to 16-bit activations (cuBLAS path) get
-                // the bf16 tolerance; the rest are f32 arithmetic.
+                // Products rounded to 16-bit activations (cuBLAS, short-k)
+                // get the bf16 tolerance; the rest are f32 arithmetic.
                 let rounded = dtype != DType::F32 && m > 8 && m * n * k > 1 << 24;
                 let tol = if rounded { 1e-2 } else { 1e-5 };
                 check_close(&format!("linear m{m} n{n} k{k} {dtype} bias {with_bias}"), &got, &want, tol);
@@ -238,8 +246,10 @@ fn fused_norm_and_residual_products_match_the_cpu() -> TestResult {
     // the scalar path (k % 8 != 0: the norm runs first), and cuBLAS (the
     // norm writing 16-bit activations; the residual add as beta = 1); one
     // row of 3001 or 2500 columns with a long K (4096, 1032: a partial last
-    // batch) streams too.
+    // batch) streams too. With a short k (136: a second chunk of 8 values,
+    // padded) and 16-bit weights, linear_add takes the short-k kernel.
     let shapes = [
+        (200, 1000, 136),
         (1, 3001, 4096),
         (1, 2500, 1032),
         (1, 96, 64),
@@ -514,10 +524,14 @@ fn conv1d_matches_the_cpu() -> TestResult {
         (&[3, 40], 20, 10),
         // Decode steps of more than 16 sequences: aligned rows take the
         // 4-channel kernel (a partial block of channel quads; a partial
-        // group of sequences), misaligned ones the scalar one.
+        // group of sequences), misaligned ones the scalar one. 600
+        // sequences of 1028 channels are 3 × 150 blocks, more than an
+        // H200 holds of the plain 4-channel kernel (3 × 132): the staged
+        // one (a partial warp of channel quads in every third block).
         (&[1; 40], 132, 4),
         (&[1; 23], 1028, 4),
         (&[1; 20], 129, 4),
+        (&[1; 600], 1028, 4),
     ];
     for &(lens, ch, k) in cases {
         for act in [Activation::Silu, Activation::Identity, Activation::Gelu] {
@@ -996,8 +1010,10 @@ fn a_large_decode_batch_conv_x_proj_and_step_match_the_cpu() -> TestResult {
     // 64 sequences, 2056 channels, dt_rank 128 (x_proj has 160 outputs, as
     // in mamba-1.4b: the lean wide step) and 130 (162 outputs: B | C
     // misaligned, the general wide step). x_proj is one cuBLAS call on the
-    // conv's 16-bit copy, no conversion kernel; the step is dt_proj's input
-    // converted, dt_proj, the wide step.
+    // conv's 16-bit copy, no conversion kernel. The step is dt_proj, then
+    // the wide step: at rank 128 dt_proj is the short-k kernel, which
+    // rounds its input itself; at 130 its input rows are not 16-byte
+    // aligned, so it is cuBLAS after a conversion kernel.
     for r in [128, 130] {
         let (s, ch, n) = (64, 2056, 16);
         let n_out = r + 2 * n;
@@ -1014,7 +1030,8 @@ fn a_large_decode_batch_conv_x_proj_and_step_match_the_cpu() -> TestResult {
         check_close(&format!("rank {r}: x_proj over the decode conv's output"), &got.xdbl, &want.xdbl, 1e-2);
         check_close(&format!("rank {r}: decode step output"), &got.y, &want.y, 1e-2);
         check_close(&format!("rank {r}: decode step state"), &got.state, &want.state, 1e-2);
-        assert_eq!(got.launches, [1, 3], "rank {r}: launches of x_proj and of the step");
+        let step_launches = if r == 128 { 2 } else { 3 };
+        assert_eq!(got.launches, [1, step_launches], "rank {r}: launches of x_proj and of the step");
     }
     Ok(())
 }

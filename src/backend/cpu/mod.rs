@@ -13,12 +13,10 @@ mod parallel;
 pub mod sample;
 mod step;
 
-use half::{bf16, f16};
-
 use super::checks::{self, check};
 use super::{
-    Backend, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, Result, SampleRow,
-    SampledToken, View, ViewMut,
+    Backend, ConvArgs, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, Result, SampleRow, SampledToken,
+    View, ViewMut, widen,
 };
 
 pub use math::{gelu, gelu_tanh, silu, softplus};
@@ -37,15 +35,6 @@ pub struct CpuBackend;
 impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend
-    }
-}
-
-/// Widens little-endian bytes of `dtype` to f32.
-pub fn widen(bytes: &[u8], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        DType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
     }
 }
 

@@ -23,6 +23,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("scan", include_str!("../../../kernels/scan.cu")),
     ("step", include_str!("../../../kernels/step.cu")),
     ("gemv", include_str!("../../../kernels/gemv.cu")),
+    ("shortk", include_str!("../../../kernels/shortk.cu")),
     ("sample", include_str!("../../../kernels/sample.cu")),
 ];
 
@@ -57,12 +58,15 @@ kernels! {
     RmsNormRows4 = "norm" / "rmsnorm_rows4",
     RmsNormColumns = "norm" / "rms_norm_columns",
     GatedRmsNorm = "norm" / "gated_rmsnorm",
+    ShortKBf16 = "shortk" / "shortk_bf16",
+    ShortKF16 = "shortk" / "shortk_f16",
     ConvPacked = "conv" / "conv1d_packed",
     ConvRunsK4 = "conv" / "conv1d_runs_k4",
     ConvRunsK8 = "conv" / "conv1d_runs_k8",
     ConvState = "conv" / "conv1d_state",
     ConvStep = "conv" / "conv1d_step",
     ConvStep4 = "conv" / "conv1d_step4",
+    ConvStep4Staged = "conv" / "conv1d_step4_staged",
     Mamba1ScanL4 = "scan" / "mamba1_scan_l4",
     Mamba1ScanL8 = "scan" / "mamba1_scan_l8",
     Mamba1ScanL16 = "scan" / "mamba1_scan_l16",
