@@ -213,6 +213,40 @@ extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride
     }
 }
 
+// Four adjacent channels' 4-tap step, shared by the 4-channel kernels:
+// `win` holds channel q's window at 3q .. 3q + 2 and is advanced in place
+// (the oldest value of each channel out, its input in); returns the
+// activated outputs.
+__device__ __forceinline__ float4 conv4_quad(float4 (&win)[3], float4 xin, const float4 (&w)[4], float4 b, int act) {
+    const float h[12] = {win[0].x, win[0].y, win[0].z, win[0].w, win[1].x, win[1].y,
+                         win[1].z, win[1].w, win[2].x, win[2].y, win[2].z, win[2].w};
+    const float xv[4] = {xin.x, xin.y, xin.z, xin.w};
+    const float bv[4] = {b.x, b.y, b.z, b.w};
+    float v[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const float4 t = w[q];
+        const float acc = bv[q] + t.x * h[3 * q] + t.y * h[3 * q + 1] + t.z * h[3 * q + 2] + t.w * xv[q];
+        v[q] = activate(act, acc);
+    }
+    win[0] = make_float4(h[1], h[2], xv[0], h[4]);
+    win[1] = make_float4(h[5], xv[1], h[7], h[8]);
+    win[2] = make_float4(xv[2], h[10], h[11], xv[3]);
+    return make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// Row s's four outputs at channel c, and their 16-bit copy when asked.
+__device__ __forceinline__ void conv4_store(float* out, int out_stride, u16* half, int half_dt, int channels, int s, int c, float4 v) {
+    *(float4*)(out + (u64)s * out_stride + c) = v;
+    if (half) {
+        const float e[4] = {v.x, v.y, v.z, v.w};
+        u16 hv[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) hv[q] = half_dt == 1 ? f32_to_bf16(e[q]) : f32_to_f16(e[q]);
+        *(uint2*)(half + (u64)s * channels + c) = make_uint2((u32)hv[0] | ((u32)hv[1] << 16), (u32)hv[2] | ((u32)hv[3] << 16));
+    }
+}
+
 // conv1d_step for 4-tap kernels over 16-byte aligned rows: each thread
 // takes 4 adjacent channels, so their 12 state values, 16 taps, inputs and
 // outputs move as 16-byte pieces (the scalar kernel's warps touch every
@@ -247,30 +281,13 @@ extern "C" __global__ void conv1d_step4(const float* __restrict__ x, int x_strid
     for (int i = 0; i < CONV_STEP_SEQS; ++i) {
         const int s = s0 + i;
         if (s >= n_seqs) break;
-        // Channel q's window is h[3q .. 3q + 2] then its input.
-        const float h[12] = {win[i][0].x, win[i][0].y, win[i][0].z, win[i][0].w, win[i][1].x, win[i][1].y,
-                             win[i][1].z, win[i][1].w, win[i][2].x, win[i][2].y, win[i][2].z, win[i][2].w};
-        const float xv[4] = {xin[i].x, xin[i].y, xin[i].z, xin[i].w};
-        const float bv[4] = {b.x, b.y, b.z, b.w};
-        float v[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const float4 t = w[q];
-            const float acc = bv[q] + t.x * h[3 * q] + t.y * h[3 * q + 1] + t.z * h[3 * q + 2] + t.w * xv[q];
-            v[q] = activate(act, acc);
-        }
+        const float4 v = conv4_quad(win[i], xin[i], w, b, act);
         if (st[i]) {
-            st[i][0] = make_float4(h[1], h[2], xv[0], h[4]);
-            st[i][1] = make_float4(h[5], xv[1], h[7], h[8]);
-            st[i][2] = make_float4(xv[2], h[10], h[11], xv[3]);
+            st[i][0] = win[i][0];
+            st[i][1] = win[i][1];
+            st[i][2] = win[i][2];
         }
-        *(float4*)(out + (u64)s * out_stride + c) = make_float4(v[0], v[1], v[2], v[3]);
-        if (half) {
-            u16 hv[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) hv[q] = half_dt == 1 ? f32_to_bf16(v[q]) : f32_to_f16(v[q]);
-            *(uint2*)(half + (u64)s * channels + c) = make_uint2((u32)hv[0] | ((u32)hv[1] << 16), (u32)hv[2] | ((u32)hv[3] << 16));
-        }
+        conv4_store(out, out_stride, half, half_dt, channels, s, c, v);
     }
 }
 
@@ -328,29 +345,13 @@ extern "C" __global__ void __launch_bounds__(128) conv1d_step4_staged(
     for (int i = 0; i < CONV_STEP_SEQS; ++i) {
         const int s = s0 + i;
         if (s >= n_seqs || !active) continue;
-        // Channel q's window is h[3q .. 3q + 2] then its input.
         float4* mine = &stage[warp][i][3 * lane];
-        const float4 w0 = mine[0], w1 = mine[1], w2 = mine[2];
-        const float h[12] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w, w2.x, w2.y, w2.z, w2.w};
-        const float xv[4] = {xin[i].x, xin[i].y, xin[i].z, xin[i].w};
-        const float bv[4] = {b.x, b.y, b.z, b.w};
-        float v[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const float4 t = w[q];
-            const float acc = bv[q] + t.x * h[3 * q] + t.y * h[3 * q + 1] + t.z * h[3 * q + 2] + t.w * xv[q];
-            v[q] = activate(act, acc);
-        }
-        mine[0] = make_float4(h[1], h[2], xv[0], h[4]);
-        mine[1] = make_float4(h[5], xv[1], h[7], h[8]);
-        mine[2] = make_float4(xv[2], h[10], h[11], xv[3]);
-        *(float4*)(out + (u64)s * out_stride + c) = make_float4(v[0], v[1], v[2], v[3]);
-        if (half) {
-            u16 hv[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) hv[q] = half_dt == 1 ? f32_to_bf16(v[q]) : f32_to_f16(v[q]);
-            *(uint2*)(half + (u64)s * channels + c) = make_uint2((u32)hv[0] | ((u32)hv[1] << 16), (u32)hv[2] | ((u32)hv[3] << 16));
-        }
+        float4 win[3] = {mine[0], mine[1], mine[2]};
+        const float4 v = conv4_quad(win, xin[i], w, b, act);
+        mine[0] = win[0];
+        mine[1] = win[1];
+        mine[2] = win[2];
+        conv4_store(out, out_stride, half, half_dt, channels, s, c, v);
     }
     __syncwarp();
 #pragma unroll
