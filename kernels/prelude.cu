@@ -27,11 +27,6 @@ __device__ __forceinline__ void grid_dep_sync() {
 #endif
 }
 
-// Asynchronous copies into shared memory (sm_80+; a plain copy before):
-// `ok` false writes zeros and reads nothing (`src` must still be a valid
-// address). `cp_async_commit` closes a group of copies, and
-// `cp_async_wait<N>` waits until at most N of this thread's groups are
-// still in flight.
 // The shared-memory address of a generic pointer into shared memory.
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 a;
@@ -39,16 +34,18 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return a;
 }
 
-__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool ok) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0) : "memory");
-#else
-    *(float4*)dst = ok ? *(const float4*)src : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#endif
+// One 16-byte global store (a float4 assignment can compile to four 4-byte
+// stores: four times the store sectors).
+__device__ __forceinline__ void st_global_v4(void* p, float4 v) {
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
 }
 
-// cp_async16 and cp_async4 to a shared-memory address already converted
-// (`smem_addr`), which saves the conversion per copy.
+// Asynchronous copies into shared memory (sm_80+; a plain copy before) of
+// 16 or 4 bytes, to a shared-memory address (`smem_addr`; the `_at` forms
+// take it converted, which saves the conversion per copy): `ok` false
+// writes zeros and reads nothing (`src` must still be a valid address).
+// `cp_async_commit` closes a group of copies, and `cp_async_wait<N>` waits
+// until at most N of this thread's groups are still in flight.
 __device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, bool ok) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
@@ -56,12 +53,6 @@ __device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, bool ok)
     const float4 v = ok ? *(const float4*)src : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
 #endif
-}
-
-// One 16-byte global store (a float4 assignment can compile to four 4-byte
-// stores: four times the store sectors).
-__device__ __forceinline__ void st_global_v4(void* p, float4 v) {
-    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
 }
 
 __device__ __forceinline__ void cp_async4_at(u32 dst, const void* src, bool ok) {
@@ -73,13 +64,9 @@ __device__ __forceinline__ void cp_async4_at(u32 dst, const void* src, bool ok) 
 #endif
 }
 
-__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0) : "memory");
-#else
-    *dst = ok ? *src : 0.0f;
-#endif
-}
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool ok) { cp_async16_at(smem_addr(dst), src, ok); }
+
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) { cp_async4_at(smem_addr(dst), src, ok); }
 
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -824,6 +824,67 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
     Ok(())
 }
 
+/// A chain test's decode conv: 4 taps, SiLU, no bias, layer 1 of a
+/// two-layer conv pool with the case's slots, over `x` into `out`.
+fn chain_conv<B: Backend>(
+    b: &B,
+    packed: &Packed<'_, B>,
+    x: &B::Vec,
+    taps: &B::Vec,
+    state: &mut B::Vec,
+    c: &ScanCase,
+    out: &mut B::Vec,
+) -> R<()> {
+    let (s, ch) = (packed.n_seqs, c.ch);
+    let conv = ConvArgs {
+        x: View::dense(x, s, ch),
+        weight: taps,
+        bias: None,
+        kernel: 4,
+        activation: Activation::Silu,
+        state,
+        layout: PoolLayout { n_slots: c.layout.n_slots, n_layers: 2, per_layer: ch * 3 },
+        layer: 1,
+    };
+    b.conv1d(conv, packed, ViewMut::dense(out, s, ch))?;
+    Ok(())
+}
+
+/// A chain test's decode step over the conv's output `x` and `xdbl`
+/// (dt_rank columns, then B | C) with the case's parameters, on layer 1 of
+/// `state`, into `y`: the launches it took. The parameters are uploaded
+/// before the step, so a 16-bit copy it writes stays valid after it.
+fn chain_step<B: Backend>(
+    b: &B,
+    packed: &Packed<'_, B>,
+    c: &ScanCase,
+    (x, xdbl): (&B::Vec, View<'_, B::Vec>),
+    dt_proj: &B::Mat,
+    state: &mut B::Vec,
+    y: &mut B::Vec,
+) -> R<u64> {
+    let (s, ch, n) = (packed.n_seqs, c.ch, c.n);
+    let (bias, a, skip, z) = (b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.z)?);
+    let args = Mamba1StepArgs {
+        x: View::dense(x, s, ch),
+        dt_rank: xdbl.cols - 2 * n,
+        xdbl,
+        dt_proj,
+        dt_bias: &bias,
+        a: &a,
+        skip: &skip,
+        z: View::dense(&z, s, ch),
+        norm_eps: None,
+        d_state: n,
+        state,
+        layout: c.layout,
+        layer: 1,
+    };
+    let before = b.launches();
+    b.mamba1_step(args, packed, ViewMut::dense(y, s, ch))?;
+    Ok(b.launches() - before)
+}
+
 /// The large-batch decode conv and step, each followed by a tensor-core
 /// product over its output (as x_proj and out_proj follow them in a
 /// layer): the two products' outputs, and how many launches each product
@@ -854,42 +915,17 @@ fn decode_chain_on<B: Backend>(
     // Every buffer is made first: an upload or fill between an op and the
     // product over its output drops the copy.
     let mut first = poisoned(b, s * n_out)?;
-    let conv = ConvArgs {
-        x: View::dense(&x, s, ch),
-        weight: &tb,
-        bias: None,
-        kernel: 4,
-        activation: Activation::Silu,
-        state: &mut cst,
-        layout: PoolLayout { n_slots: c.layout.n_slots, n_layers: 2, per_layer: ch * 3 },
-        layer: 1,
-    };
-    b.conv1d(conv, &packed, ViewMut::dense(&mut conv_out, s, ch))?;
+    chain_conv(b, &packed, &x, &tb, &mut cst, c, &mut conv_out)?;
     let before = b.launches();
     b.linear(View::dense(&conv_out, s, ch), &w, None, ViewMut::dense(&mut first, s, n_out))?;
     let first_launches = b.launches() - before;
 
-    let (bias, a, skip, z, xdbl) = (b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.z)?, b.upload(&c.bc)?);
+    let xdbl = b.upload(&c.bc)?;
     let dt_proj = mat(b, ch, r, DType::BF16, dtw)?;
     let mut st = b.upload(&c.state)?;
     let mut y = poisoned(b, s * ch)?;
     let mut second = b.upload(&vec![0.25; s * n_out])?;
-    let args = Mamba1StepArgs {
-        x: View::dense(&conv_out, s, ch),
-        xdbl: View::dense(&xdbl, s, r + 2 * n),
-        dt_proj: &dt_proj,
-        dt_bias: &bias,
-        a: &a,
-        skip: &skip,
-        z: View::dense(&z, s, ch),
-        norm_eps: None,
-        dt_rank: r,
-        d_state: n,
-        state: &mut st,
-        layout: c.layout,
-        layer: 1,
-    };
-    b.mamba1_step(args, &packed, ViewMut::dense(&mut y, s, ch))?;
+    chain_step(b, &packed, c, (&conv_out, View::dense(&xdbl, s, r + 2 * n)), &dt_proj, &mut st, &mut y)?;
     let before = b.launches();
     b.linear_add(View::dense(&y, s, ch), &w, None, ViewMut::dense(&mut second, s, n_out))?;
     let second_launches = b.launches() - before;
@@ -949,43 +985,15 @@ fn x_proj_chain_on<B: Backend>(
     let mut xdbl = poisoned(b, s * n_out)?;
     b.linear(View::dense(&x, s, ch), &x_proj, None, ViewMut::dense(&mut xdbl, s, n_out))?;
     let (tb, mut cst) = (b.upload(taps)?, b.upload(conv_state)?);
-    let (bias, a, skip, z) = (b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.z)?);
     let mut st = b.upload(&c.state)?;
     let mut conv_out = poisoned(b, s * ch)?;
     let mut y = poisoned(b, s * ch)?;
     b.fill(&mut xdbl, 0, s * n_out, f32::NAN)?;
-    let conv = ConvArgs {
-        x: View::dense(&x, s, ch),
-        weight: &tb,
-        bias: None,
-        kernel: 4,
-        activation: Activation::Silu,
-        state: &mut cst,
-        layout: PoolLayout { n_slots: c.layout.n_slots, n_layers: 2, per_layer: ch * 3 },
-        layer: 1,
-    };
-    b.conv1d(conv, &packed, ViewMut::dense(&mut conv_out, s, ch))?;
+    chain_conv(b, &packed, &x, &tb, &mut cst, c, &mut conv_out)?;
     let before = b.launches();
     b.linear(View::dense(&conv_out, s, ch), &x_proj, None, ViewMut::dense(&mut xdbl, s, n_out))?;
     let x_proj_launches = b.launches() - before;
-    let args = Mamba1StepArgs {
-        x: View::dense(&conv_out, s, ch),
-        xdbl: View::dense(&xdbl, s, n_out),
-        dt_proj: &dt_proj,
-        dt_bias: &bias,
-        a: &a,
-        skip: &skip,
-        z: View::dense(&z, s, ch),
-        norm_eps: None,
-        dt_rank: r,
-        d_state: n,
-        state: &mut st,
-        layout: c.layout,
-        layer: 1,
-    };
-    let before = b.launches();
-    b.mamba1_step(args, &packed, ViewMut::dense(&mut y, s, ch))?;
-    let step_launches = b.launches() - before;
+    let step_launches = chain_step(b, &packed, c, (&conv_out, View::dense(&xdbl, s, n_out)), &dt_proj, &mut st, &mut y)?;
     Ok(ChainOut {
         xdbl: b.read(&xdbl, 0, s * n_out)?,
         y: b.read(&y, 0, s * ch)?,

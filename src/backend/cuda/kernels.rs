@@ -5,6 +5,7 @@
 //! sources include no CUDA headers, so NVRTC needs no toolkit headers). A
 //! compile error names the family and carries NVRTC's log.
 
+use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -260,9 +261,15 @@ pub fn dtype_code(dtype: crate::backend::DType) -> u32 {
     }
 }
 
+/// A kernel at a block size and dynamic shared memory (kernel, threads,
+/// bytes), and how many of its blocks a multiprocessor holds.
+type Residency = ((Kernel, u32, usize), u32);
+
 /// The loaded kernels, indexed by [`Kernel`].
 pub struct Kernels {
     functions: Vec<CudaFunction>,
+    /// Answers of [`Kernels::resident_blocks`] so far.
+    resident: RefCell<Vec<Residency>>,
 }
 
 impl Kernels {
@@ -304,7 +311,7 @@ impl Kernels {
                 .set_attribute(carveout, max_shared)
                 .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
         }
-        Ok(Kernels { functions })
+        Ok(Kernels { functions, resident: RefCell::new(vec![]) })
     }
 
     pub fn get(&self, k: Kernel) -> sys::CUfunction {
@@ -312,11 +319,19 @@ impl Kernels {
     }
 
     /// How many blocks of `block` threads and `shared` bytes of dynamic
-    /// shared memory of kernel `k` one multiprocessor holds at once.
+    /// shared memory of kernel `k` one multiprocessor holds at once (at
+    /// least 1; asked of the driver once per combination).
     pub fn resident_blocks(&self, k: Kernel, block: u32, shared: usize) -> Result<u32> {
-        self.functions[k as usize]
+        let key = (k, block, shared);
+        if let Some(&(_, blocks)) = self.resident.borrow().iter().find(|(at, _)| *at == key) {
+            return Ok(blocks);
+        }
+        let blocks = self.functions[k as usize]
             .occupancy_max_active_blocks_per_multiprocessor(block, shared, None)
-            .map_err(|e| BackendError::Device { op: "occupancy query", detail: e.to_string() })
+            .map_err(|e| BackendError::Device { op: "occupancy query", detail: e.to_string() })?
+            .max(1);
+        self.resident.borrow_mut().push((key, blocks));
+        Ok(blocks)
     }
 }
 

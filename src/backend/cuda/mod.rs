@@ -299,9 +299,6 @@ pub struct CudaBackend {
     /// Launch small decode steps' kernels as programmatic dependents (sm_90
     /// and later; `MAMBA_SERVE_NO_PDL` turns it off, for comparisons).
     dependent_launch: bool,
-    /// Blocks of the wide decode step a multiprocessor holds, for its
-    /// kernel and shared-memory size: (kernel, bytes, blocks).
-    wide_step_resident: Cell<Option<(Kernel, usize, usize)>>,
     /// Whether the wide decode step takes its lean kernel where it can
     /// (`MAMBA_SERVE_NO_LEAN_STEP` turns it off, for comparisons).
     lean_step: bool,
@@ -319,8 +316,6 @@ pub struct CudaBackend {
     /// Whether the 4-tap decode conv may move its state through shared
     /// memory (`MAMBA_SERVE_NO_STAGED_CONV` turns it off, for comparisons).
     staged_conv: bool,
-    /// Blocks of the plain 4-tap decode conv a multiprocessor holds.
-    conv_step4_resident: Cell<Option<u32>>,
 }
 
 // SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
@@ -400,14 +395,12 @@ impl CudaBackend {
             sm,
             sms: sms.max(1) as u32,
             dependent_launch: sm.0 >= 9 && std::env::var_os("MAMBA_SERVE_NO_PDL").is_none(),
-            wide_step_resident: Cell::new(None),
             lean_step: std::env::var_os("MAMBA_SERVE_NO_LEAN_STEP").is_none(),
             half_copy: Cell::new(None),
             half_type: Cell::new(None),
             write_half_copies: std::env::var_os("MAMBA_SERVE_NO_HALF_COPY").is_none(),
             short_k_products: std::env::var_os("MAMBA_SERVE_NO_SHORTK").is_none(),
             staged_conv: std::env::var_os("MAMBA_SERVE_NO_STAGED_CONV").is_none(),
-            conv_step4_resident: Cell::new(None),
         })
     }
 
@@ -672,9 +665,7 @@ impl CudaBackend {
         out: &ViewMut<'_, CudaVec>,
         accumulate: bool,
     ) -> Result<()> {
-        // A product like any other: the 16-bit copy was for this one or
-        // is stale after it, and later copies take the weights' type.
-        self.half_copy.take();
+        // Later 16-bit copies take the weights' type, as after any product.
         self.half_type.set(Some(w.dtype));
         let (m, n, k) = (x.rows, w.rows, w.cols);
         let args = Args::new()
@@ -1066,14 +1057,7 @@ impl Backend for CudaBackend {
                 // mamba-1.4b (512 blocks against 396 resident), slower at
                 // 32 to 128 (one wave either way).
                 let grid = ((ch as u32 / 4).div_ceil(128), groups, 1);
-                let resident = match self.conv_step4_resident.get() {
-                    Some(r) => r,
-                    None => {
-                        let r = self.kernels.resident_blocks(Kernel::ConvStep4, 128, 0)?.max(1);
-                        self.conv_step4_resident.set(Some(r));
-                        r
-                    }
-                };
+                let resident = self.kernels.resident_blocks(Kernel::ConvStep4, 128, 0)?;
                 let staged = self.staged_conv && grid.0 * grid.1 > resident * self.sms;
                 (if staged { Kernel::ConvStep4Staged } else { Kernel::ConvStep4 }, grid)
             } else {
@@ -1261,14 +1245,7 @@ impl Backend for CudaBackend {
             let (chunks, groups) = (d.div_ceil(cpb as usize), s.div_ceil(STEP_WIDE_SEQS));
             let shared = STEP_WIDE_STAGES * STEP_WIDE_SEQS * seq_floats * 4;
             check("mamba1_step", shared <= 48 << 10, || format!("state size {n} too large for the wide step"))?;
-            let resident = match self.wide_step_resident.get() {
-                Some((k, bytes, blocks)) if k == kernel && bytes == shared => blocks,
-                _ => {
-                    let blocks = self.kernels.resident_blocks(kernel, 128, shared)?.max(1) as usize;
-                    self.wide_step_resident.set(Some((kernel, shared, blocks)));
-                    blocks
-                }
-            };
+            let resident = self.kernels.resident_blocks(kernel, 128, shared)? as usize;
             let per_chunk = (self.sms as usize * resident / chunks).clamp(1, groups);
             let a = a.shared_bytes(shared as u32);
             self.launch(kernel, a, (chunks as u32, per_chunk as u32, 1), 128)?;
