@@ -147,6 +147,13 @@ __device__ __forceinline__ void gemv_finish(float v, const float* bias, float* o
     }
 }
 
+// Timeline tags (see `tl_mark`): the block-split and streaming GEMVs,
+// without and with the norm prologue.
+#define TL_GEMV 1
+#define TL_STREAM 2
+#define TL_GEMV_NORM 5
+#define TL_STREAM_NORM 6
+
 #define GEMV_MAX_WARPS 8
 #define GEMV_U 2
 
@@ -154,6 +161,7 @@ template <int DT, int MT, int R, bool NORM>
 __device__ void gemv_vec_impl(const float* x, int xs, int M, const void* __restrict__ w, int N, int K,
                               const float* __restrict__ bias, float* __restrict__ out, int os, int accumulate,
                               const float* __restrict__ nw, float eps, const ConvEpilogue& conv) {
+    TL_SCOPE(NORM ? TL_GEMV_NORM : TL_GEMV);
     constexpr int NV = R * MT + (NORM ? MT : 0);
     __shared__ float red[GEMV_MAX_WARPS][NV];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
@@ -164,6 +172,7 @@ __device__ void gemv_vec_impl(const float* x, int xs, int M, const void* __restr
     float acc[R][MT], ss[MT];
     gemv_zero<MT, R>(acc, ss);
     grid_dep_sync();
+    TL_WAITED(NORM ? TL_GEMV_NORM : TL_GEMV);
     const int step = blockDim.x * 8;
     for (int k0 = tid * 8; k0 < K; k0 += step * GEMV_U) {
         Chunk<DT> c[GEMV_U][R];
@@ -239,6 +248,7 @@ template <int DT, int MT, int R, bool NORM>
 __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __restrict__ w, int N,
                                  int K, const float* __restrict__ bias, float* __restrict__ out, int os,
                                  int accumulate, const float* __restrict__ nw, float eps, const ConvEpilogue& conv) {
+    TL_SCOPE(NORM ? TL_STREAM_NORM : TL_STREAM);
     constexpr int U = R >= 4 ? 1 : 4 / R;
     const int lane = threadIdx.x & 31;
     const int warps = gridDim.x * (blockDim.x >> 5);
@@ -254,6 +264,7 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
     stream_load<DT, U, R>(cur, w, N, K, g * R, lane * 8);
     // The first weights are on their way while the previous kernel ends.
     grid_dep_sync();
+    TL_WAITED(NORM ? TL_STREAM_NORM : TL_STREAM);
     float acc[R][MT], ss[MT];
     gemv_zero<MT, R>(acc, ss);
     while (true) {

@@ -27,6 +27,43 @@ __device__ __forceinline__ void grid_dep_sync() {
 #endif
 }
 
+// Timeline instrumentation, compiled in only with MS_TIMELINE (the backend
+// defines it when MAMBA_SERVE_TIMELINE names a file; scripts/timeline.py
+// reads that file): thread 0 of each block of an instrumented kernel
+// records three words into a ring the host points `ms_timeline` at, whose
+// word 0 counts the records: the global time in ns; the kernel's tag (bits
+// 56-63), the event (48-55: 0 the block starts, 1 its dependent-launch wait
+// returned, 2 it ends), the multiprocessor (32-47) and the block (0-31);
+// and the grid's blocks (32-63) and the block's threads (0-31). Without
+// MS_TIMELINE the marks compile to nothing. The backend defines TL_CAP,
+// the ring's records, with MS_TIMELINE.
+#ifdef MS_TIMELINE
+__device__ u64* ms_timeline;
+__device__ __forceinline__ void tl_mark(u32 tag, u32 event) {
+    if (threadIdx.x != 0 || !ms_timeline) return;
+    u64 t;
+    u32 sm;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const u64 i = atomicAdd(ms_timeline, 1ull) % TL_CAP;
+    u64* r = ms_timeline + 1 + 3 * i;
+    r[0] = t;
+    r[1] = (u64)tag << 56 | (u64)event << 48 | (u64)sm << 32 | (u64)(blockIdx.x + blockIdx.y * gridDim.x);
+    r[2] = (u64)(gridDim.x * gridDim.y) << 32 | blockDim.x;
+}
+// Records the block's start now and its end when the scope closes.
+struct TlScope {
+    u32 tag;
+    __device__ TlScope(u32 t) : tag(t) { tl_mark(t, 0); }
+    __device__ ~TlScope() { tl_mark(tag, 2); }
+};
+#define TL_SCOPE(tag) TlScope tl_scope_(tag)
+#define TL_WAITED(tag) tl_mark(tag, 1)
+#else
+#define TL_SCOPE(tag)
+#define TL_WAITED(tag)
+#endif
+
 // The shared-memory address of a generic pointer into shared memory.
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 a;

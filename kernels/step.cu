@@ -25,6 +25,9 @@ __device__ __forceinline__ void falcon_inv_norms(const float* row, int rank, int
     inv_c = (float)(1.0 / sqrt((double)sc / d_state + (double)eps));
 }
 
+// The fused step's timeline tag (see `tl_mark`).
+#define TL_STEP 4
+
 // Mamba-1 decode: one token per sequence (row s), with the dt projection,
 // softplus, D skip and SiLU(z) gate fused in, and Falcon-Mamba's weightless
 // norms of dt, B and C when `norm` is set.
@@ -45,6 +48,7 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
                                  float* __restrict__ state, u64 slot_stride, u64 layer_off,
                                  const u32* __restrict__ slots, int n_seqs, int channels, int d_state, int rank,
                                  int norm, float eps, int lanes, int vec_dot, float* __restrict__ out, int os) {
+    TL_SCOPE(TL_STEP);
     const int lane = threadIdx.x & (lanes - 1);
     const int cpb = blockDim.x / lanes;
     const int c = blockIdx.x * cpb + threadIdx.x / lanes;
@@ -60,6 +64,7 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
 #pragma unroll
     for (int q = 0; q < NPL; ++q) av[q] = valid ? a[(u64)cc * d_state + n0 + q] : 0.0f;
     grid_dep_sync();
+    TL_WAITED(TL_STEP);
     // Issue the state load first: it is the one that must come from memory.
     float hv[NPL];
     if (NPL == 4) {

@@ -8,7 +8,8 @@ contains NAME.
 Needs NVRTC and ptxas (for example the `nvidia-cuda-nvrtc-cu12` and
 `nvidia-cuda-nvcc-cu12` wheels) and, for --sass, cuobjdump:
   NVRTC_LIB=/path/libnvrtc.so.12 PTXAS=/path/ptxas CUOBJDUMP=/path/cuobjdump \
-    scripts/kernel-check.py [FAMILY...] [--sass NAME]
+    scripts/kernel-check.py [FAMILY...] [--sass NAME] [--timeline]
+With --timeline the kernels are compiled with the timeline marks.
 """
 import argparse
 import ctypes
@@ -22,11 +23,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"
 
 
-def nvrtc_compile(lib, source, name, arch):
+def nvrtc_compile(lib, source, name, arch, defines=()):
     prog = ctypes.c_void_p()
     check = lambda rc, what: rc == 0 or sys.exit(f"{what} failed: {rc}")
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None), "nvrtcCreateProgram")
-    opts = [f"--gpu-architecture=compute_{arch}".encode(), b"--std=c++17"]
+    opts = [f"--gpu-architecture=compute_{arch}".encode(), b"--std=c++17"] + [f"-D{d}".encode() for d in defines]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()
@@ -50,6 +51,7 @@ def main():
     ap.add_argument("families", nargs="*")
     ap.add_argument("--sass", default=None)
     ap.add_argument("--arch", default="90")
+    ap.add_argument("--timeline", action="store_true", help="with the timeline marks (as MAMBA_SERVE_TIMELINE compiles them)")
     args = ap.parse_args()
     lib = ctypes.CDLL(os.environ.get("NVRTC_LIB", "libnvrtc.so.12"))
     ptxas = os.environ.get("PTXAS", "ptxas")
@@ -59,7 +61,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for fam in families:
             src = prelude + "\n" + (KERNELS / f"{fam}.cu").read_text()
-            ptx = nvrtc_compile(lib, src, f"{fam}.cu", args.arch)
+            defines = ("MS_TIMELINE", "TL_CAP=8388608ull") if args.timeline else ()
+            ptx = nvrtc_compile(lib, src, f"{fam}.cu", args.arch, defines)
             if ptx is None:
                 failed = True
                 continue

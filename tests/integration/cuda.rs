@@ -161,8 +161,12 @@ fn linear_matches_the_cpu() -> TestResult {
     // (one with an odd k: the scalar conversion; one with a short k but
     // above the short-k kernel's rows), and the short-k tensor-core kernel
     // for 16-bit weights (dt_proj at decode batches; k of two chunks, the
-    // last padded; partial tiles).
+    // last padded; partial tiles). One row of x: out_proj's shape at batch
+    // 1 (the streaming GEMV, 4 batches a column) and a k of 1000 (a
+    // partial last batch in the block-split GEMV).
     let shapes = [
+        (1, 2048, 4096),
+        (1, 600, 1000),
         (256, 160, 4096),
         (256, 4096, 128),
         (33, 2600, 200),
@@ -247,8 +251,10 @@ fn fused_norm_and_residual_products_match_the_cpu() -> TestResult {
     // norm writing 16-bit activations; the residual add as beta = 1); one
     // row of 3001 or 2500 columns with a long K (4096, 1032: a partial last
     // batch) streams too. With a short k (136: a second chunk of 8 values,
-    // padded) and 16-bit weights, linear_add takes the short-k kernel.
+    // padded) and 16-bit weights, linear_add takes the short-k kernel. One
+    // row of 2048 columns at k 4096 is out_proj's shape at batch 1.
     let shapes = [
+        (1, 2048, 4096),
         (200, 1000, 136),
         (1, 3001, 4096),
         (1, 2500, 1032),

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, result, sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result, sys};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 
 use crate::backend::{BackendError, Result};
@@ -268,22 +268,26 @@ type Residency = ((Kernel, u32, usize), u32);
 /// The loaded kernels, indexed by [`Kernel`].
 pub struct Kernels {
     functions: Vec<CudaFunction>,
+    /// The compiled families (for their globals).
+    modules: Vec<Arc<CudaModule>>,
     /// Answers of [`Kernels::resident_blocks`] so far.
     resident: RefCell<Vec<Residency>>,
 }
 
 impl Kernels {
     /// Compiles every family for compute capability `major.minor` and loads
-    /// its functions into `ctx`.
-    pub fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> Result<Self> {
+    /// its functions into `ctx`; with `timeline`, with the timeline marks
+    /// compiled in for a ring of that many records (`MS_TIMELINE`, see
+    /// `kernels/prelude.cu`).
+    pub fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32, timeline: Option<usize>) -> Result<Self> {
         let arch = format!("--gpu-architecture=compute_{major}{minor}");
         let mut modules = Vec::with_capacity(FAMILIES.len());
         for &(family, body) in FAMILIES {
-            let opts = CompileOptions {
-                options: vec![arch.clone(), "--std=c++17".into()],
-                name: Some(format!("{family}.cu")),
-                ..Default::default()
-            };
+            let mut options = vec![arch.clone(), "--std=c++17".into()];
+            if let Some(records) = timeline {
+                options.extend(["-DMS_TIMELINE".into(), format!("-DTL_CAP={records}ull")]);
+            }
+            let opts = CompileOptions { options, name: Some(format!("{family}.cu")), ..Default::default() };
             let ptx = compile_ptx_with_opts(format!("{PRELUDE}\n{body}"), opts).map_err(|e| compile_error(family, e))?;
             let module = ctx.load_module(ptx).map_err(|e| BackendError::KernelCompile {
                 kernel: format!("{family}.cu"),
@@ -311,7 +315,20 @@ impl Kernels {
                 .set_attribute(carveout, max_shared)
                 .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
         }
-        Ok(Kernels { functions, resident: RefCell::new(vec![]) })
+        let modules = modules.into_iter().map(|(_, m)| m).collect();
+        Ok(Kernels { functions, modules, resident: RefCell::new(vec![]) })
+    }
+
+    /// Points every module's timeline ring (`ms_timeline`, compiled in
+    /// with `timeline`) at device address `ring`.
+    pub fn set_timeline(&self, ring: u64, stream: &Arc<CudaStream>) -> Result<()> {
+        let err = |e: cudarc::driver::DriverError| BackendError::Device { op: "timeline symbol", detail: e.to_string() };
+        for m in &self.modules {
+            let mut at = m.get_global("ms_timeline", stream).map_err(err)?;
+            stream.memcpy_htod(&ring.to_le_bytes(), &mut at).map_err(err)?;
+        }
+        stream.synchronize().map_err(err)?;
+        Ok(())
     }
 
     pub fn get(&self, k: Kernel) -> sys::CUfunction {

@@ -292,6 +292,10 @@ pub struct CudaBackend {
     /// Per-launch timing events, when `MAMBA_SERVE_CUDA_PROFILE` is set:
     /// a table of time per kernel is printed to stderr on drop.
     profile: Option<RefCell<Vec<(String, CudaEvent, CudaEvent)>>>,
+    /// The instrumented kernels' record ring and the file it is written to
+    /// on drop, when `MAMBA_SERVE_TIMELINE` names one (see
+    /// `kernels/prelude.cu`, `tl_mark`).
+    timeline: Option<(DevBuf, std::path::PathBuf)>,
     name: String,
     sm: (i32, i32),
     /// Multiprocessors.
@@ -359,7 +363,18 @@ impl CudaBackend {
         let sm = ctx.compute_capability().map_err(dev("compute capability"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(dev("device attribute"))?;
-        let kernels = Kernels::compile(&ctx, sm.0, sm.1)?;
+        let timeline_path = std::env::var_os("MAMBA_SERVE_TIMELINE").map(std::path::PathBuf::from);
+        let kernels = Kernels::compile(&ctx, sm.0, sm.1, timeline_path.as_ref().map(|_| TIMELINE_RECORDS))?;
+        let timeline = match timeline_path {
+            Some(path) => {
+                let ring = DevBuf::alloc(&ctx, TIMELINE_BYTES, "timeline ring")?;
+                // SAFETY: a plain memset of the ring just allocated.
+                unsafe { result::memset_d8_sync(ring.ptr, 0, ring.bytes) }.map_err(dev("timeline ring"))?;
+                kernels.set_timeline(ring.ptr, &stream)?;
+                Some((ring, path))
+            }
+            None => None,
+        };
         let workspace = DevBuf::alloc(&ctx, blas::WORKSPACE_BYTES, "cuBLAS workspace")?;
         let blas = Blas::new(stream.cu_stream(), workspace.ptr)?;
         const STAGING: usize = 4 << 20;
@@ -391,6 +406,7 @@ impl CudaBackend {
             capturing: Cell::new(false),
             launches: Cell::new(0),
             profile: std::env::var_os("MAMBA_SERVE_CUDA_PROFILE").map(|_| RefCell::new(vec![])),
+            timeline,
             name: format!("cuda:{ordinal} ({name}, sm_{}{})", sm.0, sm.1),
             sm,
             sms: sms.max(1) as u32,
@@ -1383,8 +1399,42 @@ impl Backend for CudaBackend {
     }
 }
 
+/// Records of the timeline ring (the kernels' `TL_CAP`), three words each,
+/// after a word counting them.
+const TIMELINE_RECORDS: usize = 1 << 23;
+const TIMELINE_BYTES: usize = 8 * (1 + 3 * TIMELINE_RECORDS);
+/// The most recent records written to the timeline file.
+const TIMELINE_KEEP: usize = 600_000;
+
+impl CudaBackend {
+    /// Writes the newest TIMELINE_KEEP records of the timeline ring, oldest
+    /// first, as little-endian u64 triples (time ns, tag/event/sm/block,
+    /// blocks/threads) after their count.
+    fn write_timeline(&self) -> Result<()> {
+        let Some((ring, path)) = &self.timeline else { return Ok(()) };
+        self.sync()?;
+        let mut words = vec![0u64; 1 + 3 * TIMELINE_RECORDS];
+        // SAFETY: reads the whole ring into a buffer of its size.
+        unsafe { result::memcpy_dtoh_sync(&mut words[..], ring.ptr) }.map_err(dev("timeline read"))?;
+        let total = words[0] as usize;
+        let keep = total.min(TIMELINE_KEEP).min(TIMELINE_RECORDS);
+        let mut bytes = Vec::with_capacity(8 + 24 * keep);
+        bytes.extend_from_slice(&(keep as u64).to_le_bytes());
+        for i in total - keep..total {
+            let at = 1 + 3 * (i % TIMELINE_RECORDS);
+            for w in &words[at..at + 3] {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        std::fs::write(path, bytes).map_err(|e| BackendError::Device { op: "timeline write", detail: e.to_string() })
+    }
+}
+
 impl Drop for CudaBackend {
     fn drop(&mut self) {
+        if let Err(e) = self.write_timeline() {
+            eprintln!("timeline not written: {e}");
+        }
         let Some(profile) = self.profile.take() else { return };
         if self.sync().is_err() {
             return;

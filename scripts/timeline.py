@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Summarises a kernel timeline written by the CUDA backend.
+
+Run the server or `mamba-serve bench` with MAMBA_SERVE_TIMELINE=FILE: the
+instrumented decode kernels (the GEMVs and the fused small-batch step) are
+compiled with timeline marks, and on exit the newest records are written to
+FILE (see `tl_mark` in kernels/prelude.cu for the format). This script groups
+the records into kernel launches, takes the last whole decode step (from one
+LM head, the launch with the largest grid, to the next), and prints
+
+- each launch of the step's first layers and its last few: the first and
+  last block's start, dependent-launch wait and end, in µs from the step's
+  start;
+- per kind of launch, medians over the step: when its first block started,
+  and when its first wait returned, after the previous launch's last block
+  ended; its last block's end after its last wait (the body); its span
+  after the previous launch (what the kind costs the step); and the spread
+  of its blocks' ends (the tail).
+
+Usage: scripts/timeline.py FILE
+"""
+import bisect
+import collections
+import statistics
+import struct
+import sys
+
+TAGS = {1: "gemv", 2: "stream", 4: "step", 5: "gemv-norm", 6: "stream-norm"}
+# Launches of one kernel shape whose first blocks start less than this far
+# apart (ns) are one launch: a layer takes longer than this.
+SAME_LAUNCH_NS = 8000
+
+
+def read(path):
+    data = open(path, "rb").read()
+    n = struct.unpack_from("<Q", data, 0)[0]
+    recs = []
+    for i in range(n):
+        t, a, b = struct.unpack_from("<QQQ", data, 8 + 24 * i)
+        recs.append((t, a >> 56, (a >> 48) & 0xFF, b >> 32, b & 0xFFFFFFFF))
+    return recs
+
+
+def launches(recs):
+    """(first start, (tag, blocks, threads), {event: sorted times}) of every
+    launch whose blocks all started inside the records."""
+    by_shape = collections.defaultdict(lambda: {0: [], 1: [], 2: []})
+    for t, tag, event, blocks, threads in recs:
+        by_shape[(tag, blocks, threads)][event].append(t)
+    out = []
+    for shape, events in by_shape.items():
+        for v in events.values():
+            v.sort()
+        groups = []
+        for t in events[0]:
+            if groups and t - groups[-1][-1] <= SAME_LAUNCH_NS:
+                groups[-1].append(t)
+            else:
+                groups.append([t])
+        bounds = [g[0] for g in groups] + [1 << 64]
+        for i, g in enumerate(groups):
+            if len(g) != shape[1]:
+                continue  # cut off at the ring's start or end
+            lo, hi = bounds[i], bounds[i + 1]
+            ev = {e: v[bisect.bisect_left(v, lo) : bisect.bisect_left(v, hi)] for e, v in events.items()}
+            out.append((g[0], shape, ev))
+    out.sort()
+    return out
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    recs = read(sys.argv[1])
+    times = sorted({r[0] for r in recs})
+    steps = [b - a for a, b in zip(times, times[1:]) if b > a]
+    print(f"{len(recs)} records; timer step {min(steps) if steps else '?'} ns")
+    ls = launches(recs)
+    widest = max(shape[1] for _, shape, _ in ls)
+    heads = [i for i, (_, shape, _) in enumerate(ls) if shape[1] == widest]
+    if len(heads) < 2:
+        sys.exit("fewer than two LM heads (launches of the widest grid) in the records: no whole step")
+    step = ls[heads[-2] + 1 : heads[-1] + 1]
+    t0 = step[0][0]
+    us = lambda t: (t - t0) / 1000
+    print(f"last whole step: {len(step)} instrumented launches, {us(step[-1][2][2][-1]):.2f} us")
+    print("kind         blocks thr  start0  startN   wait0   waitN    end0    endN")
+    for i, (_, shape, ev) in enumerate(step):
+        if i < 12 or i >= len(step) - 5:
+            w = ev[1] or [float("nan")]
+            w0, wn = (us(w[0]), us(w[-1])) if ev[1] else (float("nan"), float("nan"))
+            print(f"{TAGS.get(shape[0], shape[0]):12s} {shape[1]:6d} {shape[2]:3d} "
+                  f"{us(ev[0][0]):7.2f} {us(ev[0][-1]):7.2f} {w0:7.2f} {wn:7.2f} {us(ev[2][0]):7.2f} {us(ev[2][-1]):7.2f}")
+    rows = collections.defaultdict(list)
+    prev_end = None
+    for _, shape, ev in step:
+        if prev_end is not None:
+            waited = ev[1] or ev[0]
+            rows[shape].append((
+                ev[0][0] - prev_end,
+                waited[0] - prev_end,
+                ev[2][-1] - waited[-1],
+                ev[2][-1] - prev_end,
+                ev[2][-1] - ev[2][0],
+            ))
+        prev_end = ev[2][-1]
+    print("medians (us): kind blocks threads launches | start0-prev  wait0-prev  body  span  tail")
+    for shape, v in rows.items():
+        cols = "  ".join(f"{statistics.median(c) / 1000:6.2f}" for c in zip(*v))
+        print(f"{TAGS.get(shape[0], shape[0]):12s} {shape[1]:6d} {shape[2]:3d} {len(v):4d} | {cols}")
+
+
+if __name__ == "__main__":
+    main()
