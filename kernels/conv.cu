@@ -170,6 +170,7 @@ extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride
                                        u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs,
                                        int channels, float* __restrict__ out, int out_stride, u16* __restrict__ half,
                                        int half_dt) {
+    TL_SCOPE(TL_CONV_STEP);
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
     const int hist = k - 1;
@@ -179,6 +180,7 @@ extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride
     const float w_last = weight[(u64)c * k + hist];
     const float b = bias ? bias[c] : 0.0f;
     grid_dep_sync();
+    TL_WAITED(TL_CONV_STEP);
     const int s0 = blockIdx.y * CONV_STEP_SEQS;
     float win[CONV_STEP_SEQS][CONV_STEP_MAX_K];
     float* st[CONV_STEP_SEQS];
@@ -258,6 +260,7 @@ extern "C" __global__ void conv1d_step4(const float* __restrict__ x, int x_strid
                                         u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs,
                                         int channels, float* __restrict__ out, int out_stride, u16* __restrict__ half,
                                         int half_dt) {
+    TL_SCOPE(TL_CONV_STEP4);
     const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
     if (c >= channels) return;
     float4 w[4];
@@ -305,6 +308,7 @@ extern "C" __global__ void __launch_bounds__(128) conv1d_step4_staged(
     const float* __restrict__ x, int x_stride, const float* __restrict__ weight, const float* __restrict__ bias, int k, int act,
     float* __restrict__ state, u64 slot_stride, u64 layer_off, const u32* __restrict__ slots, int n_seqs, int channels,
     float* __restrict__ out, int out_stride, u16* __restrict__ half, int half_dt) {
+    TL_SCOPE(TL_CONV_STEP4_STAGED);
     __shared__ float4 stage[CONV_STEP4_WARPS][CONV_STEP_SEQS][96];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int quads = channels / 4;

@@ -5,6 +5,7 @@
 // An id outside the table writes NaN, so a bad id cannot pass unnoticed.
 template <int DT>
 __device__ void embed_impl(const void* table, const u32* ids, float* out, int d, u32 rows) {
+    TL_SCOPE(TL_EMBED);
     const u32 t = blockIdx.x;
     const u32 id = ids[t];
     float* o = out + (u64)t * d;
@@ -43,6 +44,7 @@ extern "C" __global__ void fill_f32(float* dst, u64 n, float value) {
 // Dense 16-bit copy of a strided f32 view: out[r, c] = half(x[r * stride + c]).
 // `dt` is 1 for bf16, 2 for f16. Grid (column blocks, row blocks).
 extern "C" __global__ void to_half(const float* x, int rows, int cols, int stride, u16* out, int dt) {
+    TL_SCOPE(TL_TO_HALF);
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     for (int r = blockIdx.y; r < rows; r += gridDim.y) {
@@ -55,6 +57,7 @@ extern "C" __global__ void to_half(const float* x, int rows, int cols, int strid
 // thread (two 16-byte loads, one 16-byte store). Grid (column blocks of
 // 8 * blockDim.x, row blocks).
 extern "C" __global__ void to_half8(const float* x, int rows, int cols, int stride, u16* out, int dt) {
+    TL_SCOPE(TL_TO_HALF);
     const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (c >= cols) return;
     for (int r = blockIdx.y; r < rows; r += gridDim.y) {

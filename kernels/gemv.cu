@@ -147,13 +147,6 @@ __device__ __forceinline__ void gemv_finish(float v, const float* bias, float* o
     }
 }
 
-// Timeline tags (see `tl_mark`): the block-split and streaming GEMVs,
-// without and with the norm prologue.
-#define TL_GEMV 1
-#define TL_STREAM 2
-#define TL_GEMV_NORM 5
-#define TL_STREAM_NORM 6
-
 #define GEMV_MAX_WARPS 8
 #define GEMV_U 2
 

@@ -8,6 +8,7 @@
 // the operand of a tensor-core product, `out` then pointing at u16 data.
 // `rmsnorm_rows4` below is the same for dims the vector path takes.
 extern "C" __global__ void rmsnorm_rows(const float* x, const float* weight, float eps, int dim, void* out, int half) {
+    TL_SCOPE(TL_NORM_ROWS);
     __shared__ float sh[33];
     const u64 base = (u64)blockIdx.x * dim;
     const float* r = x + base;
@@ -71,6 +72,7 @@ extern "C" __global__ void gated_rmsnorm(const float* y, int y_stride, const flo
 // tensor-core product.
 extern "C" __global__ void rmsnorm_rows4(const float* __restrict__ x, const float* __restrict__ weight, float eps,
                                          int dim, void* __restrict__ out, int half) {
+    TL_SCOPE(TL_NORM_ROWS);
     __shared__ float sh[33];
     const u64 base = (u64)blockIdx.x * dim;
     const float4* r = (const float4*)(x + base);

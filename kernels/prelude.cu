@@ -36,7 +36,23 @@ __device__ __forceinline__ void grid_dep_sync() {
 // returned, 2 it ends), the multiprocessor (32-47) and the block (0-31);
 // and the grid's blocks (32-63) and the block's threads (0-31). Without
 // MS_TIMELINE the marks compile to nothing. The backend defines TL_CAP,
-// the ring's records, with MS_TIMELINE.
+// the ring's records, with MS_TIMELINE. The tags (scripts/timeline.py
+// names them the same way):
+#define TL_GEMV 1
+#define TL_STREAM 2
+#define TL_STEP 4
+#define TL_GEMV_NORM 5
+#define TL_STREAM_NORM 6
+#define TL_CONV_STEP 8
+#define TL_CONV_STEP4 9
+#define TL_CONV_STEP4_STAGED 10
+#define TL_STEP_WIDE 11
+#define TL_STEP_LEAN 12
+#define TL_SHORTK 13
+#define TL_SAMPLE 14
+#define TL_EMBED 15
+#define TL_TO_HALF 16
+#define TL_NORM_ROWS 17
 #ifdef MS_TIMELINE
 __device__ u64* ms_timeline;
 __device__ __forceinline__ void tl_mark(u32 tag, u32 event) {

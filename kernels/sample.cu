@@ -258,6 +258,7 @@ __device__ Cut last_within(const u32* keys, u32 vocab, Cut bound, Shared* sh) {
 extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logits, int lstride, u32 vocab,
                                                                  const u32* params, float* proc_all, u32* keys_all,
                                                                  double* e_all, u32* outw) {
+    TL_SCOPE(TL_SAMPLE);
     __shared__ Shared sh;
     const u32 r = blockIdx.x;
     const u32* P = params + (u64)r * P_WORDS;

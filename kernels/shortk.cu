@@ -57,6 +57,7 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 template <int DT, int BM>
 __device__ void shortk_impl(const float* __restrict__ x, int xs, int m, const u16* __restrict__ w, int n, int k,
                             const float* __restrict__ bias, float* __restrict__ out, int os, int accumulate) {
+    TL_SCOPE(TL_SHORTK);
     // Warps along the rows, accumulator tiles a warp, x's pieces a thread.
     constexpr int WR = BM / 16, NJ = WR, XP = BM * SHORTK_KC / 8 / SHORTK_THREADS;
     static_assert(NJ * 8 * (8 / WR) == SHORTK_TILE, "the warps cover the tile's columns");
@@ -72,6 +73,7 @@ __device__ void shortk_impl(const float* __restrict__ x, int xs, int m, const u1
     for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     // x comes from the previous kernel.
     grid_dep_sync();
+    TL_WAITED(TL_SHORTK);
     for (int kc = 0; kc < k; kc += SHORTK_KC) {
         const int kl = min(SHORTK_KC, k - kc);
         const int k16 = (kl + 15) & ~15;

@@ -25,9 +25,6 @@ __device__ __forceinline__ void falcon_inv_norms(const float* row, int rank, int
     inv_c = (float)(1.0 / sqrt((double)sc / d_state + (double)eps));
 }
 
-// The fused step's timeline tag (see `tl_mark`).
-#define TL_STEP 4
-
 // Mamba-1 decode: one token per sequence (row s), with the dt projection,
 // softplus, D skip and SiLU(z) gate fused in, and Falcon-Mamba's weightless
 // norms of dt, B and C when `norm` is set.
@@ -344,6 +341,7 @@ __device__ void mamba1_step_wide_impl(const float* __restrict__ x, int xs, const
 // (`half_dt` 1 bf16, 2 f16): the operand out_proj's tensor-core product
 // takes, so no conversion kernel runs between (the fused step ignores it).
 extern "C" __global__ void mamba1_step_wide(STEP_ARGS) {
+    TL_SCOPE(TL_STEP_WIDE);
     mamba1_step_wide_impl(x, xs, xdbl, xds, dtpre, dps, dt_bias, a, skip, z, zs, state, slot_stride, layer_off, slots,
                           n_seqs, channels, d_state, rank, norm, eps, lanes, out, os, half, half_dt);
 }
@@ -372,6 +370,7 @@ extern "C" __global__ void mamba1_step_wide(STEP_ARGS) {
 #define STEP_LEAN_STAGE (STEP_WIDE_SEQS * STEP_LEAN_SEQ)
 
 extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
+    TL_SCOPE(TL_STEP_LEAN);
     extern __shared__ float4 lean_smem[];
     const float* smem = (const float*)lean_smem;
     const int tid = threadIdx.x, lane = tid & 3, cl = tid >> 2, warp = tid >> 5, wl = tid & 31;

@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
 """Summarises a kernel timeline written by the CUDA backend.
 
-Run the server or `mamba-serve bench` with MAMBA_SERVE_TIMELINE=FILE: the
-instrumented decode kernels (the GEMVs and the fused small-batch step) are
-compiled with timeline marks, and on exit the newest records are written to
-FILE (see `tl_mark` in kernels/prelude.cu for the format). This script groups
-the records into kernel launches, takes the last whole decode step (from one
-LM head, the launch with the largest grid, to the next), and prints
+Run `mamba-serve bench` with MAMBA_SERVE_TIMELINE=FILE: the instrumented
+kernels (listed below) are compiled with timeline marks, and on exit the
+newest records are written to FILE (see `tl_mark` in kernels/prelude.cu for
+the format). This script groups the records into kernel launches, takes the
+last whole decode step (the launches after one sampling launch up to the
+next), and prints
 
 - each launch of the step's first layers and its last few: the first and
   last block's start, dependent-launch wait and end, in µs from the step's
-  start;
+  start (a step ends with its sampling launch);
 - per kind of launch, medians over the step: when its first block started,
   and when its first wait returned, after the previous launch's last block
   ended; its last block's end after its last wait (the body); its span
   after the previous launch (what the kind costs the step); and the spread
   of its blocks' ends (the tail).
+
+Instrumented: the decode GEMVs, the decode steps and convs, the short-k
+product, the 16-bit conversions, the row norms, the embedding and the
+sampling. cuBLAS's kernels are not, so a launch after one shows the
+cuBLAS time in its gap to the previous instrumented launch.
 
 Usage: scripts/timeline.py FILE
 """
@@ -25,7 +30,25 @@ import statistics
 import struct
 import sys
 
-TAGS = {1: "gemv", 2: "stream", 4: "step", 5: "gemv-norm", 6: "stream-norm"}
+# The TL_* tags of kernels/prelude.cu.
+TAGS = {
+    1: "gemv",
+    2: "stream",
+    4: "step",
+    5: "gemv-norm",
+    6: "stream-norm",
+    8: "conv-step",
+    9: "conv-step4",
+    10: "conv-staged",
+    11: "step-wide",
+    12: "step-lean",
+    13: "shortk",
+    14: "sample",
+    15: "embed",
+    16: "to-half",
+    17: "norm-rows",
+}
+SAMPLE = 14
 # Launches of one kernel shape whose first blocks start less than this far
 # apart (ns) are one launch: a layer takes longer than this.
 SAME_LAUNCH_NS = 8000
@@ -76,11 +99,15 @@ def main():
     steps = [b - a for a, b in zip(times, times[1:]) if b > a]
     print(f"{len(recs)} records; timer step {min(steps) if steps else '?'} ns")
     ls = launches(recs)
-    widest = max(shape[1] for _, shape, _ in ls)
-    heads = [i for i, (_, shape, _) in enumerate(ls) if shape[1] == widest]
-    if len(heads) < 2:
-        sys.exit("fewer than two LM heads (launches of the widest grid) in the records: no whole step")
-    step = ls[heads[-2] + 1 : heads[-1] + 1]
+    # A step ends with its sampling launch (with the widest grid, the LM
+    # head, when the records hold no sampling).
+    ends = [i for i, (_, shape, _) in enumerate(ls) if shape[0] == SAMPLE]
+    if len(ends) < 2:
+        widest = max(shape[1] for _, shape, _ in ls)
+        ends = [i for i, (_, shape, _) in enumerate(ls) if shape[1] == widest]
+    if len(ends) < 2:
+        sys.exit("fewer than two step ends (sampling launches, or launches of the widest grid) in the records")
+    step = ls[ends[-2] + 1 : ends[-1] + 1]
     t0 = step[0][0]
     us = lambda t: (t - t0) / 1000
     print(f"last whole step: {len(step)} instrumented launches, {us(step[-1][2][2][-1]):.2f} us")
