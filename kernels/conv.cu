@@ -215,6 +215,14 @@ extern "C" __global__ void conv1d_step(const float* __restrict__ x, int x_stride
     }
 }
 
+// The taps (w[j] = channel c + j's four) and biases of the four channels
+// from c, shared by the 4-channel kernels.
+__device__ __forceinline__ void conv4_params(const float* weight, const float* bias, int c, float4 (&w)[4], float4& b) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[j] = ((const float4*)(weight + (u64)c * 4))[j];
+    if (bias) b = *(const float4*)(bias + c);
+}
+
 // Four adjacent channels' 4-tap step, shared by the 4-channel kernels:
 // `win` holds channel q's window at 3q .. 3q + 2 and is advanced in place
 // (the oldest value of each channel out, its input in); returns the
@@ -263,10 +271,8 @@ extern "C" __global__ void conv1d_step4(const float* __restrict__ x, int x_strid
     TL_SCOPE(TL_CONV_STEP4);
     const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
     if (c >= channels) return;
-    float4 w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) w[j] = ((const float4*)(weight + (u64)c * 4))[j];
-    const float4 b = bias ? *(const float4*)(bias + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float4 w[4], b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    conv4_params(weight, bias, c, w, b);
     const int s0 = blockIdx.y * CONV_STEP_SEQS;
     // Per sequence: the 4 channels' 3-value windows (12 floats) and inputs.
     float4 win[CONV_STEP_SEQS][3], xin[CONV_STEP_SEQS];
@@ -320,11 +326,7 @@ extern "C" __global__ void __launch_bounds__(128) conv1d_step4_staged(
     const int c = (q0 + lane) * 4;
     float4 w[4];
     float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (active) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) w[j] = ((const float4*)(weight + (u64)c * 4))[j];
-        if (bias) b = *(const float4*)(bias + c);
-    }
+    if (active) conv4_params(weight, bias, c, w, b);
     const int s0 = blockIdx.y * CONV_STEP_SEQS;
     float4 raw[CONV_STEP_SEQS][3], xin[CONV_STEP_SEQS];
     float4* st[CONV_STEP_SEQS];

@@ -576,8 +576,10 @@ struct ScanCase {
     layout: PoolLayout,
 }
 
-fn scan_case(rng: &mut Rng, t: usize, ch: usize, n: usize) -> ScanCase {
-    let layout = PoolLayout { n_slots: 7, n_layers: 2, per_layer: ch * n };
+/// Random inputs of `t` tokens, `ch` channels and `n` states a channel,
+/// with a state pool of `slots` slots and 2 layers.
+fn scan_case(rng: &mut Rng, t: usize, ch: usize, n: usize, slots: usize) -> ScanCase {
+    let layout = PoolLayout { n_slots: slots, n_layers: 2, per_layer: ch * n };
     ScanCase {
         ch,
         n,
@@ -656,7 +658,7 @@ fn mamba1_scan_matches_the_cpu() -> TestResult {
     ];
     for &(lens, ch, n) in cases {
         let bt = batch(&mut rng, lens, 7);
-        let c = scan_case(&mut rng, bt.n_tokens(), ch, n);
+        let c = scan_case(&mut rng, bt.n_tokens(), ch, n, 7);
         let want = mamba1_on(&cpu, &bt, &c)?;
         let got = mamba1_on(&g, &bt, &c)?;
         check_close(&format!("mamba1_scan {lens:?} ch {ch} n {n} out"), &got.0, &want.0, 1e-5);
@@ -675,9 +677,7 @@ fn mamba1_scan_of_many_short_segments_matches_the_cpu() -> TestResult {
     for n in [16, 7] {
         let lens: Vec<usize> = (0..40).map(|_| 1 + rng.below(8)).collect();
         let bt = batch(&mut rng, &lens, 48);
-        let mut c = scan_case(&mut rng, bt.n_tokens(), 70, n);
-        c.layout = PoolLayout { n_slots: 48, n_layers: 2, per_layer: 70 * n };
-        c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+        let c = scan_case(&mut rng, bt.n_tokens(), 70, n, 48);
         let want = mamba1_on(&cpu, &bt, &c)?;
         let got = mamba1_on(&g, &bt, &c)?;
         check_close(&format!("mamba1_scan 40 short segments n {n} out"), &got.0, &want.0, 1e-5);
@@ -774,9 +774,7 @@ fn mamba1_step_matches_the_cpu() -> TestResult {
                 let x_offsets: &[usize] = if s > 16 { &[1, 4] } else { &[1] };
                 for &x_off in x_offsets {
                     let bt = batch(&mut rng, &vec![1; s], 7.max(s));
-                    let mut c = scan_case(&mut rng, s, ch, n);
-                    c.layout = PoolLayout { n_slots: 7.max(s), n_layers: 2, per_layer: ch * n };
-                    c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+                    let mut c = scan_case(&mut rng, s, ch, n, 7.max(s));
                     let xs = ch + 4;
                     c.x = rng.vec(x_off + s * xs, -2.0, 2.0);
                     c.bc = rng.vec(s * (r + 2 * n), -1.5, 1.5);
@@ -947,9 +945,7 @@ fn large_decode_batches_hand_their_16_bit_copies_to_the_next_product() -> TestRe
     // (over 2^24 multiply-adds: cuBLAS on 16-bit operands).
     let (s, ch, n, r, n_out) = (40, 600, 16, 8, 800);
     let bt = batch(&mut rng, &vec![1; s], 48);
-    let mut c = scan_case(&mut rng, s, ch, n);
-    c.layout = PoolLayout { n_slots: 48, n_layers: 2, per_layer: ch * n };
-    c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+    let mut c = scan_case(&mut rng, s, ch, n, 48);
     c.bc = rng.vec(s * (r + 2 * n), -1.5, 1.5);
     let taps = rng.vec(ch * 4, -1.0, 1.0);
     let conv_state = rng.vec(48 * 2 * ch * 3, -1.0, 1.0);
@@ -1032,9 +1028,7 @@ fn a_large_decode_batch_conv_x_proj_and_step_match_the_cpu() -> TestResult {
         let (s, ch, n) = (64, 2056, 16);
         let n_out = r + 2 * n;
         let bt = batch(&mut rng, &vec![1; s], 70);
-        let mut c = scan_case(&mut rng, s, ch, n);
-        c.layout = PoolLayout { n_slots: 70, n_layers: 2, per_layer: ch * n };
-        c.state = rng.vec(c.layout.len(), -1.0, 1.0);
+        let c = scan_case(&mut rng, s, ch, n, 70);
         let taps = rng.vec(ch * 4, -1.0, 1.0);
         let conv_state = rng.vec(70 * 2 * ch * 3, -1.0, 1.0);
         let (dtw, _) = as_dtype(&rng.vec(ch * r, -0.2, 0.2), DType::BF16);

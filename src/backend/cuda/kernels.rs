@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result, sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result, sys};
 use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
 
 use crate::backend::{BackendError, Result};
@@ -268,23 +268,28 @@ type Residency = ((Kernel, u32, usize), u32);
 /// The loaded kernels, indexed by [`Kernel`].
 pub struct Kernels {
     functions: Vec<CudaFunction>,
-    /// The compiled families (for their globals).
-    modules: Vec<Arc<CudaModule>>,
     /// Answers of [`Kernels::resident_blocks`] so far.
     resident: RefCell<Vec<Residency>>,
 }
 
 impl Kernels {
     /// Compiles every family for compute capability `major.minor` and loads
-    /// its functions into `ctx`; with `timeline`, with the timeline marks
-    /// compiled in for a ring of that many records (`MS_TIMELINE`, see
-    /// `kernels/prelude.cu`).
-    pub fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32, timeline: Option<usize>) -> Result<Self> {
+    /// its functions into `ctx`; with `timeline` (a device ring and its
+    /// records), with the timeline marks compiled in and every module's
+    /// `ms_timeline` pointing at the ring (`MS_TIMELINE`, see
+    /// `kernels/prelude.cu`), set through `stream`.
+    pub fn compile(
+        ctx: &Arc<CudaContext>,
+        major: i32,
+        minor: i32,
+        timeline: Option<(u64, usize)>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Self> {
         let arch = format!("--gpu-architecture=compute_{major}{minor}");
         let mut modules = Vec::with_capacity(FAMILIES.len());
         for &(family, body) in FAMILIES {
             let mut options = vec![arch.clone(), "--std=c++17".into()];
-            if let Some(records) = timeline {
+            if let Some((_, records)) = timeline {
                 options.extend(["-DMS_TIMELINE".into(), format!("-DTL_CAP={records}ull")]);
             }
             let opts = CompileOptions { options, name: Some(format!("{family}.cu")), ..Default::default() };
@@ -293,6 +298,12 @@ impl Kernels {
                 kernel: format!("{family}.cu"),
                 log: format!("the driver could not load the compiled module: {e}"),
             })?;
+            if let Some((ring, _)) = timeline {
+                let err = |e: cudarc::driver::DriverError| BackendError::Device { op: "timeline symbol", detail: e.to_string() };
+                let mut at = module.get_global("ms_timeline", stream).map_err(err)?;
+                stream.memcpy_htod(&ring.to_le_bytes(), &mut at).map_err(err)?;
+                stream.synchronize().map_err(err)?;
+            }
             modules.push((family, module));
         }
         let mut functions = Vec::with_capacity(Kernel::ALL.len());
@@ -315,20 +326,7 @@ impl Kernels {
                 .set_attribute(carveout, max_shared)
                 .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
         }
-        let modules = modules.into_iter().map(|(_, m)| m).collect();
-        Ok(Kernels { functions, modules, resident: RefCell::new(vec![]) })
-    }
-
-    /// Points every module's timeline ring (`ms_timeline`, compiled in
-    /// with `timeline`) at device address `ring`.
-    pub fn set_timeline(&self, ring: u64, stream: &Arc<CudaStream>) -> Result<()> {
-        let err = |e: cudarc::driver::DriverError| BackendError::Device { op: "timeline symbol", detail: e.to_string() };
-        for m in &self.modules {
-            let mut at = m.get_global("ms_timeline", stream).map_err(err)?;
-            stream.memcpy_htod(&ring.to_le_bytes(), &mut at).map_err(err)?;
-        }
-        stream.synchronize().map_err(err)?;
-        Ok(())
+        Ok(Kernels { functions, resident: RefCell::new(vec![]) })
     }
 
     pub fn get(&self, k: Kernel) -> sys::CUfunction {

@@ -363,18 +363,17 @@ impl CudaBackend {
         let sm = ctx.compute_capability().map_err(dev("compute capability"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(dev("device attribute"))?;
-        let timeline_path = std::env::var_os("MAMBA_SERVE_TIMELINE").map(std::path::PathBuf::from);
-        let kernels = Kernels::compile(&ctx, sm.0, sm.1, timeline_path.as_ref().map(|_| TIMELINE_RECORDS))?;
-        let timeline = match timeline_path {
+        let timeline = match std::env::var_os("MAMBA_SERVE_TIMELINE") {
             Some(path) => {
                 let ring = DevBuf::alloc(&ctx, TIMELINE_BYTES, "timeline ring")?;
-                // SAFETY: a plain memset of the ring just allocated.
-                unsafe { result::memset_d8_sync(ring.ptr, 0, ring.bytes) }.map_err(dev("timeline ring"))?;
-                kernels.set_timeline(ring.ptr, &stream)?;
-                Some((ring, path))
+                // SAFETY: zeroes the ring's record count (its first word), in
+                // the ring just allocated.
+                unsafe { result::memset_d8_sync(ring.ptr, 0, 8) }.map_err(dev("timeline ring"))?;
+                Some((ring, std::path::PathBuf::from(path)))
             }
             None => None,
         };
+        let kernels = Kernels::compile(&ctx, sm.0, sm.1, timeline.as_ref().map(|(ring, _)| (ring.ptr, TIMELINE_RECORDS)), &stream)?;
         let workspace = DevBuf::alloc(&ctx, blas::WORKSPACE_BYTES, "cuBLAS workspace")?;
         let blas = Blas::new(stream.cu_stream(), workspace.ptr)?;
         const STAGING: usize = 4 << 20;
