@@ -53,19 +53,28 @@ __device__ __forceinline__ void grid_dep_sync() {
 #define TL_EMBED 15
 #define TL_TO_HALF 16
 #define TL_NORM_ROWS 17
+#define TL_STACK 18
 #ifdef MS_TIMELINE
 __device__ u64* ms_timeline;
-__device__ __forceinline__ void tl_mark(u32 tag, u32 event) {
-    if (threadIdx.x != 0 || !ms_timeline) return;
+__device__ __forceinline__ u64 tl_now() {
     u64 t;
-    u32 sm;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// A record from any thread; `extra` takes the third word's place.
+__device__ __forceinline__ void tl_record(u32 tag, u32 event, u64 extra) {
+    if (!ms_timeline) return;
+    const u64 t = tl_now();
+    u32 sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
     const u64 i = atomicAdd(ms_timeline, 1ull) % TL_CAP;
     u64* r = ms_timeline + 1 + 3 * i;
     r[0] = t;
     r[1] = (u64)tag << 56 | (u64)event << 48 | (u64)sm << 32 | (u64)(blockIdx.x + blockIdx.y * gridDim.x);
-    r[2] = (u64)(gridDim.x * gridDim.y) << 32 | blockDim.x;
+    r[2] = extra;
+}
+__device__ __forceinline__ void tl_mark(u32 tag, u32 event) {
+    if (threadIdx.x == 0) tl_record(tag, event, (u64)(gridDim.x * gridDim.y) << 32 | blockDim.x);
 }
 // Records the block's start now and its end when the scope closes.
 struct TlScope {

@@ -47,6 +47,7 @@ TAGS = {
     15: "embed",
     16: "to-half",
     17: "norm-rows",
+    18: "stack",
 }
 SAMPLE = 14
 # Launches of one kernel shape whose first blocks start less than this far
@@ -69,7 +70,8 @@ def launches(recs):
     launch whose blocks all started inside the records."""
     by_shape = collections.defaultdict(lambda: {0: [], 1: [], 2: []})
     for t, tag, event, blocks, threads in recs:
-        by_shape[(tag, blocks, threads)][event].append(t)
+        if event <= 2:  # the stack kernel's phase marks are stack-phases.py's
+            by_shape[(tag, blocks, threads)][event].append(t)
     out = []
     for shape, events in by_shape.items():
         for v in events.values():

@@ -347,6 +347,66 @@ pub struct Mamba1StepArgs<'a, B: Backend + ?Sized> {
     pub layer: usize,
 }
 
+/// One Mamba-1 (or Falcon-Mamba) block's weights, as
+/// [`Backend::mamba1_stack_step`] takes them.
+pub struct Mamba1Block<'a, B: Backend + ?Sized> {
+    /// The entry RMS norm's weights, `[d_model]`.
+    pub norm: &'a B::Vec,
+    /// `[2 d_inner, d_model]`: x then z.
+    pub in_proj: &'a B::Mat,
+    pub in_proj_bias: Option<&'a B::Vec>,
+    /// `[d_inner, d_conv]`.
+    pub conv_w: &'a B::Vec,
+    pub conv_b: Option<&'a B::Vec>,
+    /// `[dt_rank + 2 d_state, d_inner]`.
+    pub x_proj: &'a B::Mat,
+    /// `[d_inner, dt_rank]`.
+    pub dt_proj: &'a B::Mat,
+    pub dt_bias: &'a B::Vec,
+    /// `a = -exp(A_log)`, `[d_inner, d_state]`.
+    pub a: &'a B::Vec,
+    pub skip: &'a B::Vec,
+    /// `[d_model, d_inner]`.
+    pub out_proj: &'a B::Mat,
+    pub out_proj_bias: Option<&'a B::Vec>,
+}
+
+/// The sizes and options every block of a Mamba-1 stack shares.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mamba1StackShape {
+    pub d_model: usize,
+    pub d_inner: usize,
+    pub d_state: usize,
+    pub dt_rank: usize,
+    pub d_conv: usize,
+    pub activation: Activation,
+    /// The entry norms' epsilon.
+    pub norm_eps: f32,
+    /// Falcon-Mamba's weightless norms of dt, B and C, with this epsilon.
+    pub mixer_norm_eps: Option<f32>,
+}
+
+/// A single-token step of one sequence through every block
+/// ([`Backend::mamba1_stack_step`]): what each block's entry,
+/// [`Mamba1StepArgs`] and out_proj would do, one block after the other,
+/// for batch row 0.
+pub struct Mamba1Stack<'a, B: Backend + ?Sized> {
+    pub blocks: &'a [Mamba1Block<'a, B>],
+    pub shape: Mamba1StackShape,
+    /// Row 0 is the residual stream: the embedding in, the last block's
+    /// output out.
+    pub residual: &'a mut B::Vec,
+    /// Scratch for the conv output (`d_inner`), x_proj's output
+    /// (`dt_rank + 2 d_state`) and the gated scan output (`d_inner`).
+    pub xc: &'a mut B::Vec,
+    pub xdbl: &'a mut B::Vec,
+    pub y: &'a mut B::Vec,
+    pub conv_state: &'a mut B::Vec,
+    pub conv_layout: PoolLayout,
+    pub ssm_state: &'a mut B::Vec,
+    pub ssm_layout: PoolLayout,
+}
+
 /// Arguments of the Mamba-2 (SSD) scan over a packed batch.
 ///
 /// Heads `h` of `head_dim` channels share the scalar `a[h]`, `dt_bias[h]`
@@ -535,6 +595,23 @@ pub trait Backend: Send + 'static {
     /// Mamba-1 decode step (every segment one token); see
     /// [`Mamba1StepArgs`].
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
+
+    /// Readies [`Backend::mamba1_stack_step`] for these blocks (a backend
+    /// may upload a table of their weights); called once, after loading.
+    /// `Ok(false)`: this backend has no fused stack for them, and the
+    /// caller runs the blocks op by op.
+    fn prepare_mamba1_stack(&self, _blocks: &[Mamba1Block<'_, Self>], _shape: &Mamba1StackShape) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// One decode token of one sequence (batch row 0, slot `slots[0]`)
+    /// through every block in one op; see [`Mamba1Stack`]. The other
+    /// workspace buffers are left as they were. `Ok(false)` when this
+    /// backend does not run this case fused (nothing was done: run the
+    /// blocks op by op).
+    fn mamba1_stack_step(&self, _args: Mamba1Stack<'_, Self>, _batch: &Packed<'_, Self>) -> Result<bool> {
+        Ok(false)
+    }
 
     /// Mamba-2 SSD scan; see [`Mamba2ScanArgs`].
     fn mamba2_scan(&self, args: Mamba2ScanArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;

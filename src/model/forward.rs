@@ -14,8 +14,8 @@ use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use crate::backend::{
-    Backend, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT, Packed, PoolLayout, ProjConv, SampleRow, SampledToken,
-    View, ViewMut,
+    Backend, Mamba1Block, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT, Packed,
+    PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
@@ -146,6 +146,9 @@ pub struct Model<B: Backend> {
     ws: Workspace<B>,
     opts: ModelOptions,
     graphs: Graphs<B>,
+    /// Whether the backend runs a one-sequence decode step through all
+    /// blocks as one op ([`Backend::mamba1_stack_step`]).
+    stack: bool,
 }
 
 impl<B: Backend> Model<B> {
@@ -250,7 +253,11 @@ impl<B: Backend> Model<B> {
             buckets: graph_buckets(opts.max_batch_seqs.min(opts.max_batch_tokens)),
             recorded: HashMap::new(),
         };
-        Ok(Model { backend, cfg, weights, pool, ws, opts, graphs })
+        let stack = match mamba1_blocks(&weights) {
+            Some(blocks) => backend.prepare_mamba1_stack(&blocks, &stack_shape(&cfg))?,
+            None => false,
+        };
+        Ok(Model { backend, cfg, weights, pool, ws, opts, graphs, stack })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -447,7 +454,7 @@ impl<B: Backend> Model<B> {
     /// The device work of one step over the uploaded inputs: only backend
     /// ops, so it can be recorded as a graph.
     fn ops(&mut self, n_tokens: usize, n_seqs: usize, single_token: bool) -> Result<(), ModelError> {
-        let Model { backend: b, cfg, weights: w, pool, ws, .. } = self;
+        let Model { backend: b, cfg, weights: w, pool, ws, stack, .. } = self;
         let d = cfg.hidden_size;
         // The residual stream: each block reads its RMS norm (fused into
         // in_proj) and adds its mixer's output back (fused into out_proj).
@@ -456,8 +463,28 @@ impl<B: Backend> Model<B> {
         // Mamba-1 splits in_proj into x | z, Mamba-2 into z | xBC | dt; the
         // conv runs over x (xBC).
         let conv_start = if cfg.arch == Arch::Mamba2 { cfg.d_inner } else { 0 };
-        for (l, lw) in w.layers.iter().enumerate() {
-            let batch = Packed { n_tokens, n_seqs, cu_seqlens: &ws.cu, slots: &ws.slots, prompt: &ws.prompt, single_token };
+        let batch = Packed { n_tokens, n_seqs, cu_seqlens: &ws.cu, slots: &ws.slots, prompt: &ws.prompt, single_token };
+        // One sequence's decode token: every block in one op where the
+        // backend has it.
+        let fused = match mamba1_blocks(w).filter(|_| *stack && single_token && n_seqs == 1) {
+            Some(blocks) => {
+                let args = Mamba1Stack {
+                    blocks: &blocks,
+                    shape: stack_shape(cfg),
+                    residual: &mut ws.residual,
+                    xc: &mut ws.conv_out,
+                    xdbl: &mut ws.xdbl,
+                    y: &mut ws.y,
+                    conv_state: &mut pool.conv,
+                    conv_layout: pool.conv_layout,
+                    ssm_state: &mut pool.ssm,
+                    ssm_layout: pool.ssm_layout,
+                };
+                b.mamba1_stack_step(args, &batch)?
+            }
+            None => false,
+        };
+        for (l, lw) in w.layers.iter().enumerate().filter(|_| !fused) {
             let conv = ProjConv {
                 start: conv_start,
                 channels: cd,
@@ -503,6 +530,44 @@ impl<B: Backend> Model<B> {
         let head = NormedLinear { x: last, rows: n_seqs, norm: &w.norm_f, eps: cfg.norm_eps, w: head, bias: None };
         b.rmsnorm_linear(head, &mut ws.normed, logits)?;
         Ok(())
+    }
+}
+
+/// Every block's weights for [`Backend::mamba1_stack_step`], when the
+/// model is Mamba-1 (or Falcon-Mamba).
+fn mamba1_blocks<B: Backend>(w: &Weights<B>) -> Option<Vec<Mamba1Block<'_, B>>> {
+    w.layers
+        .iter()
+        .map(|lw| match &lw.mixer {
+            MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d } => Some(Mamba1Block {
+                norm: &lw.norm,
+                in_proj: &lw.in_proj,
+                in_proj_bias: lw.in_proj_bias.as_ref(),
+                conv_w: &lw.conv_w,
+                conv_b: lw.conv_b.as_ref(),
+                x_proj,
+                dt_proj,
+                dt_bias,
+                a,
+                skip: d,
+                out_proj: &lw.out_proj,
+                out_proj_bias: lw.out_proj_bias.as_ref(),
+            }),
+            MixerWeights::Ssd { .. } => None,
+        })
+        .collect()
+}
+
+fn stack_shape(cfg: &ModelConfig) -> Mamba1StackShape {
+    Mamba1StackShape {
+        d_model: cfg.hidden_size,
+        d_inner: cfg.d_inner,
+        d_state: cfg.d_state,
+        dt_rank: cfg.dt_rank,
+        d_conv: cfg.d_conv,
+        activation: cfg.activation,
+        norm_eps: cfg.norm_eps,
+        mixer_norm_eps: (cfg.arch == Arch::FalconMamba).then_some(cfg.mixer_rms_eps),
     }
 }
 

@@ -1335,3 +1335,46 @@ fn seeded_generation_matches_the_cpu() -> TestResult {
     }
     Ok(())
 }
+
+/// One sequence's decode steps through the fused stack kernel (the whole
+/// stack of blocks in one launch) give the CPU's logits, at real widths
+/// (mamba-130m's, three blocks, bf16), as Mamba-1 and as Falcon-Mamba
+/// (its norms of dt, B and C), with and without recorded graphs.
+#[test]
+fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
+    use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
+    for (arch, graphs) in [(Arch::Mamba1, false), (Arch::FalconMamba, false), (Arch::Mamba1, true)] {
+        let Some(g) = gpu("fused stack") else { return Ok(()) };
+        let mut cfg = shapes::public_shape("mamba-130m").expect("a known shape");
+        cfg.n_layers = 3;
+        cfg.vocab_size = 1000;
+        cfg.arch = arch;
+        let src = RandomWeights::new(DType::BF16, mamba_serve::model::weights::expected_tensors(&cfg), 7);
+        let dev = DeviceOptions { graphs, ..Default::default() };
+        let mut m = Model::load_with(g, cfg.clone(), &src, opts(2, 64), dev, &mut |_| {})?;
+        let mut cpu = Model::load(CpuBackend::new(), cfg, &src, opts(2, 64), &mut |_| {})?;
+        let what = format!("{arch:?}, graphs {graphs}");
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
+        let got = m.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
+        let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
+        check_close(&format!("{what}: prompt"), &got, &want, 1e-2);
+        let before = m.backend().fused_stack_launches();
+        let mut token = argmax(&want);
+        for step in 0..8 {
+            let got = m.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
+            let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
+            check_close(&format!("{what}: step {step}"), &got, &want, 1e-2);
+            token = argmax(&want);
+        }
+        // The steps ran the fused kernel (with graphs: once, when recorded).
+        let launched = m.backend().fused_stack_launches() - before;
+        assert_eq!(launched, if graphs { 1 } else { 8 }, "{what}: fused stack launches");
+        // The slot's state after the steps is the CPU's.
+        check_close(&format!("{what}: state"), &m.read_slot(1)?, &cpu.read_slot(1)?, 1e-2);
+    }
+    Ok(())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+}

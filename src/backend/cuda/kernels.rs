@@ -26,6 +26,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("gemv", include_str!("../../../kernels/gemv.cu")),
     ("shortk", include_str!("../../../kernels/shortk.cu")),
     ("sample", include_str!("../../../kernels/sample.cu")),
+    ("stack", include_str!("../../../kernels/stack.cu")),
 ];
 
 macro_rules! kernels {
@@ -47,6 +48,9 @@ macro_rules! kernels {
 }
 
 kernels! {
+    Mamba1StackF32 = "stack" / "mamba1_stack_f32",
+    Mamba1StackBf16 = "stack" / "mamba1_stack_bf16",
+    Mamba1StackF16 = "stack" / "mamba1_stack_f16",
     EmbedF32 = "embed" / "embed_f32",
     EmbedBf16 = "embed" / "embed_bf16",
     EmbedF16 = "embed" / "embed_f16",
@@ -327,6 +331,15 @@ impl Kernels {
                 .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
         }
         Ok(Kernels { functions, resident: RefCell::new(vec![]) })
+    }
+
+    /// Lets kernel `k` take `bytes` of dynamic shared memory a block (more
+    /// than the 48 KiB every kernel may take).
+    pub fn allow_shared(&self, k: Kernel, bytes: usize) -> Result<()> {
+        let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        self.functions[k as usize]
+            .set_attribute(attr, bytes as i32)
+            .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })
     }
 
     pub fn get(&self, k: Kernel) -> sys::CUfunction {

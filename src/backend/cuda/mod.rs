@@ -17,6 +17,7 @@ mod blas;
 pub mod ceilings;
 mod kernels;
 mod sample;
+mod stack;
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -28,8 +29,8 @@ use self::kernels::{Args, Kernel, Kernels};
 use super::checks::{self, check};
 use super::rmsnorm_linear_then_conv;
 use super::{
-    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, Packed, ProjConv,
-    Result, SampleRow, SampledToken, View, ViewMut,
+    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1Block, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba1StepArgs,
+    Mamba2ScanArgs, NormedLinear, Packed, ProjConv, Result, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Threads per block of the row-wise kernels.
@@ -320,6 +321,12 @@ pub struct CudaBackend {
     /// Whether the 4-tap decode conv may move its state through shared
     /// memory (`MAMBA_SERVE_NO_STAGED_CONV` turns it off, for comparisons).
     staged_conv: bool,
+    /// Whether one-sequence Mamba-1 decode steps may run as one kernel
+    /// (`MAMBA_SERVE_STACK` turns it on: not yet faster), and the
+    /// stack prepared for it (`stack.rs`).
+    fused_stack: bool,
+    stack: RefCell<Option<stack::Prepared>>,
+    stack_launches: Cell<u64>,
 }
 
 // SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
@@ -416,7 +423,15 @@ impl CudaBackend {
             write_half_copies: std::env::var_os("MAMBA_SERVE_NO_HALF_COPY").is_none(),
             short_k_products: std::env::var_os("MAMBA_SERVE_NO_SHORTK").is_none(),
             staged_conv: std::env::var_os("MAMBA_SERVE_NO_STAGED_CONV").is_none(),
+            fused_stack: std::env::var_os("MAMBA_SERVE_STACK").is_some(),
+            stack: RefCell::new(None),
+            stack_launches: Cell::new(0),
         })
+    }
+
+    /// Launches of the fused stack kernel so far (`stack.rs`).
+    pub fn fused_stack_launches(&self) -> u64 {
+        self.stack_launches.get()
     }
 
     /// Compute capability (major, minor).
@@ -1174,6 +1189,17 @@ impl Backend for CudaBackend {
             .ptr(out.buf.at(out.offset))
             .i32(out.stride);
         self.launch(k, a, grid, 128)
+    }
+
+    fn prepare_mamba1_stack(&self, blocks: &[Mamba1Block<'_, Self>], shape: &Mamba1StackShape) -> Result<bool> {
+        self.no_capture("prepare_mamba1_stack")?;
+        self.bind()?;
+        stack::prepare(self, blocks, shape)
+    }
+
+    fn mamba1_stack_step(&self, args: Mamba1Stack<'_, Self>, batch: &Packed<'_, Self>) -> Result<bool> {
+        self.bind()?;
+        stack::step(self, args, batch)
     }
 
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {

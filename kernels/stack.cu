@@ -1,0 +1,519 @@
+// The whole stack of Mamba-1 blocks for one decode token of one sequence,
+// in one launch: every block's entry norm, in_proj, conv step, x_proj, dt
+// projection, state update, gate and out_proj with its residual add.
+//
+// Why one launch. At batch 1 a step reads every weight once and DRAM is the
+// limit, but as four kernels a layer it was busy only half the time: each
+// kernel boundary costs ~0.85 us of dependent-launch wait plus a drain and
+// a ramp, and x_proj and the step read little (docs/perf-notes.md, version
+// 11). Here one block per multiprocessor runs all layers. Warp W (the last)
+// is a producer: one of its lanes walks the block's share of every weight
+// in the order the block will use it, layer after layer, and copies it into
+// a ring of shared-memory stages with bulk copies (`cp.async.bulk`, the
+// copy engine), at most `depth` stages in flight. The other W warps consume
+// the stages and meet the other blocks at a grid-wide barrier between the
+// phases of a layer, so the weights of the next phase (and the next layer)
+// stream in while the current phase waits for its inputs.
+//
+// Per layer, with the block's channel range [c0, c1) (multiples of 8, the
+// same in phases A and C), its x_proj rows [p0, p1) and its out_proj rows
+// [o0, o1):
+//   A: x = rmsnorm(residual) * norm; in_proj rows c0..c1 (x half) and
+//      d_inner + c0.. (z half); the conv step of channels c0..c1 (window
+//      from the slot's conv state), xc -> global `xc`, z kept in shared
+//      memory.                                                  barrier
+//   B: x_proj rows p0..p1 over all of xc -> global `xdbl`.       barrier
+//   C: dt = softplus(dt_low . dt_proj[c] + bias) (Falcon: dt_low, B, C
+//      RMS-normalised first), the state update of channels c0..c1 in the
+//      slot, y = (C . h + D x) * silu(z) -> global `y`.           barrier
+//   D: out_proj rows o0..o1 over all of y, added to the residual. barrier
+// Each row of a product is summed by one warp in a fixed order, so results
+// do not depend on timing. Per-layer vectors (norm, conv taps and state,
+// dt_proj rows, A, D, dt bias, SSM state) come in two side buffers per
+// kind (A and C), alternating by layer, by the same producer.
+//
+// Cross-block data (residual, xc, xdbl, y) is read with `ld.global.cg`
+// (L2, never a stale L1 line) after the barrier.
+//
+// The grid must be resident at once (one block per multiprocessor, the
+// shared memory allows no second): the host launches exactly as many blocks
+// as multiprocessors, after every earlier kernel has finished.
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+
+#define STACK_MAX_STAGES 48
+#define STACK_LAYER_WORDS 12
+
+// One layer's weights (the host's table, STACK_LAYER_WORDS pointers).
+struct StackLayer {
+    const void* in_proj;    // [2 d_inner, d_model]
+    const float* in_bias;   // [2 d_inner] or null
+    const float* norm;      // [d_model]
+    const float* conv_w;    // [d_inner, d_conv]
+    const float* conv_b;    // [d_inner] or null
+    const void* x_proj;     // [rank + 2 d_state, d_inner]
+    const void* dt_proj;    // [d_inner, rank]
+    const float* dt_bias;   // [d_inner]
+    const float* a;         // [d_inner, d_state], -exp(A_log)
+    const float* skip;      // [d_inner]
+    const void* out_proj;   // [d_model, d_inner]
+    const float* out_bias;  // [d_model] or null
+};
+
+// Launch parameters; the host writes this C layout word by word
+// (src/backend/cuda/stack.rs).
+struct StackParams {
+    const StackLayer* layers;
+    float* residual;  // [d_model]
+    float* xc;        // [d_inner]
+    float* xdbl;      // [rank + 2 d_state]
+    float* y;         // [d_inner]
+    float* conv_state;
+    float* ssm_state;
+    const u32* slots;  // slots[0]: the sequence's slot (PAD_SLOT: none)
+    u32* barrier;      // the grid barrier's word (zero when first used)
+    u64 conv_slot, conv_layer;  // strides in floats
+    u64 ssm_slot, ssm_layer;
+    int n_layers, d_model, d_inner, d_state;
+    int rank, d_conv, act, falcon;
+    float eps, mixer_eps;
+    int stage_bytes, stages;
+    int depth, max_ch;
+    // Byte offsets into dynamic shared memory.
+    int off_ring, off_side_a, side_a_bytes, off_side_c;
+    int side_c_bytes, off_x, off_acc, off_xc;
+    int off_z, off_dbl, off_red, off_layers;
+    int off_bars, spin_ns;
+};
+
+// mbarrier and bulk-copy helpers (sm_90). Addresses are shared-memory
+// addresses (`smem_addr`).
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+}
+// mbar_wait, adding the time it took to `spent` in timeline builds
+// (scripts/stack-phases.py reads the totals).
+__device__ __forceinline__ void mbar_wait_timed(u32 bar, u32 parity, u64& spent) {
+#ifdef MS_TIMELINE
+    const u64 t0 = tl_now();
+    mbar_wait(bar, parity);
+    spent += tl_now() - t0;
+#else
+    mbar_wait(bar, parity);
+#endif
+}
+
+// Phase marks of thread 0 in timeline builds (events 3..15, see
+// scripts/stack-phases.py).
+#ifdef MS_TIMELINE
+#define STACK_MARK(e) tl_mark(TL_STACK, e)
+#else
+#define STACK_MARK(e)
+#endif
+
+// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from
+// global memory into shared memory; completion is counted on `bar`.
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float4 ld_cg4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 ld_acquire(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// The consumer warps' barrier (named barrier 1; the producer never joins).
+__device__ __forceinline__ void consumers_sync(int threads) {
+    asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+}
+
+// The grid-wide barrier: the count in `bar` returns to its old low bits
+// each time and its top bit flips once every block has arrived (block 0
+// adds 2^31 - (G - 1), every other block 1), so the word needs no reset
+// between barriers or launches. With `release` set, thread 0 first
+// arrives on that mbarrier (a side buffer this phase is done with).
+__device__ __forceinline__ void grid_sync(u32* bar, int threads, u32 release, int spin_ns) {
+    consumers_sync(threads);
+    if (threadIdx.x == 0) {
+        if (release) mbar_arrive(release);
+        const u32 inc = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        __threadfence();
+        const u32 old = atomicAdd(bar, inc);
+        while (((old ^ ld_acquire(bar)) & 0x80000000u) == 0) {
+            if (spin_ns) __nanosleep(spin_ns);
+        }
+    }
+    consumers_sync(threads);
+}
+
+// [lo, hi) of `units` units of `unit` items, shared evenly by G blocks.
+__device__ __forceinline__ void share(int units, int unit, int G, int b, int& lo, int& hi) {
+    lo = (int)((long long)units * b / G) * unit;
+    hi = (int)((long long)units * (b + 1) / G) * unit;
+}
+
+// Sixteen bytes of weights of dtype DT times the matching x (f32).
+template <int DT>
+__device__ __forceinline__ float dot16(uint4 w, const float* x) {
+    if (DT == 0) {
+        const float4 p = *(const float4*)x;
+        return __uint_as_float(w.x) * p.x + __uint_as_float(w.y) * p.y + __uint_as_float(w.z) * p.z +
+               __uint_as_float(w.w) * p.w;
+    }
+    const float4 p = *(const float4*)x, q = *(const float4*)(x + 4);
+    const u32 words[4] = {w.x, w.y, w.z, w.w};
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
+        v[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
+        v[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
+    }
+    return v[0] * p.x + v[1] * p.y + v[2] * p.z + v[3] * p.w + v[4] * q.x + v[5] * q.y + v[6] * q.z + v[7] * q.w;
+}
+
+// Rows a ring stage holds for rows of `row_bytes`.
+__device__ __forceinline__ int rows_per_stage(int stage_bytes, int row_bytes) {
+    const int r = stage_bytes / row_bytes;
+    return r > 0 ? r : 1;
+}
+
+// The shared-memory view both roles use.
+struct StackSmem {
+    unsigned char* base;
+    u32 bars;  // shared address of the mbarrier array
+    int S;
+    __device__ u32 full(int s) const { return bars + 8 * s; }
+    __device__ u32 empty(int s) const { return bars + 8 * (S + s); }
+    __device__ u32 side_full(int kind, int i) const { return bars + 8 * (2 * S + 4 * kind + i); }
+    __device__ u32 side_empty(int kind, int i) const { return bars + 8 * (2 * S + 4 * kind + 2 + i); }
+};
+
+// The producer lane: issues every stage and side buffer of the launch in
+// the order the consumers take them.
+template <int DT>
+__device__ void stack_produce(const StackParams& p, const StackSmem& sm, const StackLayer* layers, int c0, int c1,
+                              int p0, int p1, int o0, int o1) {
+    constexpr int ds = DT == 0 ? 4 : 2;
+    const int S = p.stages, SB = p.stage_bytes, D = p.d_model, E = p.d_inner, N = p.d_state, R = p.rank;
+    const int k = p.d_conv, nc = c1 - c0;
+    const u32 slot = p.slots[0];
+    const bool pad = slot == PAD_SLOT;
+    const u32 ring = smem_addr(sm.base + p.off_ring);
+    int q = 0;
+    u64 stall_ring = 0, stall_depth = 0, stall_side = 0;
+    // Rows [r0, r1) of a [*, K] matrix into consecutive ring stages.
+    auto rows = [&](const void* w, int r0, int r1, int K) {
+        const int rb = K * ds, rps = rows_per_stage(SB, rb);
+        for (int r = r0; r < r1; r += rps) {
+            const int n = min(rps, r1 - r), s = q % S;
+            if (q >= S) mbar_wait_timed(sm.empty(s), ((q / S) - 1) & 1, stall_ring);
+            if (q >= p.depth) mbar_wait_timed(sm.full((q - p.depth) % S), ((q - p.depth) / S) & 1, stall_depth);
+            mbar_expect(sm.full(s), (u32)(n * rb));
+            bulk_copy(ring + s * SB, (const unsigned char*)w + (u64)r * rb, (u32)(n * rb), sm.full(s));
+            ++q;
+        }
+    };
+    for (int l = 0; l < p.n_layers; ++l) {
+        const StackLayer& L = layers[l];
+        const int i = l & 1;
+        const u32 use = ((l >> 1) - 1) & 1;
+        // Side A: norm weights, conv taps, conv bias, conv window.
+        {
+            if (l >= 2) mbar_wait_timed(sm.side_empty(0, i), use, stall_side);
+            const u32 dst = smem_addr(sm.base + p.off_side_a + i * p.side_a_bytes);
+            const u32 nb = D * 4, wb = nc * k * 4, bb = L.conv_b ? nc * 4 : 0, sb = pad ? 0 : nc * (k - 1) * 4;
+            const u32 o_w = (D * 4 + 15) & ~15, o_b = o_w + ((p.max_ch * k * 4 + 15) & ~15), o_s = o_b + p.max_ch * 4;
+            mbar_expect(sm.side_full(0, i), nb + wb + bb + sb);
+            bulk_copy(dst, L.norm, nb, sm.side_full(0, i));
+            if (wb) bulk_copy(dst + o_w, L.conv_w + (u64)c0 * k, wb, sm.side_full(0, i));
+            if (bb) bulk_copy(dst + o_b, L.conv_b + c0, bb, sm.side_full(0, i));
+            if (sb && nc)
+                bulk_copy(dst + o_s, p.conv_state + (u64)slot * p.conv_slot + (u64)l * p.conv_layer + (u64)c0 * (k - 1),
+                          sb, sm.side_full(0, i));
+        }
+        rows(L.in_proj, c0, c1, D);
+        rows(L.in_proj, E + c0, E + c1, D);
+        rows(L.x_proj, p0, p1, E);
+        // Side C: dt_proj rows, A, D, dt bias, SSM state.
+        {
+            if (l >= 2) mbar_wait_timed(sm.side_empty(1, i), use, stall_side);
+            const u32 dst = smem_addr(sm.base + p.off_side_c + i * p.side_c_bytes);
+            const u32 tb = nc * R * ds, ab = nc * N * 4, vb = nc * 4, sb = pad ? 0 : nc * N * 4;
+            const u32 o_a = (p.max_ch * R * ds + 15) & ~15, o_d = o_a + p.max_ch * N * 4, o_bias = o_d + p.max_ch * 4,
+                      o_s = o_bias + p.max_ch * 4;
+            mbar_expect(sm.side_full(1, i), tb + ab + 2 * vb + sb);
+            if (nc) {
+                bulk_copy(dst, (const unsigned char*)L.dt_proj + (u64)c0 * R * ds, tb, sm.side_full(1, i));
+                bulk_copy(dst + o_a, L.a + (u64)c0 * N, ab, sm.side_full(1, i));
+                bulk_copy(dst + o_d, L.skip + c0, vb, sm.side_full(1, i));
+                bulk_copy(dst + o_bias, L.dt_bias + c0, vb, sm.side_full(1, i));
+                if (sb)
+                    bulk_copy(dst + o_s, p.ssm_state + (u64)slot * p.ssm_slot + (u64)l * p.ssm_layer + (u64)c0 * N, sb,
+                              sm.side_full(1, i));
+            }
+        }
+        rows(L.out_proj, o0, o1, E);
+    }
+#ifdef MS_TIMELINE
+    tl_record(TL_STACK, 16, stall_ring);
+    tl_record(TL_STACK, 17, stall_depth);
+    tl_record(TL_STACK, 18, stall_side);
+#endif
+}
+
+// Consumer warps: rows [0, n) of a region whose first stage is global stage
+// q, each row dotted with x (K columns) into acc[row]. Stage j goes to warp
+// (q + j) % W. Returns the next region's first stage.
+template <int DT>
+__device__ int stack_rows(const StackSmem& sm, const StackParams& p, int q, int n, int K, const float* x, float* acc,
+                          int warp, int W, int lane, u64& waited) {
+    constexpr int ds = DT == 0 ? 4 : 2, epc = 16 / ds;
+    if (n <= 0) return q;
+    const int S = p.stages, SB = p.stage_bytes, rb = K * ds, rps = rows_per_stage(SB, rb);
+    const int stages = (n + rps - 1) / rps, chunks = K / epc;
+    const unsigned char* ring = sm.base + p.off_ring;
+    for (int j = ((warp - q) % W + W) % W; j < stages; j += W) {
+        const int g = q + j, s = g % S;
+        mbar_wait_timed(sm.full(s), (g / S) & 1, waited);
+        const unsigned char* st = ring + s * SB;
+        const int r0 = j * rps, r1 = min(n, r0 + rps);
+        for (int r = r0; r < r1; ++r) {
+            const uint4* w = (const uint4*)(st + (r - r0) * rb);
+            float part = 0.0f;
+#pragma unroll 4
+            for (int c = lane; c < chunks; c += 32) part += dot16<DT>(w[c], x + c * epc);
+            part = warp_sum(part);
+            if (lane == 0) acc[r] = part;
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(sm.empty(s));
+    }
+    return q + stages;
+}
+
+template <int DT>
+__device__ void stack_impl(const StackParams& p) {
+    TL_SCOPE(TL_STACK);
+    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr int ds = DT == 0 ? 4 : 2;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int W = (blockDim.x >> 5) - 1, T = W * 32;
+    const int G = gridDim.x, b = blockIdx.x;
+    const int D = p.d_model, E = p.d_inner, N = p.d_state, R = p.rank, k = p.d_conv;
+    StackSmem sm{smem, smem_addr(smem + p.off_bars), p.stages};
+    StackLayer* layers = (StackLayer*)(smem + p.off_layers);
+    if (tid == 0) {
+        for (int s = 0; s < p.stages; ++s) {
+            mbar_init(sm.full(s), 1);
+            mbar_init(sm.empty(s), 1);
+        }
+        for (int i = 0; i < 8; ++i) mbar_init(sm.bars + 8 * (2 * p.stages + i), 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    for (int i = tid; i < p.n_layers * STACK_LAYER_WORDS; i += blockDim.x)
+        ((u64*)layers)[i] = ((const u64*)p.layers)[i];
+    __syncthreads();
+
+    int c0, c1, p0, p1, o0, o1;
+    share(E / 8, 8, G, b, c0, c1);
+    share(R + 2 * N, 1, G, b, p0, p1);
+    share(D, 1, G, b, o0, o1);
+    const int nc = c1 - c0;
+    if (warp == W) {
+        if (lane == 0) stack_produce<DT>(p, sm, layers, c0, c1, p0, p1, o0, o1);
+        return;
+    }
+
+    float* x = (float*)(smem + p.off_x);
+    float* acc = (float*)(smem + p.off_acc);
+    float* xc_s = (float*)(smem + p.off_xc);
+    float* z_s = (float*)(smem + p.off_z);
+    float* dbl = (float*)(smem + p.off_dbl);
+    float* red = (float*)(smem + p.off_red);
+    const u32 slot = p.slots[0];
+    const bool pad = slot == PAD_SLOT;
+    int q = 0;
+    u64 waited = 0, waited_side = 0;
+    for (int l = 0; l < p.n_layers; ++l) {
+        const StackLayer& L = layers[l];
+        const int i = l & 1;
+        const u32 use = (l >> 1) & 1;
+        STACK_MARK(3);
+
+        // A: the entry norm, in_proj, the conv step.
+        const float* side_a = (const float*)(smem + p.off_side_a + i * p.side_a_bytes);
+        const int o_w = ((D * 4 + 15) & ~15) / 4, o_b = o_w + ((p.max_ch * k * 4 + 15) & ~15) / 4, o_s = o_b + p.max_ch;
+        mbar_wait_timed(sm.side_full(0, i), use, waited_side);
+        float ss = 0.0f;
+        for (int j = tid * 4; j < D; j += T * 4) {
+            const float4 h = ld_cg4(p.residual + j);
+            const float4 g = *(const float4*)(side_a + j);
+            ss += h.x * h.x + h.y * h.y + h.z * h.z + h.w * h.w;
+            *(float4*)(x + j) = make_float4(h.x * g.x, h.y * g.y, h.z * g.z, h.w * g.w);
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) red[warp] = ss;
+        consumers_sync(T);
+        float s2 = 0.0f;
+        for (int w = 0; w < W; ++w) s2 += red[w];
+        const float inv = (float)(1.0 / sqrt((double)s2 / D + (double)p.eps));
+        STACK_MARK(4);
+        q = stack_rows<DT>(sm, p, q, nc, D, x, acc, warp, W, lane, waited);
+        q = stack_rows<DT>(sm, p, q, nc, D, x, acc + nc, warp, W, lane, waited);
+        consumers_sync(T);
+        STACK_MARK(5);
+        if (tid < nc) {
+            const int c = c0 + tid;
+            float v = acc[tid] * inv;
+            if (L.in_bias) v += L.in_bias[c];
+            const float* w = side_a + o_w + tid * k;
+            const float* win = side_a + o_s + tid * (k - 1);
+            float o = L.conv_b ? side_a[o_b + tid] : 0.0f;
+            for (int j = 0; j + 1 < k; ++j) o += w[j] * (pad ? 0.0f : win[j]);
+            o += w[k - 1] * v;
+            if (!pad) {
+                float* st = p.conv_state + (u64)slot * p.conv_slot + (u64)l * p.conv_layer + (u64)c * (k - 1);
+                for (int j = 0; j + 2 < k; ++j) st[j] = win[j + 1];
+                if (k > 1) st[k - 2] = v;
+            }
+            o = activate(p.act, o);
+            xc_s[tid] = o;
+            p.xc[c] = o;
+        } else if (tid < 2 * nc) {
+            const int t = tid - nc;
+            float v = acc[tid] * inv;
+            if (L.in_bias) v += L.in_bias[E + c0 + t];
+            z_s[t] = v;
+        }
+        grid_sync(p.barrier, T, sm.side_empty(0, i), p.spin_ns);
+        STACK_MARK(6);
+
+        // B: x_proj over all of xc.
+        for (int j = tid * 4; j < E; j += T * 4) *(float4*)(x + j) = ld_cg4(p.xc + j);
+        consumers_sync(T);
+        STACK_MARK(7);
+        q = stack_rows<DT>(sm, p, q, p1 - p0, E, x, acc, warp, W, lane, waited);
+        consumers_sync(T);
+        STACK_MARK(8);
+        if (tid < p1 - p0) p.xdbl[p0 + tid] = acc[tid];
+        grid_sync(p.barrier, T, 0, p.spin_ns);
+        STACK_MARK(9);
+
+        // C: dt, the state update, the gate.
+        const int nd = R + 2 * N;
+        for (int j = tid; j < nd; j += T) dbl[j] = ld_cg(p.xdbl + j);
+        consumers_sync(T);
+        float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
+        if (p.falcon) {
+            float sd = 0.0f, sb = 0.0f, sc = 0.0f;
+            for (int j = lane; j < R; j += 32) sd += dbl[j] * dbl[j];
+            for (int j = lane; j < N; j += 32) {
+                sb += dbl[R + j] * dbl[R + j];
+                sc += dbl[R + N + j] * dbl[R + N + j];
+            }
+            sd = warp_sum(sd);
+            sb = warp_sum(sb);
+            sc = warp_sum(sc);
+            inv_dt = (float)(1.0 / sqrt((double)sd / R + (double)p.mixer_eps));
+            inv_b = (float)(1.0 / sqrt((double)sb / N + (double)p.mixer_eps));
+            inv_c = (float)(1.0 / sqrt((double)sc / N + (double)p.mixer_eps));
+        }
+        const unsigned char* side_c = smem + p.off_side_c + i * p.side_c_bytes;
+        const int o_a = (p.max_ch * R * ds + 15) & ~15, o_d = o_a + p.max_ch * N * 4, o_bias = o_d + p.max_ch * 4,
+                  o_st = o_bias + p.max_ch * 4;
+        const float* a_s = (const float*)(side_c + o_a);
+        const float* d_s = (const float*)(side_c + o_d);
+        const float* bias_s = (const float*)(side_c + o_bias);
+        const float* h_s = (const float*)(side_c + o_st);
+        mbar_wait_timed(sm.side_full(1, i), use, waited_side);
+        STACK_MARK(10);
+        // N consecutive lanes own a channel (N divides 32).
+        for (int base = warp * 32; base < nc * N; base += T) {
+            const int pr = base + lane, active = pr < nc * N;
+            const int t = active ? pr / N : 0, n = pr % N;
+            float part = 0.0f;
+            for (int r = n; r < R; r += N) part += load_weight<DT>(side_c, (u64)t * R + r) * dbl[r];
+            for (int o = N / 2; o > 0; o >>= 1) part += __shfl_xor_sync(FULL_MASK, part, o);
+            const float dt = softplus_f(part * inv_dt + bias_s[t]);
+            const float xv = xc_s[t];
+            float h = pad ? 0.0f : h_s[t * N + n];
+            h = expf(dt * a_s[t * N + n]) * h + (dt * (dbl[R + n] * inv_b)) * xv;
+            float yp = h * (dbl[R + N + n] * inv_c);
+            for (int o = N / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
+            if (active) {
+                if (!pad) p.ssm_state[(u64)slot * p.ssm_slot + (u64)l * p.ssm_layer + (u64)(c0 + t) * N + n] = h;
+                if (n == 0) p.y[c0 + t] = (yp + xv * d_s[t]) * silu_f(z_s[t]);
+            }
+        }
+        STACK_MARK(11);
+        grid_sync(p.barrier, T, sm.side_empty(1, i), p.spin_ns);
+        STACK_MARK(12);
+
+        // D: out_proj over all of y, added to the residual.
+        for (int j = tid * 4; j < E; j += T * 4) *(float4*)(x + j) = ld_cg4(p.y + j);
+        consumers_sync(T);
+        STACK_MARK(13);
+        q = stack_rows<DT>(sm, p, q, o1 - o0, E, x, acc, warp, W, lane, waited);
+        consumers_sync(T);
+        STACK_MARK(14);
+        if (tid < o1 - o0) {
+            const int o = o0 + tid;
+            float v = acc[tid];
+            if (L.out_bias) v += L.out_bias[o];
+            p.residual[o] = ld_cg(p.residual + o) + v;
+        }
+        if (l + 1 < p.n_layers) grid_sync(p.barrier, T, 0, p.spin_ns);
+        STACK_MARK(15);
+    }
+#ifdef MS_TIMELINE
+    if (tid == 0) {
+        tl_record(TL_STACK, 19, waited);
+        tl_record(TL_STACK, 20, waited_side);
+    }
+#endif
+}
+
+#define STACK_KERNEL(name, dt) \
+    extern "C" __global__ void name(StackParams p) { stack_impl<dt>(p); }
+#else
+// Before sm_90 (no bulk copies): never launched, the host checks.
+struct StackParams {
+    u64 words[27];
+};
+#define STACK_KERNEL(name, dt) \
+    extern "C" __global__ void name(StackParams p) {}
+#endif
+
+STACK_KERNEL(mamba1_stack_f32, 0)
+STACK_KERNEL(mamba1_stack_bf16, 1)
+STACK_KERNEL(mamba1_stack_f16, 2)
