@@ -10,30 +10,43 @@
 // is a producer: one of its lanes walks the block's share of every weight
 // in the order the block will use it, layer after layer, and copies it into
 // a ring of shared-memory stages with bulk copies (`cp.async.bulk`, the
-// copy engine), at most `depth` stages in flight. The other W warps consume
-// the stages and meet the other blocks at a grid-wide barrier between the
-// phases of a layer, so the weights of the next phase (and the next layer)
-// stream in while the current phase waits for its inputs.
+// copy engine), at most `depth` stages in flight. The other W warps take
+// the stages in turn (stage g goes to warp g % W), each summing its
+// stage's rows whole in a fixed order, so results do not depend on timing.
+// x is kept in shared memory permuted (`xpos`) so that every 16-byte read
+// of a warp is one contiguous 512-byte row: no bank conflicts.
 //
-// Per layer, with the block's channel range [c0, c1) (multiples of 8, the
-// same in phases A and C), its x_proj rows [p0, p1) and its out_proj rows
-// [o0, o1):
-//   A: x = rmsnorm(residual) * norm; in_proj rows c0..c1 (x half) and
-//      d_inner + c0.. (z half); the conv step of channels c0..c1 (window
-//      from the slot's conv state), xc -> global `xc`, z kept in shared
-//      memory.                                                  barrier
-//   B: x_proj rows p0..p1 over all of xc -> global `xdbl`.       barrier
+// Per layer l, with the block's in_proj rows [r0, r1) (x rows below
+// d_inner, z rows above), x_proj rows [p0, p1), channels [c0, c1) and
+// out_proj rows [o0, o1), each shared evenly:
+//   A: x = rmsnorm(residual) * norm; in_proj rows; the conv step of the x
+//      rows' channels (window from the slot's conv state) -> xc, z.
+//   B: x_proj rows over all of xc -> xdbl.
 //   C: dt = softplus(dt_low . dt_proj[c] + bias) (Falcon: dt_low, B, C
 //      RMS-normalised first), the state update of channels c0..c1 in the
-//      slot, y = (C . h + D x) * silu(z) -> global `y`.           barrier
-//   D: out_proj rows o0..o1 over all of y, added to the residual. barrier
-// Each row of a product is summed by one warp in a fixed order, so results
-// do not depend on timing. Per-layer vectors (norm, conv taps and state,
-// dt_proj rows, A, D, dt bias, SSM state) come in two side buffers per
-// kind (A and C), alternating by layer, by the same producer.
+//      slot, y = (C . h + D x) * silu(z) -> y.
+//   D: out_proj rows over all of y, added to the residual -> residual.
+// Per-layer vectors (norm, conv taps and window, dt_proj rows, A, D, dt
+// bias, SSM state) come in two side buffers per kind (A and C),
+// alternating by layer, from the same producer.
 //
-// Cross-block data (residual, xc, xdbl, y) is read with `ld.global.cg`
-// (L2, never a stale L1 line) after the barrier.
+// Every value one block hands another (residual, xc, z, xdbl, y) is a
+// 64-bit word {f32 value, u32 tag} written and read whole, the tag naming
+// the launch, layer and phase that wrote it. A reader polls until the words
+// it needs carry the tag it expects (all its pending words at once, one L2
+// round trip a round), so a phase waits only for its own inputs. A word is
+// never overwritten before every reader has it: its next writer is at
+// least one phase behind a value that needed all readers' outputs. The
+// tag's launch part is `sync[0]`, which the last block to finish advances
+// for the next launch. With `barriers` the blocks also meet at a grid
+// barrier before each such read (the first version's handoff, kept for
+// comparisons).
+//
+// Status: correct (tests/integration/cuda.rs, the golden fixtures), but
+// slower than the per-layer kernels at batch 1 (mamba-1.4b 1.44-1.48 ms
+// against 1.30-1.31), so the backend runs it only when asked
+// (MAMBA_SERVE_STACK); docs/perf-notes.md, version 12, has the phase
+// timeline and what to try next.
 //
 // The grid must be resident at once (one block per multiprocessor, the
 // shared memory allows no second): the host launches exactly as many blocks
@@ -64,26 +77,28 @@ struct StackLayer {
 // (src/backend/cuda/stack.rs).
 struct StackParams {
     const StackLayer* layers;
-    float* residual;  // [d_model]
-    float* xc;        // [d_inner]
-    float* xdbl;      // [rank + 2 d_state]
-    float* y;         // [d_inner]
+    float* residual;  // [d_model]: the embedding in, the last block's output out
+    u64* tagged;      // residual [d_model] | xc [d_inner] | z [d_inner] | xdbl [rank + 2 d_state] | y [d_inner]
     float* conv_state;
     float* ssm_state;
     const u32* slots;  // slots[0]: the sequence's slot (PAD_SLOT: none)
-    u32* barrier;      // the grid barrier's word (zero when first used)
+    u32* sync;         // [0] the launch's tag part, [1] blocks finished, [2] the grid barrier
     u64 conv_slot, conv_layer;  // strides in floats
     u64 ssm_slot, ssm_layer;
     int n_layers, d_model, d_inner, d_state;
     int rank, d_conv, act, falcon;
     float eps, mixer_eps;
     int stage_bytes, stages;
-    int depth, max_ch;
-    // Byte offsets into dynamic shared memory.
+    int depth, unit;
+    int max_a, max_c;
+    // Byte offsets into dynamic shared memory (off_red: the product sums;
+    // off_x: x, permuted, in whole 256-float tiles). With `barriers`, the
+    // blocks also meet at a grid barrier before each phase reads another's
+    // values (sync[2]; for comparisons with the tags alone).
     int off_ring, off_side_a, side_a_bytes, off_side_c;
-    int side_c_bytes, off_x, off_acc, off_xc;
-    int off_z, off_dbl, off_red, off_layers;
-    int off_bars, spin_ns;
+    int side_c_bytes, off_x, off_red, barriers;
+    int off_xc, off_z, off_dbl, off_layers;
+    int off_bars, off_sum;
 };
 
 // mbarrier and bulk-copy helpers (sm_90). Addresses are shared-memory
@@ -141,16 +156,66 @@ __device__ __forceinline__ float ld_cg(const float* p) {
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
-__device__ __forceinline__ float4 ld_cg4(const float* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
-    return v;
+
+// Where x[j] lives in the permuted x buffer: for 16-bit weights chunk c
+// (elements 8c..8c+7) is two float4s, at (c / 32) * 64 + c % 32 and 32
+// float4s further, so the lanes of a warp reading chunks c0 + lane read
+// two contiguous 512-byte rows; f32 chunks are one float4, in place.
+template <int DT>
+__device__ __forceinline__ int xpos(int j) {
+    if (DT == 0) return j;
+    const int c = j >> 3, half = (j >> 2) & 1;
+    return (((c >> 5) * 64 + half * 32 + (c & 31)) << 2) + (j & 3);
 }
+
 __device__ __forceinline__ u32 ld_acquire(const u32* p) {
     u32 v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
+
+// A tagged word: value in the low half, tag in the high half.
+__device__ __forceinline__ void put(u64* w, float v, u32 tag) {
+    const u64 x = (u64)tag << 32 | __float_as_uint(v);
+    asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(w), "l"(x) : "memory");
+}
+__device__ __forceinline__ u64 peek(const u64* w) {
+    u64 x;
+    asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(x) : "l"(w) : "memory");
+    return x;
+}
+// dst[pos(j)] = the value of src[j] for j < n once it carries `tag`
+// (pos: xpos<DT> when PERM, else j); thread tid of T takes j = tid,
+// tid + T, ..., 16 words in flight at a time.
+template <int DT, bool PERM>
+__device__ __forceinline__ void gather(const u64* src, int n, u32 tag, float* dst, int tid, int T) {
+    for (int j0 = tid; j0 < n; j0 += 16 * T) {
+        u64 w[16];
+#pragma unroll
+        for (int u = 0; u < 16; ++u) {
+            const int j = j0 + u * T;
+            w[u] = j < n ? peek(src + j) : (u64)tag << 32;
+        }
+        // Re-read every word not yet written, all at once: one round trip
+        // a round, not one a word.
+        for (bool pending = true; pending;) {
+            pending = false;
+#pragma unroll
+            for (int u = 0; u < 16; ++u) {
+                if ((u32)(w[u] >> 32) != tag) {
+                    w[u] = peek(src + j0 + u * T);
+                    pending = true;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 16; ++u) {
+            const int j = j0 + u * T;
+            if (j < n) dst[PERM ? xpos<DT>(j) : j] = __uint_as_float((u32)w[u]);
+        }
+    }
+}
+
 // The consumer warps' barrier (named barrier 1; the producer never joins).
 __device__ __forceinline__ void consumers_sync(int threads) {
     asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
@@ -159,17 +224,14 @@ __device__ __forceinline__ void consumers_sync(int threads) {
 // The grid-wide barrier: the count in `bar` returns to its old low bits
 // each time and its top bit flips once every block has arrived (block 0
 // adds 2^31 - (G - 1), every other block 1), so the word needs no reset
-// between barriers or launches. With `release` set, thread 0 first
-// arrives on that mbarrier (a side buffer this phase is done with).
-__device__ __forceinline__ void grid_sync(u32* bar, int threads, u32 release, int spin_ns) {
+// between barriers or launches.
+__device__ __forceinline__ void grid_sync(u32* bar, int threads) {
     consumers_sync(threads);
     if (threadIdx.x == 0) {
-        if (release) mbar_arrive(release);
         const u32 inc = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
         __threadfence();
         const u32 old = atomicAdd(bar, inc);
         while (((old ^ ld_acquire(bar)) & 0x80000000u) == 0) {
-            if (spin_ns) __nanosleep(spin_ns);
         }
     }
     consumers_sync(threads);
@@ -181,15 +243,16 @@ __device__ __forceinline__ void share(int units, int unit, int G, int b, int& lo
     hi = (int)((long long)units * (b + 1) / G) * unit;
 }
 
-// Sixteen bytes of weights of dtype DT times the matching x (f32).
+// Sixteen bytes of weights of dtype DT (chunk c of a row) times x.
 template <int DT>
-__device__ __forceinline__ float dot16(uint4 w, const float* x) {
+__device__ __forceinline__ float dot16(uint4 w, const float* x, int c) {
     if (DT == 0) {
-        const float4 p = *(const float4*)x;
+        const float4 p = *(const float4*)(x + 4 * c);
         return __uint_as_float(w.x) * p.x + __uint_as_float(w.y) * p.y + __uint_as_float(w.z) * p.z +
                __uint_as_float(w.w) * p.w;
     }
-    const float4 p = *(const float4*)x, q = *(const float4*)(x + 4);
+    const float4* base = (const float4*)x + (c >> 5) * 64 + (c & 31);
+    const float4 p = base[0], q = base[32];
     const u32 words[4] = {w.x, w.y, w.z, w.w};
     float v[8];
 #pragma unroll
@@ -198,7 +261,7 @@ __device__ __forceinline__ float dot16(uint4 w, const float* x) {
         v[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
         v[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
     }
-    return v[0] * p.x + v[1] * p.y + v[2] * p.z + v[3] * p.w + v[4] * q.x + v[5] * q.y + v[6] * q.z + v[7] * q.w;
+    return (v[0] * p.x + v[1] * p.y + v[2] * p.z + v[3] * p.w) + (v[4] * q.x + v[5] * q.y + v[6] * q.z + v[7] * q.w);
 }
 
 // Rows a ring stage holds for rows of `row_bytes`.
@@ -218,24 +281,49 @@ struct StackSmem {
     __device__ u32 side_empty(int kind, int i) const { return bars + 8 * (2 * S + 4 * kind + 2 + i); }
 };
 
+// Side buffer offsets (bytes): A holds the norm weights, then for up to
+// max_a channels the conv taps, conv bias and conv window; C holds for up
+// to max_c channels the dt_proj rows, A, D, the dt bias and the SSM state.
+// The host sizes both with the same formulas (stack.rs).
+struct SideA {
+    int w, b, s;
+    __device__ SideA(const StackParams& p) {
+        w = (p.d_model * 4 + 15) & ~15;
+        b = w + ((p.max_a * p.d_conv * 4 + 15) & ~15);
+        s = b + p.max_a * 4;
+    }
+};
+struct SideC {
+    int a, d, bias, s;
+    __device__ SideC(const StackParams& p, int ds) {
+        a = (p.max_c * p.rank * ds + 15) & ~15;
+        d = a + p.max_c * p.d_state * 4;
+        bias = d + p.max_c * 4;
+        s = bias + p.max_c * 4;
+    }
+};
+
 // The producer lane: issues every stage and side buffer of the launch in
 // the order the consumers take them.
 template <int DT>
-__device__ void stack_produce(const StackParams& p, const StackSmem& sm, const StackLayer* layers, int c0, int c1,
-                              int p0, int p1, int o0, int o1) {
+__device__ void stack_produce(const StackParams& p, const StackSmem& sm, const StackLayer* layers, int r0, int r1,
+                              int p0, int p1, int c0, int c1, int o0, int o1) {
     constexpr int ds = DT == 0 ? 4 : 2;
     const int S = p.stages, SB = p.stage_bytes, D = p.d_model, E = p.d_inner, N = p.d_state, R = p.rank;
-    const int k = p.d_conv, nc = c1 - c0;
+    const int k = p.d_conv;
+    const int xa0 = min(r0, E), xa = min(r1, E) - xa0, nc = c1 - c0;
     const u32 slot = p.slots[0];
     const bool pad = slot == PAD_SLOT;
     const u32 ring = smem_addr(sm.base + p.off_ring);
+    const SideA oa(p);
+    const SideC oc(p, ds);
     int q = 0;
     u64 stall_ring = 0, stall_depth = 0, stall_side = 0;
-    // Rows [r0, r1) of a [*, K] matrix into consecutive ring stages.
-    auto rows = [&](const void* w, int r0, int r1, int K) {
+    // Rows [a, b) of a [*, K] matrix into consecutive ring stages.
+    auto rows = [&](const void* w, int a, int b, int K) {
         const int rb = K * ds, rps = rows_per_stage(SB, rb);
-        for (int r = r0; r < r1; r += rps) {
-            const int n = min(rps, r1 - r), s = q % S;
+        for (int r = a; r < b; r += rps) {
+            const int n = min(rps, b - r), s = q % S;
             if (q >= S) mbar_wait_timed(sm.empty(s), ((q / S) - 1) & 1, stall_ring);
             if (q >= p.depth) mbar_wait_timed(sm.full((q - p.depth) % S), ((q - p.depth) / S) & 1, stall_depth);
             mbar_expect(sm.full(s), (u32)(n * rb));
@@ -247,39 +335,33 @@ __device__ void stack_produce(const StackParams& p, const StackSmem& sm, const S
         const StackLayer& L = layers[l];
         const int i = l & 1;
         const u32 use = ((l >> 1) - 1) & 1;
-        // Side A: norm weights, conv taps, conv bias, conv window.
         {
             if (l >= 2) mbar_wait_timed(sm.side_empty(0, i), use, stall_side);
-            const u32 dst = smem_addr(sm.base + p.off_side_a + i * p.side_a_bytes);
-            const u32 nb = D * 4, wb = nc * k * 4, bb = L.conv_b ? nc * 4 : 0, sb = pad ? 0 : nc * (k - 1) * 4;
-            const u32 o_w = (D * 4 + 15) & ~15, o_b = o_w + ((p.max_ch * k * 4 + 15) & ~15), o_s = o_b + p.max_ch * 4;
-            mbar_expect(sm.side_full(0, i), nb + wb + bb + sb);
-            bulk_copy(dst, L.norm, nb, sm.side_full(0, i));
-            if (wb) bulk_copy(dst + o_w, L.conv_w + (u64)c0 * k, wb, sm.side_full(0, i));
-            if (bb) bulk_copy(dst + o_b, L.conv_b + c0, bb, sm.side_full(0, i));
-            if (sb && nc)
-                bulk_copy(dst + o_s, p.conv_state + (u64)slot * p.conv_slot + (u64)l * p.conv_layer + (u64)c0 * (k - 1),
-                          sb, sm.side_full(0, i));
+            const u32 dst = smem_addr(sm.base + p.off_side_a + i * p.side_a_bytes), bar = sm.side_full(0, i);
+            const u32 nb = D * 4, wb = xa * k * 4, bb = L.conv_b ? xa * 4 : 0, sb = pad ? 0 : xa * (k - 1) * 4;
+            mbar_expect(bar, nb + wb + bb + sb);
+            bulk_copy(dst, L.norm, nb, bar);
+            if (wb) bulk_copy(dst + oa.w, L.conv_w + (u64)xa0 * k, wb, bar);
+            if (bb) bulk_copy(dst + oa.b, L.conv_b + xa0, bb, bar);
+            if (sb)
+                bulk_copy(dst + oa.s, p.conv_state + (u64)slot * p.conv_slot + (u64)l * p.conv_layer + (u64)xa0 * (k - 1),
+                          sb, bar);
         }
-        rows(L.in_proj, c0, c1, D);
-        rows(L.in_proj, E + c0, E + c1, D);
+        rows(L.in_proj, r0, r1, D);
         rows(L.x_proj, p0, p1, E);
-        // Side C: dt_proj rows, A, D, dt bias, SSM state.
         {
             if (l >= 2) mbar_wait_timed(sm.side_empty(1, i), use, stall_side);
-            const u32 dst = smem_addr(sm.base + p.off_side_c + i * p.side_c_bytes);
+            const u32 dst = smem_addr(sm.base + p.off_side_c + i * p.side_c_bytes), bar = sm.side_full(1, i);
             const u32 tb = nc * R * ds, ab = nc * N * 4, vb = nc * 4, sb = pad ? 0 : nc * N * 4;
-            const u32 o_a = (p.max_ch * R * ds + 15) & ~15, o_d = o_a + p.max_ch * N * 4, o_bias = o_d + p.max_ch * 4,
-                      o_s = o_bias + p.max_ch * 4;
-            mbar_expect(sm.side_full(1, i), tb + ab + 2 * vb + sb);
+            mbar_expect(bar, tb + ab + 2 * vb + sb);
             if (nc) {
-                bulk_copy(dst, (const unsigned char*)L.dt_proj + (u64)c0 * R * ds, tb, sm.side_full(1, i));
-                bulk_copy(dst + o_a, L.a + (u64)c0 * N, ab, sm.side_full(1, i));
-                bulk_copy(dst + o_d, L.skip + c0, vb, sm.side_full(1, i));
-                bulk_copy(dst + o_bias, L.dt_bias + c0, vb, sm.side_full(1, i));
+                bulk_copy(dst, (const unsigned char*)L.dt_proj + (u64)c0 * R * ds, tb, bar);
+                bulk_copy(dst + oc.a, L.a + (u64)c0 * N, ab, bar);
+                bulk_copy(dst + oc.d, L.skip + c0, vb, bar);
+                bulk_copy(dst + oc.bias, L.dt_bias + c0, vb, bar);
                 if (sb)
-                    bulk_copy(dst + o_s, p.ssm_state + (u64)slot * p.ssm_slot + (u64)l * p.ssm_layer + (u64)c0 * N, sb,
-                              sm.side_full(1, i));
+                    bulk_copy(dst + oc.s, p.ssm_state + (u64)slot * p.ssm_slot + (u64)l * p.ssm_layer + (u64)c0 * N, sb,
+                              bar);
             }
         }
         rows(L.out_proj, o0, o1, E);
@@ -291,9 +373,10 @@ __device__ void stack_produce(const StackParams& p, const StackSmem& sm, const S
 #endif
 }
 
-// Consumer warps: rows [0, n) of a region whose first stage is global stage
-// q, each row dotted with x (K columns) into acc[row]. Stage j goes to warp
-// (q + j) % W. Returns the next region's first stage.
+// Consumer warps: rows [0, n) of a region whose first stage is global
+// stage q, each dotted with x (permuted, K columns) into acc[row]. Stage g
+// goes to warp g % W, whose lane 0 waits for it and releases it. Returns
+// the next region's first stage.
 template <int DT>
 __device__ int stack_rows(const StackSmem& sm, const StackParams& p, int q, int n, int K, const float* x, float* acc,
                           int warp, int W, int lane, u64& waited) {
@@ -304,14 +387,15 @@ __device__ int stack_rows(const StackSmem& sm, const StackParams& p, int q, int 
     const unsigned char* ring = sm.base + p.off_ring;
     for (int j = ((warp - q) % W + W) % W; j < stages; j += W) {
         const int g = q + j, s = g % S;
-        mbar_wait_timed(sm.full(s), (g / S) & 1, waited);
+        if (lane == 0) mbar_wait_timed(sm.full(s), (g / S) & 1, waited);
+        __syncwarp();
         const unsigned char* st = ring + s * SB;
         const int r0 = j * rps, r1 = min(n, r0 + rps);
         for (int r = r0; r < r1; ++r) {
             const uint4* w = (const uint4*)(st + (r - r0) * rb);
             float part = 0.0f;
 #pragma unroll 4
-            for (int c = lane; c < chunks; c += 32) part += dot16<DT>(w[c], x + c * epc);
+            for (int c = lane; c < chunks; c += 32) part += dot16<DT>(w[c], x, c);
             part = warp_sum(part);
             if (lane == 0) acc[r] = part;
         }
@@ -329,7 +413,7 @@ __device__ void stack_impl(const StackParams& p) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int W = (blockDim.x >> 5) - 1, T = W * 32;
     const int G = gridDim.x, b = blockIdx.x;
-    const int D = p.d_model, E = p.d_inner, N = p.d_state, R = p.rank, k = p.d_conv;
+    const int D = p.d_model, E = p.d_inner, N = p.d_state, R = p.rank, k = p.d_conv, L = p.n_layers;
     StackSmem sm{smem, smem_addr(smem + p.off_bars), p.stages};
     StackLayer* layers = (StackLayer*)(smem + p.off_layers);
     if (tid == 0) {
@@ -340,98 +424,113 @@ __device__ void stack_impl(const StackParams& p) {
         for (int i = 0; i < 8; ++i) mbar_init(sm.bars + 8 * (2 * p.stages + i), 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-    for (int i = tid; i < p.n_layers * STACK_LAYER_WORDS; i += blockDim.x)
-        ((u64*)layers)[i] = ((const u64*)p.layers)[i];
+    for (int i = tid; i < L * STACK_LAYER_WORDS; i += blockDim.x) ((u64*)layers)[i] = ((const u64*)p.layers)[i];
     __syncthreads();
 
-    int c0, c1, p0, p1, o0, o1;
-    share(E / 8, 8, G, b, c0, c1);
+    int r0, r1, p0, p1, c0, c1, o0, o1;
+    share(2 * E / p.unit, p.unit, G, b, r0, r1);
     share(R + 2 * N, 1, G, b, p0, p1);
+    share(E / p.unit, p.unit, G, b, c0, c1);
     share(D, 1, G, b, o0, o1);
-    const int nc = c1 - c0;
     if (warp == W) {
-        if (lane == 0) stack_produce<DT>(p, sm, layers, c0, c1, p0, p1, o0, o1);
+        if (lane == 0) stack_produce<DT>(p, sm, layers, r0, r1, p0, p1, c0, c1, o0, o1);
         return;
     }
 
     float* x = (float*)(smem + p.off_x);
-    float* acc = (float*)(smem + p.off_acc);
+    float* acc = (float*)(smem + p.off_red);
     float* xc_s = (float*)(smem + p.off_xc);
     float* z_s = (float*)(smem + p.off_z);
     float* dbl = (float*)(smem + p.off_dbl);
-    float* red = (float*)(smem + p.off_red);
+    float* sums = (float*)(smem + p.off_sum);
+    u64* t_res = p.tagged;
+    u64* t_xc = t_res + D;
+    u64* t_z = t_xc + E;
+    u64* t_dbl = t_z + E;
+    u64* t_y = t_dbl + R + 2 * N;
     const u32 slot = p.slots[0];
     const bool pad = slot == PAD_SLOT;
+    const u32 epoch = *(volatile const u32*)p.sync;
+    const SideA oa(p);
+    const SideC oc(p, ds);
+    const int xa0 = min(r0, E), nc = c1 - c0;
     int q = 0;
     u64 waited = 0, waited_side = 0;
-    for (int l = 0; l < p.n_layers; ++l) {
-        const StackLayer& L = layers[l];
+    for (int l = 0; l < L; ++l) {
+        const StackLayer& Ly = layers[l];
         const int i = l & 1;
         const u32 use = (l >> 1) & 1;
+        const u32 tag = epoch * 4u * (u32)L + 4u * (u32)l;  // + phase
         STACK_MARK(3);
 
         // A: the entry norm, in_proj, the conv step.
+        if (l == 0) {
+            for (int j = tid; j < D; j += T) x[xpos<DT>(j)] = ld_cg(p.residual + j);
+        } else {
+            if (p.barriers) grid_sync(p.sync + 2, T);
+            gather<DT, true>(t_res, D, tag - 1, x, tid, T);
+        }
         const float* side_a = (const float*)(smem + p.off_side_a + i * p.side_a_bytes);
-        const int o_w = ((D * 4 + 15) & ~15) / 4, o_b = o_w + ((p.max_ch * k * 4 + 15) & ~15) / 4, o_s = o_b + p.max_ch;
         mbar_wait_timed(sm.side_full(0, i), use, waited_side);
         float ss = 0.0f;
-        for (int j = tid * 4; j < D; j += T * 4) {
-            const float4 h = ld_cg4(p.residual + j);
-            const float4 g = *(const float4*)(side_a + j);
-            ss += h.x * h.x + h.y * h.y + h.z * h.z + h.w * h.w;
-            *(float4*)(x + j) = make_float4(h.x * g.x, h.y * g.y, h.z * g.z, h.w * g.w);
+        for (int j = tid; j < D; j += T) {
+            const int at = xpos<DT>(j);
+            const float h = x[at];
+            ss += h * h;
+            x[at] = h * side_a[j];
         }
         ss = warp_sum(ss);
-        if (lane == 0) red[warp] = ss;
+        if (lane == 0) sums[warp] = ss;
         consumers_sync(T);
         float s2 = 0.0f;
-        for (int w = 0; w < W; ++w) s2 += red[w];
+        for (int w = 0; w < W; ++w) s2 += sums[w];
         const float inv = (float)(1.0 / sqrt((double)s2 / D + (double)p.eps));
         STACK_MARK(4);
-        q = stack_rows<DT>(sm, p, q, nc, D, x, acc, warp, W, lane, waited);
-        q = stack_rows<DT>(sm, p, q, nc, D, x, acc + nc, warp, W, lane, waited);
+        q = stack_rows<DT>(sm, p, q, r1 - r0, D, x, acc, warp, W, lane, waited);
         consumers_sync(T);
         STACK_MARK(5);
-        if (tid < nc) {
-            const int c = c0 + tid;
+        if (tid < r1 - r0) {
+            const int row = r0 + tid;
             float v = acc[tid] * inv;
-            if (L.in_bias) v += L.in_bias[c];
-            const float* w = side_a + o_w + tid * k;
-            const float* win = side_a + o_s + tid * (k - 1);
-            float o = L.conv_b ? side_a[o_b + tid] : 0.0f;
-            for (int j = 0; j + 1 < k; ++j) o += w[j] * (pad ? 0.0f : win[j]);
-            o += w[k - 1] * v;
-            if (!pad) {
-                float* st = p.conv_state + (u64)slot * p.conv_slot + (u64)l * p.conv_layer + (u64)c * (k - 1);
-                for (int j = 0; j + 2 < k; ++j) st[j] = win[j + 1];
-                if (k > 1) st[k - 2] = v;
+            if (Ly.in_bias) v += Ly.in_bias[row];
+            if (row < E) {
+                const int t = row - xa0;
+                const float* w = (const float*)((const unsigned char*)side_a + oa.w) + t * k;
+                const float* win = (const float*)((const unsigned char*)side_a + oa.s) + t * (k - 1);
+                float o = Ly.conv_b ? ((const float*)((const unsigned char*)side_a + oa.b))[t] : 0.0f;
+                for (int j = 0; j + 1 < k; ++j) o += w[j] * (pad ? 0.0f : win[j]);
+                o += w[k - 1] * v;
+                if (!pad) {
+                    float* st = p.conv_state + (u64)slot * p.conv_slot + (u64)l * p.conv_layer + (u64)row * (k - 1);
+                    for (int j = 0; j + 2 < k; ++j) st[j] = win[j + 1];
+                    if (k > 1) st[k - 2] = v;
+                }
+                put(t_xc + row, activate(p.act, o), tag);
+            } else {
+                put(t_z + row - E, v, tag);
             }
-            o = activate(p.act, o);
-            xc_s[tid] = o;
-            p.xc[c] = o;
-        } else if (tid < 2 * nc) {
-            const int t = tid - nc;
-            float v = acc[tid] * inv;
-            if (L.in_bias) v += L.in_bias[E + c0 + t];
-            z_s[t] = v;
         }
-        grid_sync(p.barrier, T, sm.side_empty(0, i), p.spin_ns);
+        consumers_sync(T);
+        if (tid == 0) mbar_arrive(sm.side_empty(0, i));
         STACK_MARK(6);
 
         // B: x_proj over all of xc.
-        for (int j = tid * 4; j < E; j += T * 4) *(float4*)(x + j) = ld_cg4(p.xc + j);
+        if (p.barriers) grid_sync(p.sync + 2, T);
+        gather<DT, true>(t_xc, E, tag, x, tid, T);
         consumers_sync(T);
         STACK_MARK(7);
         q = stack_rows<DT>(sm, p, q, p1 - p0, E, x, acc, warp, W, lane, waited);
         consumers_sync(T);
         STACK_MARK(8);
-        if (tid < p1 - p0) p.xdbl[p0 + tid] = acc[tid];
-        grid_sync(p.barrier, T, 0, p.spin_ns);
+        if (tid < p1 - p0) put(t_dbl + p0 + tid, acc[tid], tag + 1);
         STACK_MARK(9);
 
         // C: dt, the state update, the gate.
         const int nd = R + 2 * N;
-        for (int j = tid; j < nd; j += T) dbl[j] = ld_cg(p.xdbl + j);
+        if (p.barriers) grid_sync(p.sync + 2, T);
+        gather<DT, false>(t_dbl, nd, tag + 1, dbl, tid, T);
+        gather<DT, false>(t_xc + c0, nc, tag, xc_s, tid, T);
+        gather<DT, false>(t_z + c0, nc, tag, z_s, tid, T);
         consumers_sync(T);
         float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
         if (p.falcon) {
@@ -449,12 +548,10 @@ __device__ void stack_impl(const StackParams& p) {
             inv_c = (float)(1.0 / sqrt((double)sc / N + (double)p.mixer_eps));
         }
         const unsigned char* side_c = smem + p.off_side_c + i * p.side_c_bytes;
-        const int o_a = (p.max_ch * R * ds + 15) & ~15, o_d = o_a + p.max_ch * N * 4, o_bias = o_d + p.max_ch * 4,
-                  o_st = o_bias + p.max_ch * 4;
-        const float* a_s = (const float*)(side_c + o_a);
-        const float* d_s = (const float*)(side_c + o_d);
-        const float* bias_s = (const float*)(side_c + o_bias);
-        const float* h_s = (const float*)(side_c + o_st);
+        const float* a_s = (const float*)(side_c + oc.a);
+        const float* d_s = (const float*)(side_c + oc.d);
+        const float* bias_s = (const float*)(side_c + oc.bias);
+        const float* h_s = (const float*)(side_c + oc.s);
         mbar_wait_timed(sm.side_full(1, i), use, waited_side);
         STACK_MARK(10);
         // N consecutive lanes own a channel (N divides 32).
@@ -472,16 +569,18 @@ __device__ void stack_impl(const StackParams& p) {
             for (int o = N / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
             if (active) {
                 if (!pad) p.ssm_state[(u64)slot * p.ssm_slot + (u64)l * p.ssm_layer + (u64)(c0 + t) * N + n] = h;
-                if (n == 0) p.y[c0 + t] = (yp + xv * d_s[t]) * silu_f(z_s[t]);
+                if (n == 0) put(t_y + c0 + t, (yp + xv * d_s[t]) * silu_f(z_s[t]), tag + 2);
             }
         }
+        consumers_sync(T);
+        if (tid == 0) mbar_arrive(sm.side_empty(1, i));
         STACK_MARK(11);
-        grid_sync(p.barrier, T, sm.side_empty(1, i), p.spin_ns);
-        STACK_MARK(12);
 
         // D: out_proj over all of y, added to the residual.
-        for (int j = tid * 4; j < E; j += T * 4) *(float4*)(x + j) = ld_cg4(p.y + j);
+        if (p.barriers) grid_sync(p.sync + 2, T);
+        gather<DT, true>(t_y, E, tag + 2, x, tid, T);
         consumers_sync(T);
+        STACK_MARK(12);
         STACK_MARK(13);
         q = stack_rows<DT>(sm, p, q, o1 - o0, E, x, acc, warp, W, lane, waited);
         consumers_sync(T);
@@ -489,11 +588,22 @@ __device__ void stack_impl(const StackParams& p) {
         if (tid < o1 - o0) {
             const int o = o0 + tid;
             float v = acc[tid];
-            if (L.out_bias) v += L.out_bias[o];
-            p.residual[o] = ld_cg(p.residual + o) + v;
+            if (Ly.out_bias) v += Ly.out_bias[o];
+            // The row's previous value: this thread wrote it a layer ago.
+            v += l == 0 ? ld_cg(p.residual + o) : __uint_as_float((u32)peek(t_res + o));
+            put(t_res + o, v, tag + 3);
+            if (l + 1 == L) p.residual[o] = v;
         }
-        if (l + 1 < p.n_layers) grid_sync(p.barrier, T, 0, p.spin_ns);
         STACK_MARK(15);
+    }
+    // The last block to finish advances the tags' launch part.
+    consumers_sync(T);
+    if (tid == 0) {
+        __threadfence();
+        if (atomicAdd(p.sync + 1, 1u) == (u32)G - 1) {
+            p.sync[1] = 0;
+            p.sync[0] = epoch + 1;
+        }
     }
 #ifdef MS_TIMELINE
     if (tid == 0) {
@@ -508,7 +618,7 @@ __device__ void stack_impl(const StackParams& p) {
 #else
 // Before sm_90 (no bulk copies): never launched, the host checks.
 struct StackParams {
-    u64 words[27];
+    u64 words[26];
 };
 #define STACK_KERNEL(name, dt) \
     extern "C" __global__ void name(StackParams p) {}

@@ -18,18 +18,18 @@ import sys
 
 STACK = 18
 SEGMENTS = {
-    4: "A: side wait, residual, norm",
+    4: "A: residual, side wait, norm",
     5: "A: in_proj rows",
-    6: "A: conv, barrier 1",
+    6: "A: conv, z",
     7: "B: read xc",
     8: "B: x_proj rows",
-    9: "B: barrier 2",
-    10: "C: read xdbl, side wait",
+    9: "B: xdbl",
+    10: "C: read xdbl, xc, z, side wait",
     11: "C: dt, state, gate",
-    12: "C: barrier 3",
-    13: "D: read y",
+    12: "D: read y",
+    13: "D: y into registers",
     14: "D: out_proj rows",
-    15: "D: residual, barrier 4",
+    15: "D: residual",
 }
 WAITS = {16: "producer: ring full", 17: "producer: copies in flight", 18: "producer: side buffer busy",
          19: "warp 0: stage not arrived", 20: "warp 0: side buffer not arrived"}

@@ -396,11 +396,6 @@ pub struct Mamba1Stack<'a, B: Backend + ?Sized> {
     /// Row 0 is the residual stream: the embedding in, the last block's
     /// output out.
     pub residual: &'a mut B::Vec,
-    /// Scratch for the conv output (`d_inner`), x_proj's output
-    /// (`dt_rank + 2 d_state`) and the gated scan output (`d_inner`).
-    pub xc: &'a mut B::Vec,
-    pub xdbl: &'a mut B::Vec,
-    pub y: &'a mut B::Vec,
     pub conv_state: &'a mut B::Vec,
     pub conv_layout: PoolLayout,
     pub ssm_state: &'a mut B::Vec,
@@ -605,10 +600,9 @@ pub trait Backend: Send + 'static {
     }
 
     /// One decode token of one sequence (batch row 0, slot `slots[0]`)
-    /// through every block in one op; see [`Mamba1Stack`]. The other
-    /// workspace buffers are left as they were. `Ok(false)` when this
-    /// backend does not run this case fused (nothing was done: run the
-    /// blocks op by op).
+    /// through every block in one op; see [`Mamba1Stack`]. `Ok(false)`
+    /// when this backend does not run this case fused (nothing was done:
+    /// run the blocks op by op).
     fn mamba1_stack_step(&self, _args: Mamba1Stack<'_, Self>, _batch: &Packed<'_, Self>) -> Result<bool> {
         Ok(false)
     }

@@ -1344,7 +1344,8 @@ fn seeded_generation_matches_the_cpu() -> TestResult {
 fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
     use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
     for (arch, graphs) in [(Arch::Mamba1, false), (Arch::FalconMamba, false), (Arch::Mamba1, true)] {
-        let Some(g) = gpu("fused stack") else { return Ok(()) };
+        let Some(mut g) = gpu("fused stack") else { return Ok(()) };
+        g.set_fused_stack(true);
         let mut cfg = shapes::public_shape("mamba-130m").expect("a known shape");
         cfg.n_layers = 3;
         cfg.vocab_size = 1000;

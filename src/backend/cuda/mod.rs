@@ -321,9 +321,11 @@ pub struct CudaBackend {
     /// Whether the 4-tap decode conv may move its state through shared
     /// memory (`MAMBA_SERVE_NO_STAGED_CONV` turns it off, for comparisons).
     staged_conv: bool,
-    /// Whether one-sequence Mamba-1 decode steps may run as one kernel
-    /// (`MAMBA_SERVE_STACK` turns it on: not yet faster), and the
-    /// stack prepared for it (`stack.rs`).
+    /// Whether one-sequence Mamba-1 decode steps may run as one kernel,
+    /// and the stack prepared for it (`stack.rs`). Off unless
+    /// `MAMBA_SERVE_STACK` is set or [`CudaBackend::set_fused_stack`] turns
+    /// it on: correct, but not yet faster than the per-layer kernels
+    /// (docs/perf-notes.md, version 12).
     fused_stack: bool,
     stack: RefCell<Option<stack::Prepared>>,
     stack_launches: Cell<u64>,
@@ -427,6 +429,12 @@ impl CudaBackend {
             stack: RefCell::new(None),
             stack_launches: Cell::new(0),
         })
+    }
+
+    /// Lets models loaded after this run one-sequence Mamba-1 decode steps
+    /// through the fused stack kernel (`stack.rs`), or stops them.
+    pub fn set_fused_stack(&mut self, on: bool) {
+        self.fused_stack = on;
     }
 
     /// Launches of the fused stack kernel so far (`stack.rs`).

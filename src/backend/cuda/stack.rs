@@ -1,7 +1,7 @@
 //! Host side of the whole-stack decode kernel (`kernels/stack.cu`): one
 //! launch runs every Mamba-1 block of a one-sequence decode step, with the
 //! weights streamed into shared memory by the copy engine while the blocks
-//! of the grid meet at barriers between the phases of a layer.
+//! of the grid hand each other activations as tagged words.
 //!
 //! [`prepare`] checks the shapes, lays out shared memory and uploads the
 //! table of layer weights once; [`step`] launches the kernel when a step
@@ -21,7 +21,6 @@ const MAX_STAGES: usize = 48;
 const WARPS: usize = 8;
 const DEPTH: usize = 6;
 const STAGE_BYTES: usize = 8 << 10;
-const SPIN_NS: usize = 0;
 
 /// The launch shape and shared-memory layout, fixed at prepare.
 #[derive(Debug, Clone, Copy)]
@@ -32,34 +31,41 @@ struct Plan {
     stage_bytes: usize,
     stages: usize,
     depth: usize,
-    max_ch: usize,
+    /// Channels a partition unit holds (their per-channel slices stay
+    /// 16-byte aligned for the bulk copies).
+    unit: usize,
+    /// in_proj rows (phase A) and channels (phase C) a block holds at most.
+    max_a: usize,
+    max_c: usize,
     off_side_a: usize,
     side_a: usize,
     off_side_c: usize,
     side_c: usize,
     off_x: usize,
-    off_acc: usize,
+    off_red: usize,
     off_xc: usize,
     off_z: usize,
     off_dbl: usize,
-    off_red: usize,
+    off_sum: usize,
     off_layers: usize,
     off_bars: usize,
     off_ring: usize,
     shared: usize,
-    /// Nanoseconds the grid barrier's spinning thread sleeps between polls
-    /// (0: none).
-    spin_ns: usize,
+    /// Grid barriers before the reads of other blocks' values too
+    /// (`MAMBA_SERVE_STACK_BARRIERS`, for comparisons).
+    barriers: bool,
 }
 
 /// A prepared stack: its plan, the weights it was prepared for and their
-/// table on the device, and the grid barrier's word.
+/// table on the device, the tagged words blocks hand each other values in,
+/// and the launch counter their tags start from.
 pub(super) struct Prepared {
     plan: Plan,
     shape: Mamba1StackShape,
     key: Vec<u64>,
     table: DevBuf,
-    barrier: DevBuf,
+    tagged: DevBuf,
+    sync: DevBuf,
 }
 
 fn r16(n: usize) -> usize {
@@ -128,23 +134,30 @@ fn unsupported(blocks: &[Mamba1Block<'_, CudaBackend>], s: &Mamba1StackShape) ->
 
 /// Lays out shared memory for `sms` blocks of `warps` consumer warps each,
 /// within `max_shared` bytes a block.
-fn plan(s: &Mamba1StackShape, layers: usize, dtype: DType, sms: usize, max_shared: usize, tune: (usize, usize, usize, usize)) -> Option<Plan> {
-    let (warps, depth, stage_kib, spin_ns) = tune;
+fn plan(s: &Mamba1StackShape, layers: usize, dtype: DType, sms: usize, max_shared: usize, tune: (usize, usize, usize)) -> Option<Plan> {
+    let (warps, depth, stage_kib) = tune;
     let (d, e, n, r, k) = (s.d_model, s.d_inner, s.d_state, s.dt_rank, s.d_conv);
     let ds = dtype.size();
     let threads = 32 * warps;
-    let max_ch = (e / 8).div_ceil(sms) * 8;
+    // Four channels' dt_proj rows are 16-byte aligned unless a 16-bit
+    // rank is odd; every other per-channel slice is 4, 4 k, 4 (k - 1) or
+    // 4 d_state bytes.
+    let unit = if (4 * r * ds) % 16 == 0 { 4 } else { 8 };
+    let max_a = (2 * e / unit).div_ceil(sms) * unit;
+    let max_c = (e / unit).div_ceil(sms) * unit;
     let rows_b = (r + 2 * n).div_ceil(sms);
     let rows_d = d.div_ceil(sms);
-    // Epilogues give a thread each output row (phase A: x and z rows).
-    if 2 * max_ch > threads || rows_b > threads || rows_d > threads {
+    // Epilogues give a thread each row.
+    if max_a > threads || rows_b > threads || rows_d > threads {
         return None;
     }
     let stage_bytes = r16((stage_kib << 10).max(d * ds).max(e * ds));
-    // Norm weights, conv taps, conv bias and the conv window.
-    let side_a = (r16(d * 4) + r16(max_ch * k * 4) + max_ch * 4 + max_ch * (k - 1) * 4).next_multiple_of(128);
-    // dt_proj rows, A, D, dt bias and the SSM state, as stack.cu reads them.
-    let side_c = (r16(max_ch * r * ds) + 2 * max_ch * n * 4 + 2 * max_ch * 4).next_multiple_of(128);
+    // Norm weights, conv taps, conv bias and the conv window (SideA).
+    let side_a = (r16(d * 4) + r16(max_a * k * 4) + max_a * 4 + max_a * (k - 1) * 4).next_multiple_of(128);
+    // dt_proj rows, A, D, dt bias and the SSM state (SideC).
+    let side_c = (r16(max_c * r * ds) + 2 * max_c * n * 4 + 2 * max_c * 4).next_multiple_of(128);
+    // The product sums of a phase's rows.
+    let sums = max_a.max(rows_b).max(rows_d);
     let mut at = 0;
     let mut take = |bytes: usize| {
         let o = at;
@@ -153,12 +166,13 @@ fn plan(s: &Mamba1StackShape, layers: usize, dtype: DType, sms: usize, max_share
     };
     let off_side_a = take(2 * side_a);
     let off_side_c = take(2 * side_c);
-    let off_x = take(d.max(e) * 4);
-    let off_acc = take((2 * max_ch).max(rows_b).max(rows_d) * 4);
-    let off_xc = take(max_ch * 4);
-    let off_z = take(max_ch * 4);
+    // x permuted in whole tiles of 32 chunks (`xpos` in stack.cu).
+    let off_x = take(d.max(e).next_multiple_of(256) * 4);
+    let off_red = take(sums * 4);
+    let off_xc = take(max_c * 4);
+    let off_z = take(max_c * 4);
     let off_dbl = take((r + 2 * n) * 4);
-    let off_red = take(32 * 4);
+    let off_sum = take(32 * 4);
     let off_layers = take(layers * LAYER_WORDS * 8);
     let off_bars = take((2 * MAX_STAGES + 8) * 8);
     let off_ring = at;
@@ -178,35 +192,36 @@ fn plan(s: &Mamba1StackShape, layers: usize, dtype: DType, sms: usize, max_share
         stage_bytes,
         stages,
         depth: depth.clamp(1, stages),
-        max_ch,
+        unit,
+        max_a,
+        max_c,
         off_side_a,
         side_a,
         off_side_c,
         side_c,
         off_x,
-        off_acc,
+        off_red,
         off_xc,
         off_z,
         off_dbl,
-        off_red,
+        off_sum,
         off_layers,
         off_bars,
         off_ring,
         shared: off_ring + stages * stage_bytes,
-        spin_ns,
+        barriers: std::env::var_os("MAMBA_SERVE_STACK_BARRIERS").is_some(),
     })
 }
 
-/// `MAMBA_SERVE_STACK_TUNE=warps,depth,stage_kib,spin_ns`, for
-/// measurements.
-fn tune() -> (usize, usize, usize, usize) {
-    let default = (WARPS, DEPTH, STAGE_BYTES >> 10, SPIN_NS);
+/// `MAMBA_SERVE_STACK_TUNE=warps,depth,stage_kib`, for measurements.
+fn tune() -> (usize, usize, usize) {
+    let default = (WARPS, DEPTH, STAGE_BYTES >> 10);
     let Ok(v) = std::env::var("MAMBA_SERVE_STACK_TUNE") else { return default };
     let f: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
     match f[..] {
-        [w, d, s, n] if (1..=31).contains(&w) && d >= 1 && s >= 1 => (w, d, s, n),
+        [w, d, s] if (1..=31).contains(&w) && d >= 1 && s >= 1 => (w, d, s),
         _ => {
-            tracing::warn!(value = %v, "MAMBA_SERVE_STACK_TUNE is warps,depth,stage_kib,spin_ns; using the defaults");
+            tracing::warn!(value = %v, "MAMBA_SERVE_STACK_TUNE is warps,depth,stage_kib; using the defaults");
             default
         }
     }
@@ -235,8 +250,13 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
     let key = table_words(blocks);
     let table = DevBuf::alloc(&be.ctx, key.len() * 8, "stack table")?;
     be.upload_bytes(table.ptr, bytemuck_words(&key))?;
-    let barrier = DevBuf::alloc(&be.ctx, 4, "stack barrier")?;
-    be.upload_bytes(barrier.ptr, &[0; 4])?;
+    // Tags of all ones: no launch's (its first layer's tags start at 0).
+    let (d, e, n, r) = (shape.d_model, shape.d_inner, shape.d_state, shape.dt_rank);
+    let words = d + 3 * e + r + 2 * n;
+    let tagged = DevBuf::alloc(&be.ctx, words * 8, "stack activations")?;
+    be.upload_bytes(tagged.ptr, &vec![0xff; words * 8])?;
+    let sync = DevBuf::alloc(&be.ctx, 12, "stack launch counter")?;
+    be.upload_bytes(sync.ptr, &[0; 12])?;
     be.sync()?;
     tracing::info!(
         blocks = plan.blocks,
@@ -247,7 +267,7 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
         shared = plan.shared,
         "single-sequence decode steps run the fused stack kernel"
     );
-    *be.stack.borrow_mut() = Some(Prepared { plan, shape: *shape, key, table, barrier });
+    *be.stack.borrow_mut() = Some(Prepared { plan, shape: *shape, key, table, tagged, sync });
     Ok(true)
 }
 
@@ -273,9 +293,6 @@ pub fn step(be: &CudaBackend, a: Mamba1Stack<'_, CudaBackend>, batch: &Packed<'_
         && a.conv_state.len() >= a.conv_layout.len()
         && a.ssm_state.len() >= a.ssm_layout.len()
         && a.residual.len() >= d
-        && a.xc.len() >= e
-        && a.xdbl.len() >= r + 2 * n
-        && a.y.len() >= e
         && batch.slots.len() >= 1;
     if !fits || table_words(a.blocks) != st.key {
         return Ok(false);
@@ -284,19 +301,17 @@ pub fn step(be: &CudaBackend, a: Mamba1Stack<'_, CudaBackend>, batch: &Packed<'_
     let mut args = Args::new()
         .ptr(st.table.ptr)
         .ptr(a.residual.buf.ptr)
-        .ptr(a.xc.buf.ptr)
-        .ptr(a.xdbl.buf.ptr)
-        .ptr(a.y.buf.ptr)
+        .ptr(st.tagged.ptr)
         .ptr(a.conv_state.buf.ptr)
         .ptr(a.ssm_state.buf.ptr)
         .ptr(batch.slots.buf.ptr)
-        .ptr(st.barrier.ptr)
+        .ptr(st.sync.ptr)
         .u64(a.conv_layout.per_slot() as u64)
         .u64(a.conv_layout.per_layer as u64)
         .u64(a.ssm_layout.per_slot() as u64)
         .u64(a.ssm_layout.per_layer as u64);
-    let falcon = s.mixer_norm_eps.is_some() as u32;
-    let ints: [u32; 28] = [
+    // The int and float fields, in StackParams order, two to a word.
+    let ints: [u32; 30] = [
         a.blocks.len() as u32,
         d as u32,
         e as u32,
@@ -304,27 +319,29 @@ pub fn step(be: &CudaBackend, a: Mamba1Stack<'_, CudaBackend>, batch: &Packed<'_
         r as u32,
         k as u32,
         s.activation.code(),
-        falcon,
+        s.mixer_norm_eps.is_some() as u32,
         s.norm_eps.to_bits(),
         s.mixer_norm_eps.unwrap_or(0.0).to_bits(),
         p.stage_bytes as u32,
         p.stages as u32,
         p.depth as u32,
-        p.max_ch as u32,
+        p.unit as u32,
+        p.max_a as u32,
+        p.max_c as u32,
         p.off_ring as u32,
         p.off_side_a as u32,
         p.side_a as u32,
         p.off_side_c as u32,
         p.side_c as u32,
         p.off_x as u32,
-        p.off_acc as u32,
+        p.off_red as u32,
+        p.barriers as u32,
         p.off_xc as u32,
         p.off_z as u32,
         p.off_dbl as u32,
-        p.off_red as u32,
         p.off_layers as u32,
         p.off_bars as u32,
-        p.spin_ns as u32,
+        p.off_sum as u32,
     ];
     for pair in ints.chunks(2) {
         args = args.u64(pair[0] as u64 | (pair[1] as u64) << 32);
@@ -341,27 +358,40 @@ mod tests {
     use crate::backend::Activation;
 
     fn shape(d: usize, e: usize, n: usize, r: usize, k: usize) -> Mamba1StackShape {
-        Mamba1StackShape { d_model: d, d_inner: e, d_state: n, dt_rank: r, d_conv: k, activation: Activation::Silu, norm_eps: 1e-5, mixer_norm_eps: None }
+        Mamba1StackShape {
+            d_model: d,
+            d_inner: e,
+            d_state: n,
+            dt_rank: r,
+            d_conv: k,
+            activation: Activation::Silu,
+            norm_eps: 1e-5,
+            mixer_norm_eps: None,
+        }
     }
 
     #[test]
     fn real_shapes_fit_an_h200_block_and_regions_do_not_overlap() {
-        // mamba-130m .. mamba-2.8b and falcon-mamba-7b on 132 multiprocessors, 227 KiB a block.
-        // Falcon-Mamba-7b's side buffers (64 channels of 256-wide dt_proj
-        // rows a block, twice) leave a ring of 4 stages.
-        for (d, e, r, layers, stages) in [(768, 1536, 48, 24, 8), (2048, 4096, 128, 48, 8), (2560, 5120, 160, 64, 8), (4096, 8192, 256, 64, 4)] {
-            let p = plan(&shape(d, e, 16, r, 4), layers, DType::BF16, 132, 232_448, (WARPS, DEPTH, 8, 0)).expect("fits");
+        // mamba-130m .. mamba-2.8b and falcon-mamba-7b on 132 multiprocessors,
+        // 227 KiB a block. Falcon-Mamba-7b's side buffers (64 channels of
+        // 256-wide dt_proj rows a block, twice) leave a ring of 3 stages.
+        for (d, e, r, layers, stages) in
+            [(768, 1536, 48, 24, 8), (2048, 4096, 128, 48, 8), (2560, 5120, 160, 64, 8), (4096, 8192, 256, 64, 3)]
+        {
+            let p = plan(&shape(d, e, 16, r, 4), layers, DType::BF16, 132, 232_448, (WARPS, DEPTH, 8)).expect("fits");
             assert!(p.shared <= 232_448 && p.stages >= stages, "{d}: {p:?}");
             assert!(p.stage_bytes >= e * 2, "{d}: a stage holds a whole out_proj row");
+            assert_eq!(p.unit, 4);
+            assert!(p.max_a * 132 >= 2 * e && p.max_c * 132 >= e);
             let mut parts = [
                 (p.off_side_a, 2 * p.side_a),
                 (p.off_side_c, 2 * p.side_c),
-                (p.off_x, e.max(d) * 4),
-                (p.off_acc, 2 * p.max_ch * 4),
-                (p.off_xc, p.max_ch * 4),
-                (p.off_z, p.max_ch * 4),
+                (p.off_x, e.max(d).next_multiple_of(256) * 4),
+                (p.off_red, p.max_a * 4),
+                (p.off_xc, p.max_c * 4),
+                (p.off_z, p.max_c * 4),
                 (p.off_dbl, (r + 32) * 4),
-                (p.off_red, 128),
+                (p.off_sum, 128),
                 (p.off_layers, layers * LAYER_WORDS * 8),
                 (p.off_bars, (2 * MAX_STAGES + 8) * 8),
                 (p.off_ring, p.stages * p.stage_bytes),
@@ -375,8 +405,11 @@ mod tests {
     }
 
     #[test]
-    fn too_many_channels_a_block_fall_back() {
-        // 2 * max_ch rows of phase A must not exceed the consumer threads.
-        assert!(plan(&shape(4096, 8192, 16, 256, 4), 64, DType::BF16, 8, 232_448, (WARPS, DEPTH, 8, 0)).is_none());
+    fn odd_ranks_take_eight_channel_units_and_oversized_shares_fall_back() {
+        // A bf16 rank of 3: four channels' dt_proj rows are 24 bytes.
+        assert_eq!(plan(&shape(48, 96, 16, 3, 4), 2, DType::BF16, 132, 232_448, (WARPS, DEPTH, 8)).expect("fits").unit, 8);
+        assert_eq!(plan(&shape(48, 96, 16, 3, 4), 2, DType::F32, 132, 232_448, (WARPS, DEPTH, 8)).expect("fits").unit, 4);
+        // Phase A's rows a block must not exceed the consumer threads.
+        assert!(plan(&shape(4096, 8192, 16, 256, 4), 64, DType::BF16, 8, 232_448, (WARPS, DEPTH, 8)).is_none());
     }
 }
