@@ -581,7 +581,6 @@ __device__ void stack_impl(const StackParams& p) {
         gather<DT, true>(t_y, E, tag + 2, x, tid, T);
         consumers_sync(T);
         STACK_MARK(12);
-        STACK_MARK(13);
         q = stack_rows<DT>(sm, p, q, o1 - o0, E, x, acc, warp, W, lane, waited);
         consumers_sync(T);
         STACK_MARK(14);

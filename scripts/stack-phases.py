@@ -3,7 +3,7 @@
 timeline (MAMBA_SERVE_TIMELINE=FILE mamba-serve bench ..., batch 1).
 
 Thread 0 of every block marks each phase boundary of each layer (events 3
-to 15 of tag 18, kernels/stack.cu); the block's producer lane and thread 0
+to 15 but 13 of tag 18, kernels/stack.cu); the block's producer lane and thread 0
 also record, at the end, how long they waited (events 16 to 20). For the
 last whole launch this prints, per segment of a layer, the median over
 layers of the median and the slowest block's time, and the waits per
@@ -27,7 +27,6 @@ SEGMENTS = {
     10: "C: read xdbl, xc, z, side wait",
     11: "C: dt, state, gate",
     12: "D: read y",
-    13: "D: y into registers",
     14: "D: out_proj rows",
     15: "D: residual",
 }

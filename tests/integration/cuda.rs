@@ -1339,7 +1339,8 @@ fn seeded_generation_matches_the_cpu() -> TestResult {
 /// One sequence's decode steps through the fused stack kernel (the whole
 /// stack of blocks in one launch) give the CPU's logits, at real widths
 /// (mamba-130m's, three blocks, bf16), as Mamba-1 and as Falcon-Mamba
-/// (its norms of dt, B and C), with and without recorded graphs.
+/// (its norms of dt, B and C), with and without recorded graphs; and the
+/// reference's step logits on the Mamba-1 fixtures.
 #[test]
 fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
     use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
@@ -1372,6 +1373,30 @@ fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
         assert_eq!(launched, if graphs { 1 } else { 8 }, "{what}: fused stack launches");
         // The slot's state after the steps is the CPU's.
         check_close(&format!("{what}: state"), &m.read_slot(1)?, &cpu.read_slot(1)?, 1e-2);
+    }
+    // The Mamba-1 and Falcon-Mamba fixtures (f32 and bf16, biases, conv
+    // widths 3 to 5, 8 states, odd ranks) against transformers' step logits.
+    for dir in fixture_models() {
+        let cfg = ModelConfig::from_dir(&dir)?;
+        if cfg.arch == Arch::Mamba2 {
+            continue;
+        }
+        let Some(mut g) = gpu("fused stack") else { return Ok(()) };
+        g.set_fused_stack(true);
+        let dev = DeviceOptions { graphs: false, ..Default::default() };
+        let mut m = Model::load_with(g, cfg, &Checkpoint::open(&dir)?, opts(2, 256), dev, &mut |_| {})?;
+        let (r, tol) = (reference(&dir), golden_tol(&dir));
+        for p in &r.prompts {
+            m.reset_slot(1)?;
+            m.forward(&[SeqChunk { slot: 1, tokens: &p.ids, is_prompt: true }])?;
+            let before = m.backend().fused_stack_launches();
+            for (i, want) in p.step_logits.iter().enumerate() {
+                let logits = m.forward(&[SeqChunk { slot: 1, tokens: &p.greedy[i..i + 1], is_prompt: false }])?;
+                check_close(&format!("{}: prompt {:?} fused step {}", name(&dir), p.text, i + 1), &logits, want, tol);
+            }
+            let launched = m.backend().fused_stack_launches() - before;
+            assert_eq!(launched, p.step_logits.len() as u64, "{}: fused stack launches", name(&dir));
+        }
     }
     Ok(())
 }
