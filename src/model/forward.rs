@@ -466,7 +466,8 @@ impl<B: Backend> Model<B> {
         let batch = Packed { n_tokens, n_seqs, cu_seqlens: &ws.cu, slots: &ws.slots, prompt: &ws.prompt, single_token };
         // One sequence's decode token: every block in one op where the
         // backend has it.
-        let fused = match mamba1_blocks(w).filter(|_| *stack && single_token && n_seqs == 1) {
+        let one_token = *stack && single_token && n_seqs == 1;
+        let fused = match one_token.then(|| mamba1_blocks(w)).flatten() {
             Some(blocks) => {
                 let args = Mamba1Stack {
                     blocks: &blocks,
