@@ -12,11 +12,14 @@ layer.
 Usage: scripts/stack-phases.py FILE
 """
 import collections
+import pathlib
 import statistics
-import struct
 import sys
 
-STACK = 18
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import timeline  # noqa: E402  (the record format's reader)
+
+STACK = 18  # TL_STACK
 SEGMENTS = {
     4: "A: residual, side wait, norm",
     5: "A: in_proj rows",
@@ -37,14 +40,7 @@ WAITS = {16: "producer: ring full", 17: "producer: copies in flight", 18: "produ
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    data = open(sys.argv[1], "rb").read()
-    n = struct.unpack_from("<Q", data, 0)[0]
-    recs = []
-    for i in range(n):
-        t, a, b = struct.unpack_from("<QQQ", data, 8 + 24 * i)
-        if a >> 56 == STACK:
-            recs.append((t, (a >> 48) & 0xFF, a & 0xFFFFFFFF, b))
-    recs.sort()
+    recs = sorted((t, e, blk, extra) for t, tag, e, blk, extra in timeline.raw(sys.argv[1]) if tag == STACK)
     starts = [r for r in recs if r[1] == 0]
     if not starts:
         sys.exit("no stack kernel records")

@@ -55,14 +55,20 @@ SAMPLE = 14
 SAME_LAUNCH_NS = 8000
 
 
-def read(path):
+def raw(path):
+    """Every record as (time, tag, event, block, third word)."""
     data = open(path, "rb").read()
     n = struct.unpack_from("<Q", data, 0)[0]
     recs = []
     for i in range(n):
         t, a, b = struct.unpack_from("<QQQ", data, 8 + 24 * i)
-        recs.append((t, a >> 56, (a >> 48) & 0xFF, b >> 32, b & 0xFFFFFFFF))
+        recs.append((t, a >> 56, (a >> 48) & 0xFF, a & 0xFFFFFFFF, b))
     return recs
+
+
+def read(path):
+    """Every record as (time, tag, event, grid blocks, block threads)."""
+    return [(t, tag, e, w >> 32, w & 0xFFFFFFFF) for t, tag, e, _, w in raw(path)]
 
 
 def launches(recs):

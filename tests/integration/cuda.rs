@@ -15,7 +15,7 @@ use mamba_serve::backend::{
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
-use mamba_serve::sampling::SamplingParams;
+use mamba_serve::sampling::{SamplingParams, argmax};
 use mamba_serve::tokenizer::Tokenizer;
 
 use crate::common::*;
@@ -1361,12 +1361,12 @@ fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
         let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
         check_close(&format!("{what}: prompt"), &got, &want, 1e-2);
         let before = m.backend().fused_stack_launches();
-        let mut token = argmax(&want);
+        let mut token = argmax(&want) as u32;
         for step in 0..8 {
             let got = m.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
             let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
             check_close(&format!("{what}: step {step}"), &got, &want, 1e-2);
-            token = argmax(&want);
+            token = argmax(&want) as u32;
         }
         // The steps ran the fused kernel (with graphs: once, when recorded).
         let launched = m.backend().fused_stack_launches() - before;
@@ -1399,8 +1399,4 @@ fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
         }
     }
     Ok(())
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
 }

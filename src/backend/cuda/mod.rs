@@ -1490,6 +1490,7 @@ impl Drop for CudaBackend {
 }
 
 fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: u32 and f32 slices reinterpret as bytes with no padding.
+    // SAFETY: the callers pass u32, u64 and f32 slices, which reinterpret as
+    // bytes with no padding.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }

@@ -8,7 +8,7 @@
 //! is one sequence's token and the weights are the prepared ones.
 
 use super::kernels::{Args, Kernel};
-use super::{CudaBackend, CudaMat, CudaVec, DevBuf, dev};
+use super::{CudaBackend, CudaMat, CudaVec, DevBuf, bytes_of, dev};
 use crate::backend::checks::{Buffer, Matrix};
 use crate::backend::{DType, Mamba1Block, Mamba1Stack, Mamba1StackShape, Packed, Result};
 
@@ -73,27 +73,24 @@ fn r16(n: usize) -> usize {
 }
 
 /// The table's words for these blocks (the `StackLayer` order).
-fn table_words(blocks: &[Mamba1Block<'_, CudaBackend>]) -> Vec<u64> {
+fn table_words<'b>(blocks: &'b [Mamba1Block<'_, CudaBackend>]) -> impl Iterator<Item = u64> + 'b {
     let vec = |v: Option<&CudaVec>| v.map_or(0, |v| v.buf.ptr);
-    blocks
-        .iter()
-        .flat_map(|b| {
-            [
-                b.in_proj.buf.ptr,
-                vec(b.in_proj_bias),
-                b.norm.buf.ptr,
-                b.conv_w.buf.ptr,
-                vec(b.conv_b),
-                b.x_proj.buf.ptr,
-                b.dt_proj.buf.ptr,
-                b.dt_bias.buf.ptr,
-                b.a.buf.ptr,
-                b.skip.buf.ptr,
-                b.out_proj.buf.ptr,
-                vec(b.out_proj_bias),
-            ]
-        })
-        .collect()
+    blocks.iter().flat_map(move |b| {
+        [
+            b.in_proj.buf.ptr,
+            vec(b.in_proj_bias),
+            b.norm.buf.ptr,
+            b.conv_w.buf.ptr,
+            vec(b.conv_b),
+            b.x_proj.buf.ptr,
+            b.dt_proj.buf.ptr,
+            b.dt_bias.buf.ptr,
+            b.a.buf.ptr,
+            b.skip.buf.ptr,
+            b.out_proj.buf.ptr,
+            vec(b.out_proj_bias),
+        ]
+    })
 }
 
 /// Why these blocks cannot take the fused stack, or `None` when they can.
@@ -247,9 +244,9 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
         return Ok(false);
     };
     be.kernels.allow_shared(plan.kernel, plan.shared)?;
-    let key = table_words(blocks);
+    let key: Vec<u64> = table_words(blocks).collect();
     let table = DevBuf::alloc(&be.ctx, key.len() * 8, "stack table")?;
-    be.upload_bytes(table.ptr, bytemuck_words(&key))?;
+    be.upload_bytes(table.ptr, bytes_of(&key))?;
     // Tags of all ones: no launch's (its first layer's tags start at 0).
     let (d, e, n, r) = (shape.d_model, shape.d_inner, shape.d_state, shape.dt_rank);
     let words = d + 3 * e + r + 2 * n;
@@ -271,12 +268,6 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
     Ok(true)
 }
 
-fn bytemuck_words(w: &[u64]) -> &[u8] {
-    // SAFETY: u64 has no padding and any byte view of it is valid; the
-    // slice covers exactly the words' bytes.
-    unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u8, std::mem::size_of_val(w)) }
-}
-
 /// [`crate::backend::Backend::mamba1_stack_step`] on the GPU.
 pub fn step(be: &CudaBackend, a: Mamba1Stack<'_, CudaBackend>, batch: &Packed<'_, CudaBackend>) -> Result<bool> {
     let stack = be.stack.borrow();
@@ -294,7 +285,8 @@ pub fn step(be: &CudaBackend, a: Mamba1Stack<'_, CudaBackend>, batch: &Packed<'_
         && a.ssm_state.len() >= a.ssm_layout.len()
         && a.residual.len() >= d
         && batch.slots.len() >= 1;
-    if !fits || table_words(a.blocks) != st.key {
+    // The prepared weights (compared in place: nothing is allocated a step).
+    if !fits || !table_words(a.blocks).eq(st.key.iter().copied()) {
         return Ok(false);
     }
     let p = &st.plan;
