@@ -4,44 +4,6 @@
 // launch and used for up to MT rows of x (blockIdx.y tiles M by MT; larger
 // M re-reads the weights once per tile, from L2 when they fit).
 
-// Eight weights starting at element i (16-byte aligned), as raw words.
-template <int DT>
-struct Chunk {
-    uint4 a, b;  // b is used by f32 only
-};
-
-template <int DT>
-__device__ __forceinline__ Chunk<DT> load_chunk(const void* w, u64 i) {
-    Chunk<DT> c;
-    if (DT == 0) {
-        const uint4* p = (const uint4*)((const float*)w + i);
-        c.a = p[0];
-        c.b = p[1];
-    } else {
-        c.a = *(const uint4*)((const u16*)w + i);
-        c.b = make_uint4(0, 0, 0, 0);
-    }
-    return c;
-}
-
-template <int DT>
-__device__ __forceinline__ void widen8(const Chunk<DT>& c, float* v) {
-    if (DT == 0) {
-        v[0] = __uint_as_float(c.a.x); v[1] = __uint_as_float(c.a.y);
-        v[2] = __uint_as_float(c.a.z); v[3] = __uint_as_float(c.a.w);
-        v[4] = __uint_as_float(c.b.x); v[5] = __uint_as_float(c.b.y);
-        v[6] = __uint_as_float(c.b.z); v[7] = __uint_as_float(c.b.w);
-    } else {
-        const u32 words[4] = {c.a.x, c.a.y, c.a.z, c.a.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
-            v[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
-            v[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
-        }
-    }
-}
-
 // Vector path (K % 8 == 0, x rows 16-byte aligned). One block per R output
 // columns and MT rows of x; its threads split K between them: thread t
 // reads chunks k = 8 t, 8 (t + T), ... of each of the R weight rows, U

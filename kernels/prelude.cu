@@ -20,11 +20,19 @@ typedef unsigned long long u64;
 // returns once the previous kernel has finished and its writes are
 // visible; it then lets the next kernel start (`grid_dep_launch`), so at
 // most one kernel runs ahead. Both are no-ops for a plain launch.
-__device__ __forceinline__ void grid_dep_sync() {
+__device__ __forceinline__ void grid_dep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void grid_dep_sync() {
+    grid_dep_wait();
+    grid_dep_launch();
 }
 
 // Timeline instrumentation, compiled in only with MS_TIMELINE (the backend
@@ -54,6 +62,7 @@ __device__ __forceinline__ void grid_dep_sync() {
 #define TL_TO_HALF 16
 #define TL_NORM_ROWS 17
 #define TL_STACK 18
+#define TL_TAIL 19
 #ifdef MS_TIMELINE
 __device__ u64* ms_timeline;
 __device__ __forceinline__ u64 tl_now() {
@@ -143,6 +152,43 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Grid-wide handoffs, for kernels whose blocks are all resident at once
+// (one a multiprocessor at most, checked by the host).
+__device__ __forceinline__ u32 ld_acquire(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// The grid-wide barrier of the `threads` first threads of every block
+// (named barrier 1): the count in `bar` returns to its old low bits each
+// time and its top bit flips once every block has arrived (block 0 adds
+// 2^31 - (G - 1), every other block 1), so the word needs no reset between
+// barriers or launches. A barrier still open after 2 s traps (the launch
+// fails with an error the host reports) instead of hanging the GPU.
+__device__ __forceinline__ void grid_sync(u32* bar, int threads) {
+    asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+    if (threadIdx.x == 0) {
+        const u32 inc = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        __threadfence();
+        const u32 old = atomicAdd(bar, inc);
+        u64 t0 = 0;
+        for (u32 spins = 1; ((old ^ ld_acquire(bar)) & 0x80000000u) == 0; ++spins) {
+            if ((spins & 1023u) == 0) {
+                u64 t;
+                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+                if (t0 == 0) t0 = t;
+                else if (t - t0 > 2000000000ull) asm volatile("trap;");
+            }
+        }
+        __threadfence();
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+}
+// [lo, hi) of `units` units of `unit` items, shared evenly by G blocks.
+__device__ __forceinline__ void share(int units, int unit, int G, int b, int& lo, int& hi) {
+    lo = (int)((long long)units * b / G) * unit;
+    hi = (int)((long long)units * (b + 1) / G) * unit;
+}
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
@@ -251,4 +297,41 @@ __device__ __forceinline__ int segment_of(const u32* cu, int n_seqs, u32 t) {
         if (cu[mid] <= t) lo = mid; else hi = mid - 1;
     }
     return lo;
+}
+// Eight weights starting at element i (16-byte aligned), as raw words.
+template <int DT>
+struct Chunk {
+    uint4 a, b;  // b is used by f32 only
+};
+
+template <int DT>
+__device__ __forceinline__ Chunk<DT> load_chunk(const void* w, u64 i) {
+    Chunk<DT> c;
+    if (DT == 0) {
+        const uint4* p = (const uint4*)((const float*)w + i);
+        c.a = p[0];
+        c.b = p[1];
+    } else {
+        c.a = *(const uint4*)((const u16*)w + i);
+        c.b = make_uint4(0, 0, 0, 0);
+    }
+    return c;
+}
+
+template <int DT>
+__device__ __forceinline__ void widen8(const Chunk<DT>& c, float* v) {
+    if (DT == 0) {
+        v[0] = __uint_as_float(c.a.x); v[1] = __uint_as_float(c.a.y);
+        v[2] = __uint_as_float(c.a.z); v[3] = __uint_as_float(c.a.w);
+        v[4] = __uint_as_float(c.b.x); v[5] = __uint_as_float(c.b.y);
+        v[6] = __uint_as_float(c.b.z); v[7] = __uint_as_float(c.b.w);
+    } else {
+        const u32 words[4] = {c.a.x, c.a.y, c.a.z, c.a.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
+            v[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
+            v[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
+        }
+    }
 }

@@ -168,12 +168,6 @@ __device__ __forceinline__ int xpos(int j) {
     return (((c >> 5) * 64 + half * 32 + (c & 31)) << 2) + (j & 3);
 }
 
-__device__ __forceinline__ u32 ld_acquire(const u32* p) {
-    u32 v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
 // A tagged word: value in the low half, tag in the high half.
 __device__ __forceinline__ void put(u64* w, float v, u32 tag) {
     const u64 x = (u64)tag << 32 | __float_as_uint(v);
@@ -221,27 +215,6 @@ __device__ __forceinline__ void consumers_sync(int threads) {
     asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
 }
 
-// The grid-wide barrier: the count in `bar` returns to its old low bits
-// each time and its top bit flips once every block has arrived (block 0
-// adds 2^31 - (G - 1), every other block 1), so the word needs no reset
-// between barriers or launches.
-__device__ __forceinline__ void grid_sync(u32* bar, int threads) {
-    consumers_sync(threads);
-    if (threadIdx.x == 0) {
-        const u32 inc = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
-        __threadfence();
-        const u32 old = atomicAdd(bar, inc);
-        while (((old ^ ld_acquire(bar)) & 0x80000000u) == 0) {
-        }
-    }
-    consumers_sync(threads);
-}
-
-// [lo, hi) of `units` units of `unit` items, shared evenly by G blocks.
-__device__ __forceinline__ void share(int units, int unit, int G, int b, int& lo, int& hi) {
-    lo = (int)((long long)units * b / G) * unit;
-    hi = (int)((long long)units * (b + 1) / G) * unit;
-}
 
 // Sixteen bytes of weights of dtype DT (chunk c of a row) times x.
 template <int DT>

@@ -450,3 +450,265 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
         if (active && s < n_seqs) wide_store_out(out, os, half, half_dt, channels, s, cc, y_mine * gate_mine);
     });
 }
+
+// The rest of a Mamba-1 block after its conv, for one sequence's decode
+// token, in one launch (the "tail"): x_proj, Falcon-Mamba's norms, dt, the
+// state update and gate, and out_proj added onto the residual. At batch 1
+// these are three latency-bound kernels (x_proj 1.3 MB, the step 1.8 MB)
+// and a 16.8 MB product that ran at half the copy rate (mamba-1.4b). Here
+// every block copies all the weights it will use into shared memory as
+// soon as it starts (cp.async, before its dependent-launch wait), in the
+// order of use, so out_proj's weights stream in while x_proj and the step
+// run, and the products then read shared memory.
+//
+// G blocks, all resident at once (one a multiprocessor; the host checks),
+// of T threads. Block b owns:
+//   x_proj rows b, b + G, ... (at most TAIL_XR): xdbl = x_proj · xc;
+//   channels [E b / G, E (b + 1) / G) of the step (a group of `lanes`
+//   threads a channel, one state a lane), which read all of xdbl;
+//   out_proj rows [D b / G, D (b + 1) / G), which read all of y.
+// Two grid barriers hand xdbl and y over (through global memory, read at
+// L2). A thread takes 8-element chunks j = tid, tid + T, ... of a row, and
+// each product's partial sums are reduced across the block in a fixed
+// order, so results do not depend on timing.
+//
+// Shared memory (offsets from the host, in bytes): x_proj rows at 0, the
+// channels' dt_proj rows at off_dt (when `dt_vec`: the rank is a multiple
+// of 8; otherwise they are read from global memory), the first `preload` out_proj rows at
+// off_o (the rest are read from global memory), xdbl at off_dbl and the
+// reduction at off_red. `early` lets the next kernel launch as soon as the
+// copies are issued (its blocks then load their first weights while this
+// kernel's handoffs run), else after the dependent-launch wait.
+#define TAIL_XR 4
+#define TAIL_MAX_WARPS 32
+
+// Each of a warp's lanes holds 8 partial sums, of rows 0..7; afterwards
+// lane l holds the warp's whole sum of row ((l >> 2) & 7) (bit 4 of the
+// lane picks half of the rows, bit 3 a quarter, bit 2 one): 9 shuffles.
+__device__ __forceinline__ float warp_sum8(const float (&v)[8], int lane) {
+    const bool h4 = lane & 16, h3 = lane & 8, h2 = lane & 4;
+    float w[4], u[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float send = h4 ? v[i] : v[i + 4], keep = h4 ? v[i + 4] : v[i];
+        w[i] = keep + __shfl_xor_sync(FULL_MASK, send, 16);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const float send = h3 ? w[i] : w[i + 2], keep = h3 ? w[i + 2] : w[i];
+        u[i] = keep + __shfl_xor_sync(FULL_MASK, send, 8);
+    }
+    float r = (h2 ? u[1] : u[0]) + __shfl_xor_sync(FULL_MASK, h2 ? u[0] : u[1], 4);
+    r += __shfl_xor_sync(FULL_MASK, r, 2);
+    r += __shfl_xor_sync(FULL_MASK, r, 1);
+    return r;
+}
+
+// The block's sums of 8 rows of partial sums (every thread's acc): row i's
+// total lands in red[i] of thread i < 8, summed over the warps in order.
+// Ends with the block synchronised.
+__device__ __forceinline__ float block_sum8(const float (&acc)[8], float* red, int tid, int nwarps) {
+    const int lane = tid & 31, warp = tid >> 5;
+    const float r = warp_sum8(acc, lane);
+    if ((lane & 3) == 0) red[warp * 8 + ((lane >> 2) & 7)] = r;
+    __syncthreads();
+    float v = 0.0f;
+    if (tid < 8)
+        for (int w = 0; w < nwarps; ++w) v += red[w * 8 + tid];
+    __syncthreads();
+    return v;
+}
+
+// acc[i] += w_i · x over one 8-element chunk, for the rows i < rows of a
+// row-major matrix starting at `w` (row stride `ld` elements), chunk at
+// element k; x holds the chunk's 8 inputs.
+template <int DT>
+__device__ __forceinline__ void dot8_rows(const void* w, u64 ld, int rows, int k, const float (&x)[8], float (&acc)[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        if (i < rows) {
+            float wv[8];
+            widen8<DT>(load_chunk<DT>(w, (u64)i * ld + k), wv);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc[i] += wv[q] * x[q];
+        }
+    }
+}
+
+// Copies n bytes (a multiple of 16) from global src to shared dst, 16 bytes
+// a thread at a time.
+__device__ __forceinline__ void copy_to_shared(u32 dst, const void* src, u64 n, int tid, int T) {
+    for (u64 p = (u64)tid * 16; p < n; p += (u64)T * 16) cp_async16_at(dst + (u32)p, (const char*)src + p, true);
+}
+
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+    const float4 a = __ldcg((const float4*)p), b = __ldcg((const float4*)p + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+template <int DT>
+__device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __restrict__ z, const void* __restrict__ xw,
+                                 const void* __restrict__ dtw, const float* __restrict__ dt_bias,
+                                 const float* __restrict__ a, const float* __restrict__ skip,
+                                 const void* __restrict__ ow, const float* __restrict__ obias, float* xdbl, float* y,
+                                 float* __restrict__ residual, float* __restrict__ state, u64 slot_stride,
+                                 u64 layer_off, const u32* __restrict__ slots, u32* bar, int D, int E, int N, int R,
+                                 int norm, float eps, int lanes, int preload, int off_dt, int off_o, int off_dbl,
+                                 int off_red, int dt_vec, int early) {
+    TL_SCOPE(TL_TAIL);
+    extern __shared__ __align__(16) unsigned char tail_smem[];
+    const int T = blockDim.x, tid = threadIdx.x, G = gridDim.x, b = blockIdx.x;
+    const int es = DT == 0 ? 4 : 2;
+    const int W = R + 2 * N, KC = E / 8;
+    const u64 row_bytes = (u64)E * es;
+    const int xr = b < W ? (W - b + G - 1) / G : 0;
+    int c0, c1, o0, o1;
+    share(E, 1, G, b, c0, c1);
+    share(D, 1, G, b, o0, o1);
+    const int nch = c1 - c0, orows = o1 - o0, pre = min(orows, preload);
+    unsigned char* s_x = tail_smem;
+    const unsigned char* s_dt = tail_smem + off_dt;
+    const unsigned char* s_o = tail_smem + off_o;
+    float* s_dbl = (float*)(tail_smem + off_dbl);
+    float* red = (float*)(tail_smem + off_red);
+
+    // The block's weights, in the order of use, as three commit groups.
+    const u32 base = smem_addr(tail_smem);
+    for (int i = 0; i < xr; ++i)
+        copy_to_shared(base + (u32)(i * row_bytes), (const char*)xw + (u64)(b + i * G) * row_bytes, row_bytes, tid, T);
+    cp_async_commit();
+    if (dt_vec) copy_to_shared(base + off_dt, (const char*)dtw + (u64)c0 * R * es, (u64)nch * R * es, tid, T);
+    cp_async_commit();
+    copy_to_shared(base + off_o, (const char*)ow + (u64)o0 * row_bytes, (u64)pre * row_bytes, tid, T);
+    cp_async_commit();
+    if (early) grid_dep_launch();
+    grid_dep_wait();
+    if (!early) grid_dep_launch();
+    TL_WAITED(TL_TAIL);
+
+    // The step's per-channel inputs for its first round, loaded now so that
+    // they arrive during x_proj and the barrier.
+    const int per_round = T / lanes, cs = tid / lanes, sl = tid & (lanes - 1);
+    const u32 slot = slots[0];
+    float* st = slot == PAD_SLOT ? 0 : state + (u64)slot * slot_stride + layer_off;
+    float hv = 0.0f, av = 0.0f, xv = 0.0f, zv = 0.0f, dv = 0.0f, bv = 0.0f;
+    auto load_round = [&](int cl) {
+        const int c = c0 + min(cl, nch - 1);
+        hv = (st && sl < N) ? st[(u64)c * N + sl] : 0.0f;
+        av = sl < N ? a[(u64)c * N + sl] : 0.0f;
+        xv = xc[c];
+        zv = z[c];
+        dv = skip[c];
+        bv = dt_bias[c];
+    };
+    if (nch > 0) load_round(cs);
+
+    // x_proj: this block's rows of xdbl.
+    cp_async_wait<2>();
+    __syncthreads();
+    {
+        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (int j = tid; j < KC; j += T) {
+            float x8[8];
+            load8(xc + 8 * j, x8);
+            dot8_rows<DT>(s_x, E, min(xr, TAIL_XR), 8 * j, x8, acc);
+        }
+        const float v = block_sum8(acc, red, tid, T >> 5);
+        if (tid < xr) xdbl[b + tid * G] = v;
+    }
+    grid_sync(bar, T);
+
+    // The step: this block's channels, all of xdbl.
+    for (int i = tid; i < W; i += T) s_dbl[i] = __ldcg(xdbl + i);
+    cp_async_wait<1>();
+    __syncthreads();
+    float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
+    if (norm) falcon_inv_norms(s_dbl, R, N, eps, sl, lanes, inv_dt, inv_b, inv_c);
+    const int rounds = (nch + per_round - 1) / per_round;
+    for (int r = 0; r < rounds; ++r) {
+        const int cl = cs + r * per_round;
+        if (r > 0) load_round(cl);
+        const bool active = cl < nch;
+        const int cw = min(cl, nch - 1);
+        float acc = 0.0f;
+        if (dt_vec) {
+            const unsigned char* drow = s_dt + (u64)cw * R * es;
+            for (int r0 = sl * 8; r0 < R; r0 += lanes * 8) {
+                float wv[8];
+                widen8<DT>(load_chunk<DT>(drow, r0), wv);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc += wv[q] * (s_dbl[r0 + q] * inv_dt);
+            }
+        } else {
+            for (int k = sl; k < R; k += lanes) acc += load_weight<DT>(dtw, (u64)(c0 + cw) * R + k) * (s_dbl[k] * inv_dt);
+        }
+        for (int o = lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
+        const float dtv = softplus_f(acc + bv);
+        float yp = 0.0f;
+        if (sl < N) {
+            const float bn = s_dbl[R + sl] * inv_b, cn = s_dbl[R + N + sl] * inv_c;
+            hv = expf(dtv * av) * hv + (dtv * bn) * xv;
+            yp = hv * cn;
+            if (st && active) st[(u64)(c0 + cl) * N + sl] = hv;
+        }
+        for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
+        if (sl == 0 && active) y[c0 + cl] = (yp + xv * dv) * silu_f(zv);
+    }
+    grid_sync(bar, T);
+
+    // out_proj (+ bias) onto the residual: this block's rows, all of y.
+    float y8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (tid < KC) load8(y + 8 * tid, y8);
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int g0 = 0; g0 < orows; g0 += 8) {
+        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        const int rows = min(8, orows - g0);
+        for (int j = tid; j < KC; j += T) {
+            float x8[8];
+            if (j == tid) {
+#pragma unroll
+                for (int q = 0; q < 8; ++q) x8[q] = y8[q];
+            } else {
+                load8(y + 8 * j, x8);
+            }
+            // Rows g0 .. g0 + rows: the preloaded ones from shared memory,
+            // the rest (when they did not all fit) from global memory.
+            if (g0 + rows <= pre) {
+                dot8_rows<DT>(s_o + (u64)g0 * row_bytes, E, rows, 8 * j, x8, acc);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    if (i < rows) {
+                        const int row = g0 + i;
+                        const void* w = row < pre ? (const void*)(s_o + (u64)row * row_bytes)
+                                                  : (const void*)((const char*)ow + (u64)(o0 + row) * row_bytes);
+                        float wv[8];
+                        widen8<DT>(load_chunk<DT>(w, 8 * j), wv);
+#pragma unroll
+                        for (int q = 0; q < 8; ++q) acc[i] += wv[q] * x8[q];
+                    }
+                }
+            }
+        }
+        float v = block_sum8(acc, red, tid, T >> 5);
+        if (tid < rows) {
+            const int n = o0 + g0 + tid;
+            if (obias) v += obias[n];
+            residual[n] += v;
+        }
+    }
+}
+
+#define TAIL_ARGS                                                                                                  \
+    const float *xc, const float *z, const void *xw, const void *dtw, const float *dt_bias, const float *a,         \
+        const float *skip, const void *ow, const float *obias, float *xdbl, float *y, float *residual, float *state, \
+        u64 slot_stride, u64 layer_off, const u32 *slots, u32 *bar, int D, int E, int N, int R, int norm, float eps, \
+        int lanes, int preload, int off_dt, int off_o, int off_dbl, int off_red, int dt_vec, int early
+#define TAIL_PASS                                                                                                  \
+    xc, z, xw, dtw, dt_bias, a, skip, ow, obias, xdbl, y, residual, state, slot_stride, layer_off, slots, bar, D, E, \
+        N, R, norm, eps, lanes, preload, off_dt, off_o, off_dbl, off_red, dt_vec, early
+extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f32(TAIL_ARGS) { mamba1_tail_impl<0>(TAIL_PASS); }
+extern "C" __global__ void __launch_bounds__(512) mamba1_tail_bf16(TAIL_ARGS) { mamba1_tail_impl<1>(TAIL_PASS); }
+extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f16(TAIL_ARGS) { mamba1_tail_impl<2>(TAIL_PASS); }

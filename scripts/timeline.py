@@ -48,6 +48,7 @@ TAGS = {
     16: "to-half",
     17: "norm-rows",
     18: "stack",
+    19: "tail",
 }
 SAMPLE = 14
 # Launches of one kernel shape whose first blocks start less than this far

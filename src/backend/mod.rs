@@ -347,6 +347,65 @@ pub struct Mamba1StepArgs<'a, B: Backend + ?Sized> {
     pub layer: usize,
 }
 
+/// Everything of a Mamba-1 (or Falcon-Mamba) block after its conv, for one
+/// token per sequence ([`Backend::mamba1_decode_tail`]): `xdbl = x ·
+/// x_projᵀ`, the step of [`Mamba1StepArgs`] over it into `y`, then
+/// `residual += y · out_projᵀ (+ out_proj_bias)`. `xdbl` (`[n_seqs,
+/// dt_rank + 2 d_state]`) and `y` (`[n_seqs, channels]`) are scratch the op
+/// writes.
+pub struct Mamba1TailArgs<'a, B: Backend + ?Sized> {
+    /// Conv output, `[n_seqs, channels]`.
+    pub x: View<'a, B::Vec>,
+    pub z: View<'a, B::Vec>,
+    /// `[dt_rank + 2 d_state, channels]`.
+    pub x_proj: &'a B::Mat,
+    /// `[channels, dt_rank]`.
+    pub dt_proj: &'a B::Mat,
+    pub dt_bias: &'a B::Vec,
+    /// `a = -exp(A_log)`, `[channels, d_state]`.
+    pub a: &'a B::Vec,
+    pub skip: &'a B::Vec,
+    /// `[d_model, channels]`.
+    pub out_proj: &'a B::Mat,
+    pub out_proj_bias: Option<&'a B::Vec>,
+    pub norm_eps: Option<f32>,
+    pub dt_rank: usize,
+    pub d_state: usize,
+    pub state: &'a mut B::Vec,
+    pub layout: PoolLayout,
+    pub layer: usize,
+    pub xdbl: &'a mut B::Vec,
+    pub y: &'a mut B::Vec,
+    /// `[n_seqs, d_model]`, added onto.
+    pub residual: ViewMut<'a, B::Vec>,
+}
+
+/// [`Backend::mamba1_decode_tail`] as its three ops: x_proj, the step,
+/// out_proj added onto the residual.
+pub fn mamba1_tail_ops<B: Backend + ?Sized>(b: &B, a: Mamba1TailArgs<'_, B>, batch: &Packed<'_, B>) -> Result<()> {
+    let t = batch.n_tokens;
+    let w = a.dt_rank + 2 * a.d_state;
+    let di = a.x.cols;
+    b.linear(a.x, a.x_proj, None, ViewMut::dense(&mut *a.xdbl, t, w))?;
+    let step = Mamba1StepArgs {
+        x: a.x,
+        xdbl: View::dense(&*a.xdbl, t, w),
+        dt_proj: a.dt_proj,
+        dt_bias: a.dt_bias,
+        a: a.a,
+        skip: a.skip,
+        z: a.z,
+        norm_eps: a.norm_eps,
+        dt_rank: a.dt_rank,
+        d_state: a.d_state,
+        state: a.state,
+        layout: a.layout,
+        layer: a.layer,
+    };
+    b.mamba1_step(step, batch, ViewMut::dense(&mut *a.y, t, di))?;
+    b.linear_add(View::dense(&*a.y, t, di), a.out_proj, a.out_proj_bias, a.residual)
+}
+
 /// One Mamba-1 (or Falcon-Mamba) block's weights, as
 /// [`Backend::mamba1_stack_step`] takes them.
 pub struct Mamba1Block<'a, B: Backend + ?Sized> {
@@ -590,6 +649,12 @@ pub trait Backend: Send + 'static {
     /// Mamba-1 decode step (every segment one token); see
     /// [`Mamba1StepArgs`].
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, Self::Vec>) -> Result<()>;
+
+    /// A Mamba-1 block after its conv, for one token per sequence; see
+    /// [`Mamba1TailArgs`]. The default runs it as three ops.
+    fn mamba1_decode_tail(&self, args: Mamba1TailArgs<'_, Self>, batch: &Packed<'_, Self>) -> Result<()> {
+        mamba1_tail_ops(self, args, batch)
+    }
 
     /// Readies [`Backend::mamba1_stack_step`] for these blocks (a backend
     /// may upload a table of their weights); called once, after loading.

@@ -14,7 +14,7 @@ use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use crate::backend::{
-    Backend, Mamba1Block, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT, Packed,
+    Backend, Mamba1Block, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba1TailArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT, Packed,
     PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
 };
 
@@ -606,27 +606,29 @@ fn mixer<B: Backend>(
 
     match &lw.mixer {
         MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } if batch.single_token => {
-            // Decode: Falcon's norms, the dt projection and the scan step in one op.
-            let r = cfg.dt_rank;
-            let w = r + 2 * n;
-            b.linear(xc, x_proj, None, ViewMut::dense(m.xdbl, t, w))?;
-            let args = Mamba1StepArgs {
+            // Decode: x_proj, Falcon's norms, the dt projection, the scan
+            // step and out_proj in one op.
+            let args = Mamba1TailArgs {
                 x: xc,
-                xdbl: View::dense(&*m.xdbl, t, w),
+                z,
+                x_proj,
                 dt_proj,
                 dt_bias,
                 a,
                 skip,
-                z,
+                out_proj: &lw.out_proj,
+                out_proj_bias: lw.out_proj_bias.as_ref(),
                 norm_eps: (cfg.arch == Arch::FalconMamba).then_some(cfg.mixer_rms_eps),
-                dt_rank: r,
+                dt_rank: cfg.dt_rank,
                 d_state: n,
                 state: &mut pool.ssm,
                 layout: pool.ssm_layout,
                 layer,
+                xdbl: m.xdbl,
+                y: m.y,
+                residual: ViewMut::dense(m.residual, t, d),
             };
-            b.mamba1_step(args, batch, ViewMut::dense(m.y, t, di))?;
-            b.linear_add(View::dense(&*m.y, t, di), &lw.out_proj, lw.out_proj_bias.as_ref(), ViewMut::dense(m.residual, t, d))?;
+            b.mamba1_decode_tail(args, batch)?;
         }
         MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } => {
             let r = cfg.dt_rank;

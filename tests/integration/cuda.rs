@@ -1400,3 +1400,78 @@ fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
     }
     Ok(())
 }
+
+/// The fused decode tail (x_proj, the step and out_proj of a block in one
+/// launch) gives the CPU's logits and state over 8 greedy steps: at
+/// mamba-130m's widths in bf16 as Mamba-1 and as Falcon-Mamba, with and
+/// without graphs, and in f32 and f16; at mamba-1.4b's widths (every
+/// out_proj row held in shared memory); and at Falcon-Mamba-7b's, whose
+/// out_proj rows do not all fit there. Then the Mamba-1 and Falcon-Mamba
+/// fixtures' step logits (odd ranks, so dt_proj read from global memory;
+/// 8 states; an out_proj bias; f32 and bf16) against transformers'.
+#[test]
+fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
+    use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
+    let cases = [
+        ("mamba-130m", 3, Arch::Mamba1, DType::BF16, false),
+        ("mamba-130m", 3, Arch::FalconMamba, DType::BF16, false),
+        ("mamba-130m", 3, Arch::Mamba1, DType::BF16, true),
+        ("mamba-130m", 2, Arch::Mamba1, DType::F32, false),
+        ("mamba-130m", 2, Arch::Mamba1, DType::F16, true),
+        ("mamba-1.4b", 2, Arch::Mamba1, DType::BF16, true),
+        ("falcon-mamba-7b", 1, Arch::FalconMamba, DType::BF16, false),
+    ];
+    for (shape, layers, arch, dtype, graphs) in cases {
+        let Some(g) = gpu("fused tail") else { return Ok(()) };
+        let mut cfg = shapes::public_shape(shape).expect("a known shape");
+        cfg.n_layers = layers;
+        cfg.vocab_size = 1000;
+        cfg.arch = arch;
+        let src = RandomWeights::new(dtype, mamba_serve::model::weights::expected_tensors(&cfg), 11);
+        let dev = DeviceOptions { graphs, ..Default::default() };
+        let mut m = Model::load_with(g, cfg.clone(), &src, opts(2, 64), dev, &mut |_| {})?;
+        let mut cpu = Model::load(CpuBackend::new(), cfg, &src, opts(2, 64), &mut |_| {})?;
+        let what = format!("{shape} widths, {layers} blocks, {arch:?}, {dtype:?}, graphs {graphs}");
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
+        let got = m.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
+        let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
+        check_close(&format!("{what}: prompt"), &got, &want, tol);
+        let before = m.backend().fused_tail_launches();
+        let mut token = argmax(&want) as u32;
+        for step in 0..8 {
+            let got = m.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
+            let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
+            check_close(&format!("{what}: step {step}"), &got, &want, tol);
+            token = argmax(&want) as u32;
+        }
+        // Every block of every step ran the fused kernel (with graphs: once
+        // a block, when the step was recorded).
+        let launched = m.backend().fused_tail_launches() - before;
+        assert_eq!(launched, if graphs { layers } else { 8 * layers } as u64, "{what}: fused tail launches");
+        check_close(&format!("{what}: state"), &m.read_slot(1)?, &cpu.read_slot(1)?, tol);
+    }
+    for dir in fixture_models() {
+        let cfg = ModelConfig::from_dir(&dir)?;
+        if cfg.arch == Arch::Mamba2 {
+            continue;
+        }
+        let Some(g) = gpu("fused tail") else { return Ok(()) };
+        let layers = cfg.n_layers as u64;
+        let dev = DeviceOptions { graphs: false, ..Default::default() };
+        let mut m = Model::load_with(g, cfg, &Checkpoint::open(&dir)?, opts(2, 256), dev, &mut |_| {})?;
+        let (r, tol) = (reference(&dir), golden_tol(&dir));
+        for p in &r.prompts {
+            m.reset_slot(1)?;
+            m.forward(&[SeqChunk { slot: 1, tokens: &p.ids, is_prompt: true }])?;
+            let before = m.backend().fused_tail_launches();
+            for (i, want) in p.step_logits.iter().enumerate() {
+                let logits = m.forward(&[SeqChunk { slot: 1, tokens: &p.greedy[i..i + 1], is_prompt: false }])?;
+                check_close(&format!("{}: prompt {:?} fused tail step {}", name(&dir), p.text, i + 1), &logits, want, tol);
+            }
+            let launched = m.backend().fused_tail_launches() - before;
+            assert_eq!(launched, p.step_logits.len() as u64 * layers, "{}: fused tail launches", name(&dir));
+        }
+    }
+    Ok(())
+}

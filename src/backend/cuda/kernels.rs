@@ -90,6 +90,9 @@ kernels! {
     Mamba1StepF32V1 = "step" / "mamba1_step_f32_v1",
     Mamba1StepBf16V1 = "step" / "mamba1_step_bf16_v1",
     Mamba1StepF16V1 = "step" / "mamba1_step_f16_v1",
+    Mamba1TailF32 = "step" / "mamba1_tail_f32",
+    Mamba1TailBf16 = "step" / "mamba1_tail_bf16",
+    Mamba1TailF16 = "step" / "mamba1_tail_f16",
     GemvF32M1R1 = "gemv" / "gemv_f32_m1_r1",
     GemvF32M1R2 = "gemv" / "gemv_f32_m1_r2",
     GemvF32M1R4 = "gemv" / "gemv_f32_m1_r4",
@@ -350,14 +353,19 @@ impl Kernels {
     /// shared memory of kernel `k` one multiprocessor holds at once (at
     /// least 1; asked of the driver once per combination).
     pub fn resident_blocks(&self, k: Kernel, block: u32, shared: usize) -> Result<u32> {
+        Ok(self.resident_blocks_exact(k, block, shared)?.max(1))
+    }
+
+    /// [`Kernels::resident_blocks`] as the driver says it, 0 included
+    /// (the block does not fit a multiprocessor at all).
+    pub fn resident_blocks_exact(&self, k: Kernel, block: u32, shared: usize) -> Result<u32> {
         let key = (k, block, shared);
         if let Some(&(_, blocks)) = self.resident.borrow().iter().find(|(at, _)| *at == key) {
             return Ok(blocks);
         }
         let blocks = self.functions[k as usize]
             .occupancy_max_active_blocks_per_multiprocessor(block, shared, None)
-            .map_err(|e| BackendError::Device { op: "occupancy query", detail: e.to_string() })?
-            .max(1);
+            .map_err(|e| BackendError::Device { op: "occupancy query", detail: e.to_string() })?;
         self.resident.borrow_mut().push((key, blocks));
         Ok(blocks)
     }

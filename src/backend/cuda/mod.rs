@@ -18,6 +18,7 @@ pub mod ceilings;
 mod kernels;
 mod sample;
 mod stack;
+mod tail;
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -27,11 +28,11 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaStream, result, sys}
 use self::blas::{Blas, Gemm};
 use self::kernels::{Args, Kernel, Kernels};
 use super::checks::{self, check};
-use super::rmsnorm_linear_then_conv;
 use super::{
     Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1Block, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba1StepArgs,
-    Mamba2ScanArgs, NormedLinear, Packed, ProjConv, Result, SampleRow, SampledToken, View, ViewMut,
+    Mamba1TailArgs, Mamba2ScanArgs, NormedLinear, Packed, ProjConv, Result, SampleRow, SampledToken, View, ViewMut,
 };
+use super::{mamba1_tail_ops, rmsnorm_linear_then_conv};
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
@@ -329,6 +330,18 @@ pub struct CudaBackend {
     fused_stack: bool,
     stack: RefCell<Option<stack::Prepared>>,
     stack_launches: Cell<u64>,
+    /// Whether one-sequence Mamba-1 decode tails (x_proj, the step,
+    /// out_proj) run as one kernel (`tail.rs`; `MAMBA_SERVE_NO_TAIL` turns
+    /// it off, for comparisons), and whether that kernel lets the next one
+    /// launch as soon as its copies are issued (`MAMBA_SERVE_TAIL_LATE`:
+    /// after its dependent-launch wait, as the other kernels do).
+    fused_tail: bool,
+    tail_early: bool,
+    /// The fused tail's grid barrier word.
+    tail_barrier: DevBuf,
+    /// The last shape's tail plan (`None`: the kernel does not fit it).
+    tail_plans: RefCell<Option<((usize, usize, usize, usize, usize), Option<tail::Plan>)>>,
+    tail_launches: Cell<u64>,
 }
 
 // SAFETY: the raw pointers inside (pinned staging memory, cuBLAS handle)
@@ -382,6 +395,9 @@ impl CudaBackend {
             }
             None => None,
         };
+        let tail_barrier = DevBuf::alloc(&ctx, 4, "tail barrier")?;
+        // SAFETY: zeroes the barrier word just allocated.
+        unsafe { result::memset_d8_sync(tail_barrier.ptr, 0, 4) }.map_err(dev("tail barrier"))?;
         let kernels = Kernels::compile(&ctx, sm.0, sm.1, timeline.as_ref().map(|(ring, _)| (ring.ptr, TIMELINE_RECORDS)), &stream)?;
         let workspace = DevBuf::alloc(&ctx, blas::WORKSPACE_BYTES, "cuBLAS workspace")?;
         let blas = Blas::new(stream.cu_stream(), workspace.ptr)?;
@@ -428,6 +444,11 @@ impl CudaBackend {
             fused_stack: std::env::var_os("MAMBA_SERVE_STACK").is_some(),
             stack: RefCell::new(None),
             stack_launches: Cell::new(0),
+            fused_tail: std::env::var_os("MAMBA_SERVE_NO_TAIL").is_none(),
+            tail_early: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none(),
+            tail_barrier,
+            tail_plans: RefCell::new(None),
+            tail_launches: Cell::new(0),
         })
     }
 
@@ -440,6 +461,17 @@ impl CudaBackend {
     /// Launches of the fused stack kernel so far (`stack.rs`).
     pub fn fused_stack_launches(&self) -> u64 {
         self.stack_launches.get()
+    }
+
+    /// Lets one-sequence Mamba-1 decode tails run as one kernel
+    /// (`tail.rs`), or makes them run as three ops.
+    pub fn set_fused_tail(&mut self, on: bool) {
+        self.fused_tail = on;
+    }
+
+    /// Launches of the fused decode tail so far (`tail.rs`).
+    pub fn fused_tail_launches(&self) -> u64 {
+        self.tail_launches.get()
     }
 
     /// Compute capability (major, minor).
@@ -1203,6 +1235,14 @@ impl Backend for CudaBackend {
         self.no_capture("prepare_mamba1_stack")?;
         self.bind()?;
         stack::prepare(self, blocks, shape)
+    }
+
+    fn mamba1_decode_tail(&self, args: Mamba1TailArgs<'_, Self>, batch: &Packed<'_, Self>) -> Result<()> {
+        self.bind()?;
+        if tail::launch(self, &args, batch)? {
+            return Ok(());
+        }
+        mamba1_tail_ops(self, args, batch)
     }
 
     fn mamba1_stack_step(&self, args: Mamba1Stack<'_, Self>, batch: &Packed<'_, Self>) -> Result<bool> {
