@@ -101,28 +101,6 @@ struct StackParams {
     int off_bars, off_sum;
 };
 
-// mbarrier and bulk-copy helpers (sm_90). Addresses are shared-memory
-// addresses (`smem_addr`).
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    u32 done = 0;
-    while (!done) {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    }
-}
 // mbar_wait, adding the time it took to `spent` in timeline builds
 // (scripts/stack-phases.py reads the totals).
 __device__ __forceinline__ void mbar_wait_timed(u32 bar, u32 parity, u64& spent) {
@@ -142,14 +120,6 @@ __device__ __forceinline__ void mbar_wait_timed(u32 bar, u32 parity, u64& spent)
 #else
 #define STACK_MARK(e)
 #endif
-
-// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from
-// global memory into shared memory; completion is counted on `bar`.
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-                 "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-}
 
 __device__ __forceinline__ float ld_cg(const float* p) {
     float v;

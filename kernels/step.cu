@@ -456,10 +456,10 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
 // state update and gate, and out_proj added onto the residual. At batch 1
 // these are three latency-bound kernels (x_proj 1.3 MB, the step 1.8 MB)
 // and a 16.8 MB product that ran at half the copy rate (mamba-1.4b). Here
-// every block copies all the weights it will use into shared memory as
-// soon as it starts (cp.async, before its dependent-launch wait), in the
-// order of use, so out_proj's weights stream in while x_proj and the step
-// run, and the products then read shared memory.
+// thread 0 of every block starts bulk copies (the copy engine) of all the
+// weights its block will use into shared memory as the block starts,
+// before the dependent-launch wait, so out_proj's weights stream in while
+// x_proj and the step run, and the products then read shared memory.
 //
 // G blocks, all resident at once (one a multiprocessor; the host checks),
 // of T threads. Block b owns:
@@ -472,14 +472,27 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
 // each product's partial sums are reduced across the block in a fixed
 // order, so results do not depend on timing.
 //
+// What no earlier kernel of the step writes (the state, which only this
+// layer's tail writes, a token earlier; the residual, which the previous
+// block's tail wrote before the kernel we wait on started; the per-channel
+// weights) is loaded before the wait too; only xc and z wait for it.
+//
 // Shared memory (offsets from the host, in bytes): x_proj rows at 0, the
 // channels' dt_proj rows at off_dt (when `dt_vec`: the rank is a multiple
-// of 8; otherwise they are read from global memory), the first `preload` out_proj rows at
-// off_o (the rest are read from global memory), xdbl at off_dbl and the
-// reduction at off_red. `early` lets the next kernel launch as soon as the
-// copies are issued (its blocks then load their first weights while this
-// kernel's handoffs run), else after the dependent-launch wait.
+// of 8; otherwise they are read from global memory), the first `preload`
+// out_proj rows at off_o (the rest are read from global memory), xdbl at
+// off_dbl, the reduction at off_red and three mbarriers (one a copy group)
+// at off_bar. `early` lets the next kernel launch as soon as the copies
+// are issued (its blocks then load their first weights while this kernel's
+// handoffs run), else after the dependent-launch wait.
 #define TAIL_XR 4
+// Phase marks of thread 0 in timeline builds: 3 x_proj summed, 4 xdbl
+// handed over, 5 the step done, 6 y handed over, 7 out_proj's weights in.
+#ifdef MS_TIMELINE
+#define TAIL_MARK(e) tl_mark(TL_TAIL, e)
+#else
+#define TAIL_MARK(e)
+#endif
 #define TAIL_MAX_WARPS 32
 
 // Each of a warp's lanes holds 8 partial sums, of rows 0..7; afterwards
@@ -504,17 +517,18 @@ __device__ __forceinline__ float warp_sum8(const float (&v)[8], int lane) {
     return r;
 }
 
-// The block's sums of 8 rows of partial sums (every thread's acc): row i's
-// total lands in red[i] of thread i < 8, summed over the warps in order.
+// The block's sums of 8 rows of partial sums (every thread's acc): thread
+// first + i (i < 8) returns row i's total, summed over the warps in order.
 // Ends with the block synchronised.
-__device__ __forceinline__ float block_sum8(const float (&acc)[8], float* red, int tid, int nwarps) {
+__device__ __forceinline__ float block_sum8(const float (&acc)[8], float* red, int tid, int nwarps, int first) {
     const int lane = tid & 31, warp = tid >> 5;
     const float r = warp_sum8(acc, lane);
     if ((lane & 3) == 0) red[warp * 8 + ((lane >> 2) & 7)] = r;
     __syncthreads();
     float v = 0.0f;
-    if (tid < 8)
-        for (int w = 0; w < nwarps; ++w) v += red[w * 8 + tid];
+    const int i = tid - first;
+    if (i >= 0 && i < 8)
+        for (int w = 0; w < nwarps; ++w) v += red[w * 8 + i];
     __syncthreads();
     return v;
 }
@@ -535,12 +549,6 @@ __device__ __forceinline__ void dot8_rows(const void* w, u64 ld, int rows, int k
     }
 }
 
-// Copies n bytes (a multiple of 16) from global src to shared dst, 16 bytes
-// a thread at a time.
-__device__ __forceinline__ void copy_to_shared(u32 dst, const void* src, u64 n, int tid, int T) {
-    for (u64 p = (u64)tid * 16; p < n; p += (u64)T * 16) cp_async16_at(dst + (u32)p, (const char*)src + p, true);
-}
-
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
     const float4 a = __ldcg((const float4*)p), b = __ldcg((const float4*)p + 1);
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
@@ -555,7 +563,8 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
                                  float* __restrict__ residual, float* __restrict__ state, u64 slot_stride,
                                  u64 layer_off, const u32* __restrict__ slots, u32* bar, int D, int E, int N, int R,
                                  int norm, float eps, int lanes, int preload, int off_dt, int off_o, int off_dbl,
-                                 int off_red, int dt_vec, int early) {
+                                 int off_red, int off_bar, int dt_vec, int early) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     TL_SCOPE(TL_TAIL);
     extern __shared__ __align__(16) unsigned char tail_smem[];
     const int T = blockDim.x, tid = threadIdx.x, G = gridDim.x, b = blockIdx.x;
@@ -567,68 +576,82 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
     share(E, 1, G, b, c0, c1);
     share(D, 1, G, b, o0, o1);
     const int nch = c1 - c0, orows = o1 - o0, pre = min(orows, preload);
-    unsigned char* s_x = tail_smem;
+    const unsigned char* s_x = tail_smem;
     const unsigned char* s_dt = tail_smem + off_dt;
     const unsigned char* s_o = tail_smem + off_o;
     float* s_dbl = (float*)(tail_smem + off_dbl);
     float* red = (float*)(tail_smem + off_red);
 
-    // The block's weights, in the order of use, as three commit groups.
-    const u32 base = smem_addr(tail_smem);
-    for (int i = 0; i < xr; ++i)
-        copy_to_shared(base + (u32)(i * row_bytes), (const char*)xw + (u64)(b + i * G) * row_bytes, row_bytes, tid, T);
-    cp_async_commit();
-    if (dt_vec) copy_to_shared(base + off_dt, (const char*)dtw + (u64)c0 * R * es, (u64)nch * R * es, tid, T);
-    cp_async_commit();
-    copy_to_shared(base + off_o, (const char*)ow + (u64)o0 * row_bytes, (u64)pre * row_bytes, tid, T);
-    cp_async_commit();
+    // The block's weights, in the order of use: x_proj rows (mbarrier 0),
+    // dt_proj rows (1), out_proj rows (2).
+    const u32 base = smem_addr(tail_smem), bars = base + off_bar;
+    if (tid == 0) {
+        for (int i = 0; i < 3; ++i) mbar_init(bars + 8 * i, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        mbar_expect(bars, (u32)(xr * row_bytes));
+        for (int i = 0; i < xr; ++i)
+            bulk_copy(base + (u32)(i * row_bytes), (const char*)xw + (u64)(b + i * G) * row_bytes, (u32)row_bytes, bars);
+        const u32 dt_bytes = dt_vec ? (u32)((u64)nch * R * es) : 0u;
+        mbar_expect(bars + 8, dt_bytes);
+        if (dt_bytes) bulk_copy(base + off_dt, (const char*)dtw + (u64)c0 * R * es, dt_bytes, bars + 8);
+        mbar_expect(bars + 16, (u32)(pre * row_bytes));
+        if (pre) bulk_copy(base + off_o, (const char*)ow + (u64)o0 * row_bytes, (u32)(pre * row_bytes), bars + 16);
+    }
     if (early) grid_dep_launch();
-    grid_dep_wait();
-    if (!early) grid_dep_launch();
-    TL_WAITED(TL_TAIL);
 
-    // The step's per-channel inputs for its first round, loaded now so that
-    // they arrive during x_proj and the barrier.
+    // What no kernel we may overlap writes: this thread's residual row (of
+    // the block's out_proj rows) and the step's inputs of its first round.
     const int per_round = T / lanes, cs = tid / lanes, sl = tid & (lanes - 1);
     const u32 slot = slots[0];
     float* st = slot == PAD_SLOT ? 0 : state + (u64)slot * slot_stride + layer_off;
-    float hv = 0.0f, av = 0.0f, xv = 0.0f, zv = 0.0f, dv = 0.0f, bv = 0.0f;
+    const float res = tid < orows ? residual[o0 + tid] : 0.0f;
+    float hv = 0.0f, av = 0.0f, dv = 0.0f, bv = 0.0f;
     auto load_round = [&](int cl) {
         const int c = c0 + min(cl, nch - 1);
         hv = (st && sl < N) ? st[(u64)c * N + sl] : 0.0f;
         av = sl < N ? a[(u64)c * N + sl] : 0.0f;
-        xv = xc[c];
-        zv = z[c];
         dv = skip[c];
         bv = dt_bias[c];
     };
     if (nch > 0) load_round(cs);
+    __syncthreads();  // the mbarriers are initialised
+    grid_dep_wait();
+    if (!early) grid_dep_launch();
+    TL_WAITED(TL_TAIL);
+    const int cx = c0 + min(cs, max(nch - 1, 0));
+    float xv = nch > 0 ? xc[cx] : 0.0f, zv = nch > 0 ? z[cx] : 0.0f;
 
     // x_proj: this block's rows of xdbl.
-    cp_async_wait<2>();
-    __syncthreads();
     {
         float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         for (int j = tid; j < KC; j += T) {
             float x8[8];
             load8(xc + 8 * j, x8);
+            if (j == tid) mbar_wait(bars, 0);
             dot8_rows<DT>(s_x, E, min(xr, TAIL_XR), 8 * j, x8, acc);
         }
-        const float v = block_sum8(acc, red, tid, T >> 5);
+        const float v = block_sum8(acc, red, tid, T >> 5, 0);
         if (tid < xr) xdbl[b + tid * G] = v;
     }
+    TAIL_MARK(3);
     grid_sync(bar, T);
+    TAIL_MARK(4);
 
     // The step: this block's channels, all of xdbl.
     for (int i = tid; i < W; i += T) s_dbl[i] = __ldcg(xdbl + i);
-    cp_async_wait<1>();
     __syncthreads();
     float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
     if (norm) falcon_inv_norms(s_dbl, R, N, eps, sl, lanes, inv_dt, inv_b, inv_c);
+    if (dt_vec) mbar_wait(bars + 8, 0);
     const int rounds = (nch + per_round - 1) / per_round;
     for (int r = 0; r < rounds; ++r) {
         const int cl = cs + r * per_round;
-        if (r > 0) load_round(cl);
+        if (r > 0) {
+            load_round(cl);
+            const int c = c0 + min(cl, nch - 1);
+            xv = xc[c];
+            zv = z[c];
+        }
         const bool active = cl < nch;
         const int cw = min(cl, nch - 1);
         float acc = 0.0f;
@@ -655,13 +678,15 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
         for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
         if (sl == 0 && active) y[c0 + cl] = (yp + xv * dv) * silu_f(zv);
     }
+    TAIL_MARK(5);
     grid_sync(bar, T);
+    TAIL_MARK(6);
 
     // out_proj (+ bias) onto the residual: this block's rows, all of y.
     float y8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (tid < KC) load8(y + 8 * tid, y8);
-    cp_async_wait<0>();
-    __syncthreads();
+    mbar_wait(bars + 16, 0);
+    TAIL_MARK(7);
     for (int g0 = 0; g0 < orows; g0 += 8) {
         float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         const int rows = min(8, orows - g0);
@@ -692,23 +717,20 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
                 }
             }
         }
-        float v = block_sum8(acc, red, tid, T >> 5);
-        if (tid < rows) {
-            const int n = o0 + g0 + tid;
-            if (obias) v += obias[n];
-            residual[n] += v;
-        }
+        const float v = block_sum8(acc, red, tid, T >> 5, g0);
+        if (tid >= g0 && tid < g0 + rows) residual[o0 + tid] = res + (obias ? v + obias[o0 + tid] : v);
     }
+#endif
 }
 
 #define TAIL_ARGS                                                                                                  \
     const float *xc, const float *z, const void *xw, const void *dtw, const float *dt_bias, const float *a,         \
         const float *skip, const void *ow, const float *obias, float *xdbl, float *y, float *residual, float *state, \
         u64 slot_stride, u64 layer_off, const u32 *slots, u32 *bar, int D, int E, int N, int R, int norm, float eps, \
-        int lanes, int preload, int off_dt, int off_o, int off_dbl, int off_red, int dt_vec, int early
+        int lanes, int preload, int off_dt, int off_o, int off_dbl, int off_red, int off_bar, int dt_vec, int early
 #define TAIL_PASS                                                                                                  \
     xc, z, xw, dtw, dt_bias, a, skip, ow, obias, xdbl, y, residual, state, slot_stride, layer_off, slots, bar, D, E, \
-        N, R, norm, eps, lanes, preload, off_dt, off_o, off_dbl, off_red, dt_vec, early
+        N, R, norm, eps, lanes, preload, off_dt, off_o, off_dbl, off_red, off_bar, dt_vec, early
 extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f32(TAIL_ARGS) { mamba1_tail_impl<0>(TAIL_PASS); }
 extern "C" __global__ void __launch_bounds__(512) mamba1_tail_bf16(TAIL_ARGS) { mamba1_tail_impl<1>(TAIL_PASS); }
 extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f16(TAIL_ARGS) { mamba1_tail_impl<2>(TAIL_PASS); }

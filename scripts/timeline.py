@@ -121,6 +121,7 @@ def main():
     us = lambda t: (t - t0) / 1000
     print(f"last whole step: {len(step)} instrumented launches, {us(step[-1][2][2][-1]):.2f} us")
     print("kind         blocks thr  start0  startN   wait0   waitN    end0    endN")
+    step = [x for x in step if x[2][0] and x[2][2]]
     for i, (_, shape, ev) in enumerate(step):
         if i < 12 or i >= len(step) - 5:
             w = ev[1] or [float("nan")]

@@ -1,9 +1,10 @@
 //! Host side of the fused decode tail (`mamba1_tail_*` in
 //! `kernels/step.cu`): everything of a Mamba-1 block after its conv, for one
 //! sequence's decode token, in one launch of one block a multiprocessor.
-//! Each block copies the weights it will use into shared memory as it
-//! starts, so out_proj's stream in while x_proj and the step run; two grid
-//! barriers hand x_proj's outputs and y between the blocks.
+//! Each block starts bulk copies of the weights it will use into shared
+//! memory as it starts, so out_proj's stream in while x_proj and the step
+//! run; two grid barriers hand x_proj's outputs and y between the blocks.
+//! Hopper and later (bulk copies, programmatic dependent launch).
 //!
 //! [`launch`] declines (`Ok(false)`) whatever the kernel does not take, and
 //! the backend then runs the three ops one after the other.
@@ -25,6 +26,7 @@ pub(super) struct Plan {
     off_dt: usize,
     off_dbl: usize,
     off_red: usize,
+    off_bar: usize,
     off_o: usize,
     /// out_proj rows of a block kept in shared memory (the rest are read
     /// from global memory when out_proj runs).
@@ -50,12 +52,13 @@ pub(super) fn plan(d: usize, e: usize, n: usize, r: usize, es: usize, blocks: us
     let off_dt = x_rows * row;
     let off_dbl = r16(off_dt + e.div_ceil(blocks) * r * es);
     let off_red = r16(off_dbl + w * 4);
-    let off_o = r16(off_red + MAX_WARPS * 8 * 4);
+    let off_bar = r16(off_red + MAX_WARPS * 8 * 4);
+    let off_o = r16(off_bar + 3 * 8);
     if off_o > max_shared {
         return None;
     }
     let preload = ((max_shared - off_o) / row).min(d.div_ceil(blocks));
-    Some(Plan { off_dt, off_dbl, off_red, off_o, preload, shared: off_o + preload * row })
+    Some(Plan { off_dt, off_dbl, off_red, off_bar, off_o, preload, shared: off_o + preload * row })
 }
 
 /// Why the fused tail does not take these arguments, or `None`.
@@ -102,7 +105,7 @@ fn unsupported(a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Packed<'_, CudaBacke
 /// backend has it on and the kernel takes these arguments; `Ok(false)`
 /// (nothing done) otherwise.
 pub fn launch(be: &CudaBackend, a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Packed<'_, CudaBackend>) -> Result<bool> {
-    if !be.fused_tail || be.sm.0 < 8 {
+    if !be.fused_tail || be.sm.0 < 9 {
         return Ok(false);
     }
     if let Some(why) = unsupported(a, batch) {
@@ -149,6 +152,7 @@ pub fn launch(be: &CudaBackend, a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Pac
         .i32(p.off_o)
         .i32(p.off_dbl)
         .i32(p.off_red)
+        .i32(p.off_bar)
         .u32((r % 8 == 0) as u32)
         .u32(be.tail_early as u32)
         .shared_bytes(p.shared as u32);
@@ -204,10 +208,11 @@ mod tests {
             assert!(w.div_ceil(132) * e * 2 <= p.off_dt);
             assert!(p.off_dt + e.div_ceil(132) * r * 2 <= p.off_dbl);
             assert!(p.off_dbl + w * 4 <= p.off_red);
-            assert!(p.off_red + MAX_WARPS * 32 <= p.off_o);
+            assert!(p.off_red + MAX_WARPS * 32 <= p.off_bar);
+            assert!(p.off_bar + 24 <= p.off_o);
             assert_eq!(p.shared, p.off_o + p.preload * e * 2);
             assert!(p.shared <= H200_SHARED);
-            for off in [p.off_dt, p.off_dbl, p.off_red, p.off_o] {
+            for off in [p.off_dt, p.off_dbl, p.off_red, p.off_bar, p.off_o] {
                 assert_eq!(off % 16, 0);
             }
         }
