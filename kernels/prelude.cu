@@ -216,6 +216,29 @@ __device__ __forceinline__ void grid_sync(u32* bar, int threads) {
     }
     asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
 }
+// grid_sync for kernels that meet at an even number of barriers a launch:
+// the top bit of `bar` is then 0 when a launch starts, and the k-th barrier
+// of a launch (from 0) waits for it to become (k + 1) & 1. The arrival is
+// a release reduction the block does not wait for, so a barrier costs one
+// round trip to L2 fewer than grid_sync's.
+__device__ __forceinline__ void grid_sync_parity(u32* bar, int threads, u32 want) {
+    asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+    if (threadIdx.x == 0) {
+        const u32 inc = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        __threadfence();
+        asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bar), "r"(inc) : "memory");
+        u64 t0 = 0;
+        for (u32 spins = 1; (ld_acquire(bar) >> 31) != want; ++spins) {
+            if ((spins & 1023u) == 0) {
+                u64 t;
+                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+                if (t0 == 0) t0 = t;
+                else if (t - t0 > 2000000000ull) asm volatile("trap;");
+            }
+        }
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+}
 // [lo, hi) of `units` units of `unit` items, shared evenly by G blocks.
 __device__ __forceinline__ void share(int units, int unit, int G, int b, int& lo, int& hi) {
     lo = (int)((long long)units * b / G) * unit;

@@ -481,10 +481,13 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
 // channels' dt_proj rows at off_dt (when `dt_vec`: the rank is a multiple
 // of 8; otherwise they are read from global memory), the first `preload`
 // out_proj rows at off_o (the rest are read from global memory), xdbl at
-// off_dbl, the reduction at off_red and three mbarriers (one a copy group)
-// at off_bar. `early` lets the next kernel launch as soon as the copies
-// are issued (its blocks then load their first weights while this kernel's
-// handoffs run), else after the dependent-launch wait.
+// off_dbl, the reduction at off_red (8 sums a warp for each 8 out_proj
+// rows) and three mbarriers (one a copy group)
+// at off_bar. `flags` bit 0 lets the next kernel launch as soon as the
+// copies are issued (its blocks then load their first weights while this
+// kernel's handoffs run), else after the dependent-launch wait; bit 1
+// starts out_proj's copy before the wait, else after it (so it streams
+// while x_proj and the step run, not beside the product waited on).
 #define TAIL_XR 4
 // Phase marks of thread 0 in timeline builds: 3 x_proj summed, 4 xdbl
 // handed over, 5 the step done, 6 y handed over, 7 out_proj's weights in.
@@ -563,7 +566,7 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
                                  float* __restrict__ residual, float* __restrict__ state, u64 slot_stride,
                                  u64 layer_off, const u32* __restrict__ slots, u32* bar, int D, int E, int N, int R,
                                  int norm, float eps, int lanes, int preload, int off_dt, int off_o, int off_dbl,
-                                 int off_red, int off_bar, int dt_vec, int early) {
+                                 int off_red, int off_bar, int dt_vec, int flags) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     TL_SCOPE(TL_TAIL);
     extern __shared__ __align__(16) unsigned char tail_smem[];
@@ -595,8 +598,9 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
         mbar_expect(bars + 8, dt_bytes);
         if (dt_bytes) bulk_copy(base + off_dt, (const char*)dtw + (u64)c0 * R * es, dt_bytes, bars + 8);
         mbar_expect(bars + 16, (u32)(pre * row_bytes));
-        if (pre) bulk_copy(base + off_o, (const char*)ow + (u64)o0 * row_bytes, (u32)(pre * row_bytes), bars + 16);
+        if (pre && (flags & 2)) bulk_copy(base + off_o, (const char*)ow + (u64)o0 * row_bytes, (u32)(pre * row_bytes), bars + 16);
     }
+    const bool early = flags & 1;
     if (early) grid_dep_launch();
 
     // What no kernel we may overlap writes: this thread's residual row (of
@@ -618,6 +622,10 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
     grid_dep_wait();
     if (!early) grid_dep_launch();
     TL_WAITED(TL_TAIL);
+    // out_proj's weights, unless they were started before the wait (then
+    // they compete with the product the wait is for).
+    if (tid == 0 && pre && !(flags & 2))
+        bulk_copy(base + off_o, (const char*)ow + (u64)o0 * row_bytes, (u32)(pre * row_bytes), bars + 16);
     const int cx = c0 + min(cs, max(nch - 1, 0));
     float xv = nch > 0 ? xc[cx] : 0.0f, zv = nch > 0 ? z[cx] : 0.0f;
 
@@ -634,7 +642,7 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
         if (tid < xr) xdbl[b + tid * G] = v;
     }
     TAIL_MARK(3);
-    grid_sync(bar, T);
+    grid_sync_parity(bar, T, 1);
     TAIL_MARK(4);
 
     // The step: this block's channels, all of xdbl.
@@ -679,7 +687,7 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
         if (sl == 0 && active) y[c0 + cl] = (yp + xv * dv) * silu_f(zv);
     }
     TAIL_MARK(5);
-    grid_sync(bar, T);
+    grid_sync_parity(bar, T, 0);
     TAIL_MARK(6);
 
     // out_proj (+ bias) onto the residual: this block's rows, all of y.
@@ -717,8 +725,17 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
                 }
             }
         }
-        const float v = block_sum8(acc, red, tid, T >> 5, g0);
-        if (tid >= g0 && tid < g0 + rows) residual[o0 + tid] = res + (obias ? v + obias[o0 + tid] : v);
+        // The warp's sums of this group's rows into the reduction area
+        // (its own 8 rows a warp and group); added up below, once.
+        const int lane = tid & 31;
+        const float r = warp_sum8(acc, lane);
+        if ((lane & 3) == 0) red[((g0 >> 3) * (T >> 5) + (tid >> 5)) * 8 + ((lane >> 2) & 7)] = r;
+    }
+    __syncthreads();
+    if (tid < orows) {
+        float v = 0.0f;
+        for (int w = 0; w < (T >> 5); ++w) v += red[((tid >> 3) * (T >> 5) + w) * 8 + (tid & 7)];
+        residual[o0 + tid] = res + (obias ? v + obias[o0 + tid] : v);
     }
 #endif
 }
@@ -727,10 +744,10 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
     const float *xc, const float *z, const void *xw, const void *dtw, const float *dt_bias, const float *a,         \
         const float *skip, const void *ow, const float *obias, float *xdbl, float *y, float *residual, float *state, \
         u64 slot_stride, u64 layer_off, const u32 *slots, u32 *bar, int D, int E, int N, int R, int norm, float eps, \
-        int lanes, int preload, int off_dt, int off_o, int off_dbl, int off_red, int off_bar, int dt_vec, int early
+        int lanes, int preload, int off_dt, int off_o, int off_dbl, int off_red, int off_bar, int dt_vec, int flags
 #define TAIL_PASS                                                                                                  \
     xc, z, xw, dtw, dt_bias, a, skip, ow, obias, xdbl, y, residual, state, slot_stride, layer_off, slots, bar, D, E, \
-        N, R, norm, eps, lanes, preload, off_dt, off_o, off_dbl, off_red, off_bar, dt_vec, early
+        N, R, norm, eps, lanes, preload, off_dt, off_o, off_dbl, off_red, off_bar, dt_vec, flags
 extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f32(TAIL_ARGS) { mamba1_tail_impl<0>(TAIL_PASS); }
 extern "C" __global__ void __launch_bounds__(512) mamba1_tail_bf16(TAIL_ARGS) { mamba1_tail_impl<1>(TAIL_PASS); }
 extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f16(TAIL_ARGS) { mamba1_tail_impl<2>(TAIL_PASS); }

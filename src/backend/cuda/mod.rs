@@ -332,11 +332,12 @@ pub struct CudaBackend {
     stack_launches: Cell<u64>,
     /// Whether one-sequence Mamba-1 decode tails (x_proj, the step,
     /// out_proj) run as one kernel (`tail.rs`; `MAMBA_SERVE_NO_TAIL` turns
-    /// it off, for comparisons), and whether that kernel lets the next one
-    /// launch as soon as its copies are issued (`MAMBA_SERVE_TAIL_LATE`:
-    /// after its dependent-launch wait, as the other kernels do).
+    /// it off, for comparisons), and its timing flags (`kernels/step.cu`:
+    /// bit 0 lets the next kernel launch as soon as its copies are issued,
+    /// unless `MAMBA_SERVE_TAIL_LATE`; bit 1 starts out_proj's copy before
+    /// the dependent-launch wait, with `MAMBA_SERVE_TAIL_COPY_EARLY`).
     fused_tail: bool,
-    tail_early: bool,
+    tail_flags: u32,
     /// The fused tail's grid barrier word.
     tail_barrier: DevBuf,
     /// The last shape's tail plan (`None`: the kernel does not fit it).
@@ -445,7 +446,8 @@ impl CudaBackend {
             stack: RefCell::new(None),
             stack_launches: Cell::new(0),
             fused_tail: std::env::var_os("MAMBA_SERVE_NO_TAIL").is_none(),
-            tail_early: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none(),
+            tail_flags: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none() as u32
+                | (std::env::var_os("MAMBA_SERVE_TAIL_COPY_EARLY").is_some() as u32) << 1,
             tail_barrier,
             tail_plans: RefCell::new(None),
             tail_launches: Cell::new(0),

@@ -52,7 +52,8 @@ pub(super) fn plan(d: usize, e: usize, n: usize, r: usize, es: usize, blocks: us
     let off_dt = x_rows * row;
     let off_dbl = r16(off_dt + e.div_ceil(blocks) * r * es);
     let off_red = r16(off_dbl + w * 4);
-    let off_bar = r16(off_red + MAX_WARPS * 8 * 4);
+    // 8 sums a warp for each 8 of a block's out_proj rows (and x_proj's).
+    let off_bar = r16(off_red + d.div_ceil(blocks).div_ceil(8).max(1) * MAX_WARPS * 8 * 4);
     let off_o = r16(off_bar + 3 * 8);
     if off_o > max_shared {
         return None;
@@ -154,7 +155,7 @@ pub fn launch(be: &CudaBackend, a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Pac
         .i32(p.off_red)
         .i32(p.off_bar)
         .u32((r % 8 == 0) as u32)
-        .u32(be.tail_early as u32)
+        .u32(be.tail_flags)
         .shared_bytes(p.shared as u32);
     be.launch_dependent(kernel, args, (be.sms, 1, 1), THREADS)?;
     be.tail_launches.set(be.tail_launches.get() + 1);
