@@ -428,3 +428,78 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
     }
     if (threadIdx.x == 0) out[2] = written;
 }
+
+// Greedy rows with no logit processing and no alternatives asked for (a
+// plain decode step), when every row of the batch is one: each row's ids
+// are split over gridDim.y blocks of GREEDY_THREADS threads, each thread
+// reading at most GREEDY_UNROLL logits at once (the host sizes the parts),
+// so a row costs one round trip to L2 instead of one block's long walk.
+// Each block keeps its part's maximum (lowest id among equals) and the sum
+// of exp(l - that maximum) in f64; the row's last block to finish (a
+// per-row counter, which it resets) combines them: the maximum M over the
+// parts, sum_p se_p * exp(m_p - M), the token and its logprob, as
+// sample_rows writes them.
+#define GREEDY_THREADS 256
+#define GREEDY_UNROLL 8
+extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
+    sample_greedy(const float* logits, int lstride, u32 vocab, const u32* params, float* part_max, u32* part_id,
+                  double* part_se, u32* counts, u32* outw) {
+    TL_SCOPE(TL_SAMPLE);
+    __shared__ Shared sh;
+    __shared__ u32 last;
+    const u32 r = blockIdx.x, part = blockIdx.y, parts = gridDim.y, tid = threadIdx.x;
+    const u32* P = params + (u64)r * P_WORDS;
+    const u32 valid = min(P[P_VALID], vocab);
+    const float* src = logits + (u64)r * lstride;
+    const u32 lo = (u32)((u64)vocab * part / parts), hi = (u32)((u64)vocab * (part + 1) / parts);
+    float v[GREEDY_UNROLL];
+#pragma unroll
+    for (int u = 0; u < GREEDY_UNROLL; ++u) {
+        const u32 i = lo + tid + u * GREEDY_THREADS;
+        v[u] = i < hi ? logit_at(src, i, valid) : NEG_INF;
+    }
+    float best = NEG_INF;
+    u32 best_id = 0xffffffffu;
+#pragma unroll
+    for (int u = 0; u < GREEDY_UNROLL; ++u) {
+        const u32 i = lo + tid + u * GREEDY_THREADS;
+        if (i < hi && (v[u] > best || (v[u] == best && i < best_id))) { best = v[u]; best_id = i; }
+    }
+    const u32 amax = block_argmax(best, best_id, &sh);
+    const float mx = logit_at(src, amax, valid);
+    double se = 0.0;
+    if (mx != NEG_INF) {
+#pragma unroll
+        for (int u = 0; u < GREEDY_UNROLL; ++u)
+            if (lo + tid + u * GREEDY_THREADS < hi) se += (double)expf(v[u] - mx);
+    }
+    se = block_sum(se, sh.dsh);
+    const u64 at = (u64)r * parts + part;
+    if (tid == 0) {
+        part_max[at] = mx;
+        part_id[at] = amax;
+        part_se[at] = se;
+        __threadfence();
+        last = atomicAdd(counts + r, 1u) == parts - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // The row's last block: the parts, one a thread (parts <= threads).
+    const u64 row0 = (u64)r * parts;
+    const float m = tid < parts ? __ldcg(part_max + row0 + tid) : NEG_INF;
+    const u32 id = tid < parts ? __ldcg(part_id + row0 + tid) : 0xffffffffu;
+    const u32 token = block_argmax(m, id, &sh);
+    const float big = block_max(m, sh.fsh, NEG_INF);
+    double s = 0.0;
+    if (tid < parts && m != NEG_INF) s = __ldcg(part_se + row0 + tid) * exp((double)m - (double)big);
+    s = block_sum(s, sh.dsh);
+    if (tid == 0) {
+        const double lse = (double)big + log(s);
+        u32* out = outw + P[P_OUT_OFF];
+        out[0] = token;
+        out[1] = __float_as_uint((float)((double)big - lse));
+        out[2] = 0;
+        counts[r] = 0;
+    }
+}

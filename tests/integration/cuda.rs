@@ -1185,6 +1185,29 @@ fn sampling_matches_the_cpu() -> TestResult {
             }
         }
     }
+    // Batches of plain greedy rows (no processing, no alternatives) take the
+    // kernel that splits each row over blocks: the same tokens, ties (to the
+    // lowest id) and masked ids included, and logprobs.
+    for (vocab, quantized, n_rows) in [(50280, false, 1), (50280, true, 64), (5003, true, 3), (65024, false, 2)] {
+        let rows: Vec<SampleRow> =
+            (0..n_rows).map(|i| SampleRow { valid_vocab: (vocab - (i % 3) * 2047) as u32, ..SampleRow::greedy(vocab) }).collect();
+        let mut logits = rng.vec(rows.len() * vocab, -8.0, 8.0);
+        if quantized {
+            logits.iter_mut().for_each(|l| *l = (*l * 2.0).round() / 2.0);
+        }
+        let refs: Vec<&SampleRow> = rows.iter().collect();
+        let want = cpu.sample(View::dense(&logits, rows.len(), vocab), &refs)?;
+        let lb = g.upload(&logits)?;
+        for _ in 0..2 {
+            let got = g.sample(View::dense(&lb, rows.len(), vocab), &refs)?;
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                let what = format!("greedy: vocab {vocab} quantized {quantized} row {i} of {n_rows}");
+                assert_eq!(a.token, b.token, "{what}: token");
+                assert!((a.logprob - b.logprob).abs() <= 1e-5 * b.logprob.abs().max(1.0), "{what}: logprob {} vs {}", a.logprob, b.logprob);
+                assert!(a.top.is_empty(), "{what}: alternatives");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1412,17 +1435,22 @@ fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
 #[test]
 fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
     use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
+    // (shape, blocks, architecture, weights, graphs, out_proj in registers)
     let cases = [
-        ("mamba-130m", 3, Arch::Mamba1, DType::BF16, false),
-        ("mamba-130m", 3, Arch::FalconMamba, DType::BF16, false),
-        ("mamba-130m", 3, Arch::Mamba1, DType::BF16, true),
-        ("mamba-130m", 2, Arch::Mamba1, DType::F32, false),
-        ("mamba-130m", 2, Arch::Mamba1, DType::F16, true),
-        ("mamba-1.4b", 2, Arch::Mamba1, DType::BF16, true),
-        ("falcon-mamba-7b", 1, Arch::FalconMamba, DType::BF16, false),
+        ("mamba-130m", 3, Arch::Mamba1, DType::BF16, false, false),
+        ("mamba-130m", 3, Arch::FalconMamba, DType::BF16, false, false),
+        ("mamba-130m", 3, Arch::Mamba1, DType::BF16, true, false),
+        ("mamba-130m", 2, Arch::Mamba1, DType::F32, false, false),
+        ("mamba-130m", 2, Arch::Mamba1, DType::F16, true, false),
+        ("mamba-1.4b", 2, Arch::Mamba1, DType::BF16, true, false),
+        ("falcon-mamba-7b", 1, Arch::FalconMamba, DType::BF16, false, false),
+        ("mamba-130m", 3, Arch::FalconMamba, DType::F16, false, true),
+        ("mamba-1.4b", 2, Arch::Mamba1, DType::BF16, true, true),
     ];
-    for (shape, layers, arch, dtype, graphs) in cases {
-        let Some(g) = gpu("fused tail") else { return Ok(()) };
+    for (shape, layers, arch, dtype, graphs, reg) in cases {
+        let Some(mut g) = gpu("fused tail") else { return Ok(()) };
+        g.set_fused_tail(true);
+        g.set_tail_out_proj_in_registers(reg);
         let mut cfg = shapes::public_shape(shape).expect("a known shape");
         cfg.n_layers = layers;
         cfg.vocab_size = 1000;
@@ -1431,7 +1459,7 @@ fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
         let dev = DeviceOptions { graphs, ..Default::default() };
         let mut m = Model::load_with(g, cfg.clone(), &src, opts(2, 64), dev, &mut |_| {})?;
         let mut cpu = Model::load(CpuBackend::new(), cfg, &src, opts(2, 64), &mut |_| {})?;
-        let what = format!("{shape} widths, {layers} blocks, {arch:?}, {dtype:?}, graphs {graphs}");
+        let what = format!("{shape} widths, {layers} blocks, {arch:?}, {dtype:?}, graphs {graphs}, registers {reg}");
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
         let got = m.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
@@ -1456,7 +1484,8 @@ fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
         if cfg.arch == Arch::Mamba2 {
             continue;
         }
-        let Some(g) = gpu("fused tail") else { return Ok(()) };
+        let Some(mut g) = gpu("fused tail") else { return Ok(()) };
+        g.set_fused_tail(true);
         let layers = cfg.n_layers as u64;
         let dev = DeviceOptions { graphs: false, ..Default::default() };
         let mut m = Model::load_with(g, cfg, &Checkpoint::open(&dir)?, opts(2, 256), dev, &mut |_| {})?;

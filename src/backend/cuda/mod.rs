@@ -259,6 +259,10 @@ struct Scratch {
     proc: DevBuf,
     keys: DevBuf,
     weights: DevBuf,
+    /// Plain greedy sampling split over blocks: each part's maximum, id and
+    /// sum (16 bytes a part), and a counter a row (zero between launches).
+    greedy: DevBuf,
+    greedy_counts: DevBuf,
 }
 
 /// A dense 16-bit copy of an op's f32 output that the kernel writing the
@@ -335,13 +339,18 @@ pub struct CudaBackend {
     /// it off, for comparisons), and its timing flags (`kernels/step.cu`:
     /// bit 0 lets the next kernel launch as soon as its copies are issued,
     /// unless `MAMBA_SERVE_TAIL_LATE`; bit 1 starts out_proj's copy before
-    /// the dependent-launch wait, with `MAMBA_SERVE_TAIL_COPY_EARLY`).
+    /// the dependent-launch wait, with `MAMBA_SERVE_TAIL_COPY_EARLY`; bit 2
+    /// reads out_proj into registers, with `MAMBA_SERVE_TAIL_REG`, as soon
+    /// as xdbl arrives with bit 3, `MAMBA_SERVE_TAIL_REG_EARLY`).
     fused_tail: bool,
     tail_flags: u32,
+    /// Whether batches of plain greedy rows take the split sampling kernel
+    /// (`MAMBA_SERVE_NO_SPLIT_GREEDY` turns it off, for comparisons).
+    split_greedy: bool,
     /// The fused tail's grid barrier word.
     tail_barrier: DevBuf,
     /// The last shape's tail plan (`None`: the kernel does not fit it).
-    tail_plans: RefCell<Option<((usize, usize, usize, usize, usize), Option<tail::Plan>)>>,
+    tail_plans: RefCell<Option<((usize, usize, usize, usize, usize, bool), Option<tail::Plan>)>>,
     tail_launches: Cell<u64>,
 }
 
@@ -417,6 +426,8 @@ impl CudaBackend {
             proc: empty()?,
             keys: empty()?,
             weights: empty()?,
+            greedy: empty()?,
+            greedy_counts: empty()?,
         });
         Ok(CudaBackend {
             ctx,
@@ -447,7 +458,10 @@ impl CudaBackend {
             stack_launches: Cell::new(0),
             fused_tail: std::env::var_os("MAMBA_SERVE_NO_TAIL").is_none(),
             tail_flags: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none() as u32
-                | (std::env::var_os("MAMBA_SERVE_TAIL_COPY_EARLY").is_some() as u32) << 1,
+                | (std::env::var_os("MAMBA_SERVE_TAIL_COPY_EARLY").is_some() as u32) << 1
+                | (std::env::var_os("MAMBA_SERVE_TAIL_REG").is_some() as u32) << 2
+                | (std::env::var_os("MAMBA_SERVE_TAIL_REG_EARLY").is_some() as u32) << 3,
+            split_greedy: std::env::var_os("MAMBA_SERVE_NO_SPLIT_GREEDY").is_none(),
             tail_barrier,
             tail_plans: RefCell::new(None),
             tail_launches: Cell::new(0),
@@ -469,6 +483,12 @@ impl CudaBackend {
     /// (`tail.rs`), or makes them run as three ops.
     pub fn set_fused_tail(&mut self, on: bool) {
         self.fused_tail = on;
+    }
+
+    /// Makes the fused decode tail read out_proj's rows into registers
+    /// where it can (`MAMBA_SERVE_TAIL_REG`), or into shared memory.
+    pub fn set_tail_out_proj_in_registers(&mut self, on: bool) {
+        self.tail_flags = (self.tail_flags & !4) | (on as u32) << 2;
     }
 
     /// Launches of the fused decode tail so far (`tail.rs`).

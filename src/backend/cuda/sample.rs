@@ -9,6 +9,16 @@ use crate::backend::{Result, SampleRow, SampledToken, View};
 /// u32 words of parameters per row (the P_* layout in sample.cu).
 const P_WORDS: usize = 20;
 const THREADS: u32 = 1024;
+/// Ids a block of the split greedy kernel takes at most
+/// (GREEDY_THREADS * GREEDY_UNROLL), and its threads.
+const GREEDY_PART: usize = 2048;
+const GREEDY_THREADS: u32 = 256;
+
+/// A row the split greedy kernel (`sample_greedy`) takes: temperature 0,
+/// no logit bias or penalties, no alternatives.
+fn plain_greedy(row: &SampleRow) -> bool {
+    row.temperature == 0.0 && row.top_logprobs == 0 && !materialize(row)
+}
 
 /// Whether the row's logits must be copied and modified (bias, penalties).
 fn materialize(row: &SampleRow) -> bool {
@@ -22,7 +32,21 @@ pub fn reserve(be: &CudaBackend, s: &mut Scratch, rows: usize, vocab: usize) -> 
     be.ensure(&mut s.keys, n * 4, "sampling keys")?;
     be.ensure(&mut s.weights, n * 8, "sampling weights")?;
     be.ensure(&mut s.params, rows * P_WORDS * 4, "sampling parameters")?;
-    be.ensure(&mut s.out, rows * 8 * 4, "sampling output")
+    be.ensure(&mut s.out, rows * 8 * 4, "sampling output")?;
+    be.ensure(&mut s.greedy, n.div_ceil(GREEDY_PART) * 16 + rows * 16, "greedy sampling parts")?;
+    zeroed_counters(be, s, rows)
+}
+
+/// The split greedy kernel's row counters, at least `rows` of them: zeroed
+/// when allocated; the kernel leaves them at zero.
+fn zeroed_counters(be: &CudaBackend, s: &mut Scratch, rows: usize) -> Result<()> {
+    if s.greedy_counts.bytes < rows * 4 {
+        be.ensure(&mut s.greedy_counts, rows * 4, "greedy sampling counters")?;
+        // SAFETY: zeroes the counters just allocated, before any launch uses them.
+        unsafe { cudarc::driver::result::memset_d8_sync(s.greedy_counts.ptr, 0, s.greedy_counts.bytes) }
+            .map_err(super::dev("greedy sampling counters"))?;
+    }
+    Ok(())
 }
 
 pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
@@ -79,6 +103,22 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
         (s.params.ptr, s.out.ptr, s.proc.ptr, s.keys.ptr, s.weights.ptr)
     };
     be.upload_bytes(params, super::bytes_of(&words))?;
+    let parts = vocab.div_ceil(GREEDY_PART);
+    if parts > 1 && be.split_greedy && rows.iter().all(|r| plain_greedy(r)) {
+        let (part_max, part_id, part_se, counts) = greedy_scratch(be, rows.len(), parts)?;
+        let a = Args::new()
+            .ptr(logits.buf.at(logits.offset))
+            .i32(logits.stride)
+            .u32(vocab as u32)
+            .ptr(params)
+            .ptr(part_max)
+            .ptr(part_id)
+            .ptr(part_se)
+            .ptr(counts)
+            .ptr(out);
+        be.launch(Kernel::SampleGreedy, a, (rows.len() as u32, parts as u32, 1), GREEDY_THREADS)?;
+        return read_back(be, out, out_words, rows);
+    }
     let a = Args::new()
         .ptr(logits.buf.at(logits.offset))
         .i32(logits.stride)
@@ -89,6 +129,23 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
         .ptr(weights)
         .ptr(out);
     be.launch(Kernel::SampleRows, a, (rows.len() as u32, 1, 1), THREADS)?;
+    read_back(be, out, out_words, rows)
+}
+
+/// The split greedy kernel's part results (f64 sums, f32 maxima, u32 ids)
+/// and row counters for `rows` rows of `parts` parts. The counters are
+/// zeroed when allocated; the kernel leaves them at zero.
+fn greedy_scratch(be: &CudaBackend, rows: usize, parts: usize) -> Result<(u64, u64, u64, u64)> {
+    let mut s = be.scratch.borrow_mut();
+    let n = rows * parts;
+    be.ensure(&mut s.greedy, n * 16, "greedy sampling parts")?;
+    zeroed_counters(be, &mut s, rows)?;
+    let base = s.greedy.ptr;
+    Ok((base + n as u64 * 8, base + n as u64 * 12, base, s.greedy_counts.ptr))
+}
+
+/// Each row's token, logprob and alternatives from the output words.
+fn read_back(be: &CudaBackend, out: u64, out_words: usize, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
     let got: Vec<u32> = be.download(out, out_words)?;
     let mut result = Vec::with_capacity(rows.len());
     let mut o = 0;
