@@ -335,8 +335,10 @@ pub struct CudaBackend {
     stack: RefCell<Option<stack::Prepared>>,
     stack_launches: Cell<u64>,
     /// Whether one-sequence Mamba-1 decode tails (x_proj, the step,
-    /// out_proj) run as one kernel (`tail.rs`; `MAMBA_SERVE_NO_TAIL` turns
-    /// it off, for comparisons), and its timing flags (`kernels/step.cu`:
+    /// out_proj) run as one kernel (`tail.rs`). Off unless `MAMBA_SERVE_TAIL`
+    /// is set or [`CudaBackend::set_fused_tail`] turns it on: correct, but
+    /// only 1-2 % faster at mamba-1.4b and slower at the other shapes
+    /// measured (docs/perf-notes.md, version 13). And its timing flags (`kernels/step.cu`:
     /// bit 0 lets the next kernel launch as soon as its copies are issued,
     /// unless `MAMBA_SERVE_TAIL_LATE`; bit 1 starts out_proj's copy before
     /// the dependent-launch wait, with `MAMBA_SERVE_TAIL_COPY_EARLY`; bit 2
@@ -344,6 +346,10 @@ pub struct CudaBackend {
     /// as xdbl arrives with bit 3, `MAMBA_SERVE_TAIL_REG_EARLY`).
     fused_tail: bool,
     tail_flags: u32,
+    /// The streaming GEMV takes as many columns a group as keep at least
+    /// this many groups (GEMV_STREAM_MIN_COLS unless
+    /// `MAMBA_SERVE_GEMV_STREAM_MIN_GROUPS` says otherwise, for comparisons).
+    stream_min_groups: usize,
     /// Whether batches of plain greedy rows take the split sampling kernel
     /// (`MAMBA_SERVE_NO_SPLIT_GREEDY` turns it off, for comparisons).
     split_greedy: bool,
@@ -456,12 +462,16 @@ impl CudaBackend {
             fused_stack: std::env::var_os("MAMBA_SERVE_STACK").is_some(),
             stack: RefCell::new(None),
             stack_launches: Cell::new(0),
-            fused_tail: std::env::var_os("MAMBA_SERVE_NO_TAIL").is_none(),
+            fused_tail: std::env::var_os("MAMBA_SERVE_TAIL").is_some(),
             tail_flags: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none() as u32
                 | (std::env::var_os("MAMBA_SERVE_TAIL_COPY_EARLY").is_some() as u32) << 1
                 | (std::env::var_os("MAMBA_SERVE_TAIL_REG").is_some() as u32) << 2
                 | (std::env::var_os("MAMBA_SERVE_TAIL_REG_EARLY").is_some() as u32) << 3,
             split_greedy: std::env::var_os("MAMBA_SERVE_NO_SPLIT_GREEDY").is_none(),
+            stream_min_groups: std::env::var("MAMBA_SERVE_GEMV_STREAM_MIN_GROUPS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(GEMV_STREAM_MIN_COLS),
             tail_barrier,
             tail_plans: RefCell::new(None),
             tail_launches: Cell::new(0),
@@ -665,7 +675,7 @@ impl CudaBackend {
         if w.rows >= GEMV_STREAM_MIN_COLS {
             // Many columns: warps stream column groups with loads in flight
             // across groups; as many columns a group as keep a group per warp.
-            let r = [4, 2, 1].into_iter().find(|&r| w.rows / r >= GEMV_STREAM_MIN_COLS && r * mt <= 16).unwrap_or(1);
+            let r = [4, 2, 1].into_iter().find(|&r| w.rows / r >= self.stream_min_groups && r * mt <= 16).unwrap_or(1);
             let k = Kernel::gemv_stream(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
             let groups = w.rows.div_ceil(r) as u32;
             let blocks = groups.div_ceil(4).min(self.sms * GEMV_STREAM_BLOCKS_PER_SM);
