@@ -485,15 +485,8 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
 // rows) and three mbarriers (one a copy group)
 // at off_bar. `flags` bit 0 lets the next kernel launch as soon as the
 // copies are issued (its blocks then load their first weights while this
-// kernel's handoffs run), else after the dependent-launch wait; bit 1
-// starts out_proj's copy before the wait, else after it (so it streams
-// while x_proj and the step run, not beside the product waited on). The
-// REG kernels read out_proj's rows from global memory into registers
-// instead (the host then preloads none; ~125 registers a thread, so no
-// other kernel's block fits beside one), after the second barrier, or
-// with flags bit 3 as soon as xdbl has arrived.
+// kernel's handoffs run), else after the dependent-launch wait.
 #define TAIL_XR 4
-#define TAIL_REG_ROWS 16
 // Phase marks of thread 0 in timeline builds: 3 x_proj summed, 4 xdbl
 // handed over, 5 the step done, 6 y handed over, 7 out_proj's weights in.
 #ifdef MS_TIMELINE
@@ -557,22 +550,13 @@ __device__ __forceinline__ void dot8_rows(const void* w, u64 ld, int rows, int k
     }
 }
 
-// 16 bytes of weights read once (not kept in L1).
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
     const float4 a = __ldcg((const float4*)p), b = __ldcg((const float4*)p + 1);
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
     v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 
-template <int DT, bool REG>
+template <int DT>
 __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __restrict__ z, const void* __restrict__ xw,
                                  const void* __restrict__ dtw, const float* __restrict__ dt_bias,
                                  const float* __restrict__ a, const float* __restrict__ skip,
@@ -612,7 +596,6 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
         mbar_expect(bars + 8, dt_bytes);
         if (dt_bytes) bulk_copy(base + off_dt, (const char*)dtw + (u64)c0 * R * es, dt_bytes, bars + 8);
         mbar_expect(bars + 16, (u32)(pre * row_bytes));
-        if (pre && (flags & 2)) bulk_copy(base + off_o, (const char*)ow + (u64)o0 * row_bytes, (u32)(pre * row_bytes), bars + 16);
     }
     const bool early = flags & 1;
     if (early) grid_dep_launch();
@@ -632,23 +615,13 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
         bv = dt_bias[c];
     };
     if (nch > 0) load_round(cs);
-    // The REG kernels (16-bit weights, at most TAIL_REG_ROWS out_proj rows
-    // of at most 8 T columns, none in shared memory): thread t's chunk of
-    // every out_proj row of the block, loaded into registers at once.
-    const bool reg_out = REG && DT != 0;
-    uint4 wr[TAIL_REG_ROWS];
-    auto load_out = [&]() {
-#pragma unroll
-        for (int i = 0; i < TAIL_REG_ROWS; ++i)
-            wr[i] = i < orows && tid < KC ? ld_stream16((const u16*)ow + (u64)(o0 + i) * E + 8 * tid) : make_uint4(0, 0, 0, 0);
-    };
     __syncthreads();  // the mbarriers are initialised
     grid_dep_wait();
     if (!early) grid_dep_launch();
     TL_WAITED(TL_TAIL);
-    // out_proj's weights, unless they were started before the wait (then
-    // they compete with the product the wait is for).
-    if (tid == 0 && pre && !(flags & 2))
+    // out_proj's weights: started after the wait, so that they stream while
+    // x_proj and the step run, not beside the product waited on.
+    if (tid == 0 && pre)
         bulk_copy(base + off_o, (const char*)ow + (u64)o0 * row_bytes, (u32)(pre * row_bytes), bars + 16);
     const int cx = c0 + min(cs, max(nch - 1, 0));
     float xv = nch > 0 ? xc[cx] : 0.0f, zv = nch > 0 ? z[cx] : 0.0f;
@@ -672,7 +645,6 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
     // The step: this block's channels, all of xdbl.
     for (int i = tid; i < W; i += T) s_dbl[i] = __ldcg(xdbl + i);
     __syncthreads();
-    if (reg_out && (flags & 8)) load_out();
     float inv_dt = 1.0f, inv_b = 1.0f, inv_c = 1.0f;
     if (norm) falcon_inv_norms(s_dbl, R, N, eps, sl, lanes, inv_dt, inv_b, inv_c);
     if (dt_vec) mbar_wait(bars + 8, 0);
@@ -716,35 +688,11 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
     TAIL_MARK(6);
 
     // out_proj (+ bias) onto the residual: this block's rows, all of y.
-    if (reg_out && !(flags & 8)) load_out();
     float y8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (tid < KC) load8(y + 8 * tid, y8);
     mbar_wait(bars + 16, 0);
     TAIL_MARK(7);
-    if (reg_out) {
-        float acc[TAIL_REG_ROWS];
-#pragma unroll
-        for (int i = 0; i < TAIL_REG_ROWS; ++i) {
-            Chunk<DT> c;
-            c.a = wr[i];
-            c.b = make_uint4(0, 0, 0, 0);
-            float wv[8];
-            widen8<DT>(c, wv);
-            acc[i] = 0.0f;
-#pragma unroll
-            for (int q = 0; q < 8; ++q) acc[i] += wv[q] * y8[q];
-        }
-        const int lane = tid & 31;
-#pragma unroll
-        for (int g = 0; g < TAIL_REG_ROWS / 8; ++g) {
-            float part[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) part[i] = acc[8 * g + i];
-            const float r = warp_sum8(part, lane);
-            if ((lane & 3) == 0) red[(g * (T >> 5) + (tid >> 5)) * 8 + ((lane >> 2) & 7)] = r;
-        }
-    }
-    for (int g0 = 0; g0 < orows && !reg_out; g0 += 8) {
+    for (int g0 = 0; g0 < orows; g0 += 8) {
         float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         const int rows = min(8, orows - g0);
         for (int j = tid; j < KC; j += T) {
@@ -797,8 +745,6 @@ __device__ void mamba1_tail_impl(const float* __restrict__ xc, const float* __re
 #define TAIL_PASS                                                                                                  \
     xc, z, xw, dtw, dt_bias, a, skip, ow, obias, xdbl, y, residual, state, slot_stride, layer_off, slots, bar, D, E, \
         N, R, norm, eps, lanes, preload, off_dt, off_o, off_dbl, off_red, off_bar, dt_vec, flags
-extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f32(TAIL_ARGS) { mamba1_tail_impl<0, false>(TAIL_PASS); }
-extern "C" __global__ void __launch_bounds__(512) mamba1_tail_bf16(TAIL_ARGS) { mamba1_tail_impl<1, false>(TAIL_PASS); }
-extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f16(TAIL_ARGS) { mamba1_tail_impl<2, false>(TAIL_PASS); }
-extern "C" __global__ void __launch_bounds__(512) mamba1_tail_reg_bf16(TAIL_ARGS) { mamba1_tail_impl<1, true>(TAIL_PASS); }
-extern "C" __global__ void __launch_bounds__(512) mamba1_tail_reg_f16(TAIL_ARGS) { mamba1_tail_impl<2, true>(TAIL_PASS); }
+extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f32(TAIL_ARGS) { mamba1_tail_impl<0>(TAIL_PASS); }
+extern "C" __global__ void __launch_bounds__(512) mamba1_tail_bf16(TAIL_ARGS) { mamba1_tail_impl<1>(TAIL_PASS); }
+extern "C" __global__ void __launch_bounds__(512) mamba1_tail_f16(TAIL_ARGS) { mamba1_tail_impl<2>(TAIL_PASS); }

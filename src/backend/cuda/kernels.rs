@@ -93,8 +93,6 @@ kernels! {
     Mamba1TailF32 = "step" / "mamba1_tail_f32",
     Mamba1TailBf16 = "step" / "mamba1_tail_bf16",
     Mamba1TailF16 = "step" / "mamba1_tail_f16",
-    Mamba1TailRegBf16 = "step" / "mamba1_tail_reg_bf16",
-    Mamba1TailRegF16 = "step" / "mamba1_tail_reg_f16",
     GemvF32M1R1 = "gemv" / "gemv_f32_m1_r1",
     GemvF32M1R2 = "gemv" / "gemv_f32_m1_r2",
     GemvF32M1R4 = "gemv" / "gemv_f32_m1_r4",

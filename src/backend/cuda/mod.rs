@@ -346,17 +346,13 @@ pub struct CudaBackend {
     /// as xdbl arrives with bit 3, `MAMBA_SERVE_TAIL_REG_EARLY`).
     fused_tail: bool,
     tail_flags: u32,
-    /// The streaming GEMV takes as many columns a group as keep at least
-    /// this many groups (GEMV_STREAM_MIN_COLS unless
-    /// `MAMBA_SERVE_GEMV_STREAM_MIN_GROUPS` says otherwise, for comparisons).
-    stream_min_groups: usize,
     /// Whether batches of plain greedy rows take the split sampling kernel
     /// (`MAMBA_SERVE_NO_SPLIT_GREEDY` turns it off, for comparisons).
     split_greedy: bool,
     /// The fused tail's grid barrier word.
     tail_barrier: DevBuf,
     /// The last shape's tail plan (`None`: the kernel does not fit it).
-    tail_plans: RefCell<Option<((usize, usize, usize, usize, usize, bool), Option<tail::Plan>)>>,
+    tail_plans: RefCell<Option<((usize, usize, usize, usize, usize), Option<tail::Plan>)>>,
     tail_launches: Cell<u64>,
 }
 
@@ -463,15 +459,8 @@ impl CudaBackend {
             stack: RefCell::new(None),
             stack_launches: Cell::new(0),
             fused_tail: std::env::var_os("MAMBA_SERVE_TAIL").is_some(),
-            tail_flags: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none() as u32
-                | (std::env::var_os("MAMBA_SERVE_TAIL_COPY_EARLY").is_some() as u32) << 1
-                | (std::env::var_os("MAMBA_SERVE_TAIL_REG").is_some() as u32) << 2
-                | (std::env::var_os("MAMBA_SERVE_TAIL_REG_EARLY").is_some() as u32) << 3,
+            tail_flags: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none() as u32,
             split_greedy: std::env::var_os("MAMBA_SERVE_NO_SPLIT_GREEDY").is_none(),
-            stream_min_groups: std::env::var("MAMBA_SERVE_GEMV_STREAM_MIN_GROUPS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(GEMV_STREAM_MIN_COLS),
             tail_barrier,
             tail_plans: RefCell::new(None),
             tail_launches: Cell::new(0),
@@ -493,12 +482,6 @@ impl CudaBackend {
     /// (`tail.rs`), or makes them run as three ops.
     pub fn set_fused_tail(&mut self, on: bool) {
         self.fused_tail = on;
-    }
-
-    /// Makes the fused decode tail read out_proj's rows into registers
-    /// where it can (`MAMBA_SERVE_TAIL_REG`), or into shared memory.
-    pub fn set_tail_out_proj_in_registers(&mut self, on: bool) {
-        self.tail_flags = (self.tail_flags & !4) | (on as u32) << 2;
     }
 
     /// Launches of the fused decode tail so far (`tail.rs`).
@@ -675,7 +658,7 @@ impl CudaBackend {
         if w.rows >= GEMV_STREAM_MIN_COLS {
             // Many columns: warps stream column groups with loads in flight
             // across groups; as many columns a group as keep a group per warp.
-            let r = [4, 2, 1].into_iter().find(|&r| w.rows / r >= self.stream_min_groups && r * mt <= 16).unwrap_or(1);
+            let r = [4, 2, 1].into_iter().find(|&r| w.rows / r >= GEMV_STREAM_MIN_COLS && r * mt <= 16).unwrap_or(1);
             let k = Kernel::gemv_stream(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
             let groups = w.rows.div_ceil(r) as u32;
             let blocks = groups.div_ceil(4).min(self.sms * GEMV_STREAM_BLOCKS_PER_SM);

@@ -17,8 +17,6 @@ use crate::backend::{DType, Mamba1TailArgs, Packed, Result};
 const THREADS: u32 = 512;
 /// x_proj rows a block holds at most (`TAIL_XR`).
 const MAX_X_ROWS: usize = 4;
-/// out_proj rows a block of the register kernels holds (`TAIL_REG_ROWS`).
-const REG_ROWS: usize = 16;
 /// Warps whose partial sums the reduction area holds (`TAIL_MAX_WARPS`).
 const MAX_WARPS: usize = 32;
 
@@ -42,19 +40,9 @@ fn r16(n: usize) -> usize {
 
 /// The layout for `blocks` blocks over d_model `d`, `e` channels, `n`
 /// states, rank `r` and `es`-byte weights: x_proj's rows, the channels'
-/// dt_proj rows, xdbl, the reduction, then (with `preload_rows`) as many of
-/// the block's out_proj rows as fit in `max_shared`. `None` when the rest
-/// does not fit.
-pub(super) fn plan(
-    d: usize,
-    e: usize,
-    n: usize,
-    r: usize,
-    es: usize,
-    blocks: usize,
-    max_shared: usize,
-    preload_rows: bool,
-) -> Option<Plan> {
+/// dt_proj rows, xdbl, the reduction, then as many of the block's out_proj
+/// rows as fit in `max_shared`. `None` when the rest does not fit.
+pub(super) fn plan(d: usize, e: usize, n: usize, r: usize, es: usize, blocks: usize, max_shared: usize) -> Option<Plan> {
     let w = r + 2 * n;
     let x_rows = w.div_ceil(blocks);
     if x_rows > MAX_X_ROWS {
@@ -70,7 +58,7 @@ pub(super) fn plan(
     if off_o > max_shared {
         return None;
     }
-    let preload = if preload_rows { ((max_shared - off_o) / row).min(d.div_ceil(blocks)) } else { 0 };
+    let preload = ((max_shared - off_o) / row).min(d.div_ceil(blocks));
     Some(Plan { off_dt, off_dbl, off_red, off_bar, off_o, preload, shared: off_o + preload * row })
 }
 
@@ -127,18 +115,12 @@ pub fn launch(be: &CudaBackend, a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Pac
     }
     let (d, e, n, r) = (a.residual.cols, a.x.cols, a.d_state, a.dt_rank);
     let dtype = a.out_proj.dtype;
-    // out_proj's rows in registers (flags bit 2) where a thread's share
-    // fits: 16-bit weights, at most REG_ROWS rows a block, one chunk a
-    // thread.
-    let reg = be.tail_flags & 4 != 0 && dtype != DType::F32 && d.div_ceil(be.sms as usize) <= REG_ROWS && e / 8 <= THREADS as usize;
-    let kernel = match (dtype, reg) {
-        (DType::F32, _) => Kernel::Mamba1TailF32,
-        (DType::BF16, false) => Kernel::Mamba1TailBf16,
-        (DType::F16, false) => Kernel::Mamba1TailF16,
-        (DType::BF16, true) => Kernel::Mamba1TailRegBf16,
-        (DType::F16, true) => Kernel::Mamba1TailRegF16,
+    let kernel = match dtype {
+        DType::F32 => Kernel::Mamba1TailF32,
+        DType::BF16 => Kernel::Mamba1TailBf16,
+        DType::F16 => Kernel::Mamba1TailF16,
     };
-    let Some(p) = be.tail_plan(kernel, (d, e, n, r, dtype.size(), reg))? else { return Ok(false) };
+    let Some(p) = be.tail_plan(kernel, (d, e, n, r, dtype.size()))? else { return Ok(false) };
     let (state, slot_stride, layer_off) = CudaBackend::ssm_layout_args(a.state, a.layout, a.layer);
     let ptr = |v: &CudaVec| v.buf.ptr;
     let args = Args::new()
@@ -181,12 +163,11 @@ pub fn launch(be: &CudaBackend, a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Pac
 }
 
 impl CudaBackend {
-    /// The plan for a shape (d, e, n, r, weight bytes, out_proj in
-    /// registers), made once: the
+    /// The plan for a shape (d, e, n, r, weight bytes), made once: the
     /// kernel is allowed its shared memory and must fit one block a
     /// multiprocessor, so that every block of the grid is resident at once
     /// (the grid barriers wait for all of them). `None` when it does not.
-    fn tail_plan(&self, kernel: Kernel, shape: (usize, usize, usize, usize, usize, bool)) -> Result<Option<Plan>> {
+    fn tail_plan(&self, kernel: Kernel, shape: (usize, usize, usize, usize, usize)) -> Result<Option<Plan>> {
         if let Some((at, plan)) = *self.tail_plans.borrow() {
             if at == shape {
                 return Ok(plan);
@@ -196,8 +177,8 @@ impl CudaBackend {
             .ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(dev("device attribute"))? as usize;
-        let (d, e, n, r, es, reg) = shape;
-        let mut plan = plan(d, e, n, r, es, self.sms as usize, max_shared, !reg);
+        let (d, e, n, r, es) = shape;
+        let mut plan = plan(d, e, n, r, es, self.sms as usize, max_shared);
         if let Some(p) = plan {
             self.kernels.allow_shared(kernel, p.shared)?;
             if self.kernels.resident_blocks_exact(kernel, THREADS, p.shared)? == 0 {
@@ -223,7 +204,7 @@ mod tests {
     fn real_shapes_fit_and_the_regions_do_not_overlap() {
         // (d_model, d_inner, d_state, rank): mamba-130m, 1.4b, 2.8b, Falcon-Mamba-7b.
         for (d, e, n, r) in [(768, 1536, 16, 48), (2048, 4096, 16, 128), (2560, 5120, 16, 160), (4096, 8192, 16, 256)] {
-            let p = plan(d, e, n, r, 2, 132, H200_SHARED, true).expect("fits");
+            let p = plan(d, e, n, r, 2, 132, H200_SHARED).expect("fits");
             let w = r + 2 * n;
             assert!(w.div_ceil(132) * e * 2 <= p.off_dt);
             assert!(p.off_dt + e.div_ceil(132) * r * 2 <= p.off_dbl);
@@ -238,14 +219,14 @@ mod tests {
         }
         // mamba-1.4b keeps all of its out_proj rows in shared memory,
         // Falcon-Mamba-7b only some.
-        assert_eq!(plan(2048, 4096, 16, 128, 2, 132, H200_SHARED, true).unwrap().preload, 16);
-        let p = plan(4096, 8192, 16, 256, 2, 132, H200_SHARED, true).unwrap();
+        assert_eq!(plan(2048, 4096, 16, 128, 2, 132, H200_SHARED).unwrap().preload, 16);
+        let p = plan(4096, 8192, 16, 256, 2, 132, H200_SHARED).unwrap();
         assert!(p.preload > 0 && p.preload < 32, "{p:?}");
     }
 
     #[test]
     fn too_many_x_proj_rows_or_too_little_memory_decline() {
-        assert_eq!(plan(2048, 4096, 16, 1024, 2, 132, H200_SHARED, true), None);
-        assert_eq!(plan(2048, 4096, 16, 128, 2, 132, 8 << 10, true), None);
+        assert_eq!(plan(2048, 4096, 16, 1024, 2, 132, H200_SHARED), None);
+        assert_eq!(plan(2048, 4096, 16, 128, 2, 132, 8 << 10), None);
     }
 }
