@@ -352,7 +352,7 @@ pub struct CudaBackend {
     /// The fused tail's grid barrier word.
     tail_barrier: DevBuf,
     /// The last shape's tail plan (`None`: the kernel does not fit it).
-    tail_plans: RefCell<Option<((usize, usize, usize, usize, usize), Option<tail::Plan>)>>,
+    tail_plans: RefCell<tail::LastPlan>,
     tail_launches: Cell<u64>,
 }
 

@@ -34,6 +34,12 @@ pub(super) struct Plan {
     shared: usize,
 }
 
+/// A shape the plan is made for: d_model, channels, states, rank, weight
+/// bytes.
+pub(super) type Shape = (usize, usize, usize, usize, usize);
+/// The last shape planned and its plan (`None`: the kernel does not fit it).
+pub(super) type LastPlan = Option<(Shape, Option<Plan>)>;
+
 fn r16(n: usize) -> usize {
     n.next_multiple_of(16)
 }
@@ -167,7 +173,7 @@ impl CudaBackend {
     /// kernel is allowed its shared memory and must fit one block a
     /// multiprocessor, so that every block of the grid is resident at once
     /// (the grid barriers wait for all of them). `None` when it does not.
-    fn tail_plan(&self, kernel: Kernel, shape: (usize, usize, usize, usize, usize)) -> Result<Option<Plan>> {
+    fn tail_plan(&self, kernel: Kernel, shape: Shape) -> Result<Option<Plan>> {
         if let Some((at, plan)) = *self.tail_plans.borrow() {
             if at == shape {
                 return Ok(plan);
