@@ -1397,28 +1397,42 @@ fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
         // The slot's state after the steps is the CPU's.
         check_close(&format!("{what}: state"), &m.read_slot(1)?, &cpu.read_slot(1)?, 1e-2);
     }
-    // The Mamba-1 and Falcon-Mamba fixtures (f32 and bf16, biases, conv
-    // widths 3 to 5, 8 states, odd ranks) against transformers' step logits.
+    fused_fixture_steps("fused stack", |g| g.set_fused_stack(true), CudaBackend::fused_stack_launches, |_| 1)
+}
+
+/// The Mamba-1 and Falcon-Mamba fixtures (f32 and bf16, biases, conv widths
+/// 3 to 5, 8 states, odd ranks) decoded on a backend `setup` readies for a
+/// fused kernel: the step logits against transformers', and the kernel's
+/// launch counter `launches` going up by `per_step` of the model a step
+/// (graphs off).
+fn fused_fixture_steps(
+    what: &str,
+    setup: fn(&mut CudaBackend),
+    launches: fn(&CudaBackend) -> u64,
+    per_step: fn(&ModelConfig) -> u64,
+) -> TestResult {
+    use mamba_serve::model::{Arch, DeviceOptions};
     for dir in fixture_models() {
         let cfg = ModelConfig::from_dir(&dir)?;
         if cfg.arch == Arch::Mamba2 {
             continue;
         }
-        let Some(mut g) = gpu("fused stack") else { return Ok(()) };
-        g.set_fused_stack(true);
+        let Some(mut g) = gpu(what) else { return Ok(()) };
+        setup(&mut g);
+        let step = per_step(&cfg);
         let dev = DeviceOptions { graphs: false, ..Default::default() };
         let mut m = Model::load_with(g, cfg, &Checkpoint::open(&dir)?, opts(2, 256), dev, &mut |_| {})?;
         let (r, tol) = (reference(&dir), golden_tol(&dir));
         for p in &r.prompts {
             m.reset_slot(1)?;
             m.forward(&[SeqChunk { slot: 1, tokens: &p.ids, is_prompt: true }])?;
-            let before = m.backend().fused_stack_launches();
+            let before = launches(m.backend());
             for (i, want) in p.step_logits.iter().enumerate() {
                 let logits = m.forward(&[SeqChunk { slot: 1, tokens: &p.greedy[i..i + 1], is_prompt: false }])?;
-                check_close(&format!("{}: prompt {:?} fused step {}", name(&dir), p.text, i + 1), &logits, want, tol);
+                check_close(&format!("{}: prompt {:?} {what} step {}", name(&dir), p.text, i + 1), &logits, want, tol);
             }
-            let launched = m.backend().fused_stack_launches() - before;
-            assert_eq!(launched, p.step_logits.len() as u64, "{}: fused stack launches", name(&dir));
+            let launched = launches(m.backend()) - before;
+            assert_eq!(launched, p.step_logits.len() as u64 * step, "{}: {what} launches", name(&dir));
         }
     }
     Ok(())
@@ -1476,28 +1490,5 @@ fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
         assert_eq!(launched, if graphs { layers } else { 8 * layers } as u64, "{what}: fused tail launches");
         check_close(&format!("{what}: state"), &m.read_slot(1)?, &cpu.read_slot(1)?, tol);
     }
-    for dir in fixture_models() {
-        let cfg = ModelConfig::from_dir(&dir)?;
-        if cfg.arch == Arch::Mamba2 {
-            continue;
-        }
-        let Some(mut g) = gpu("fused tail") else { return Ok(()) };
-        g.set_fused_tail(true);
-        let layers = cfg.n_layers as u64;
-        let dev = DeviceOptions { graphs: false, ..Default::default() };
-        let mut m = Model::load_with(g, cfg, &Checkpoint::open(&dir)?, opts(2, 256), dev, &mut |_| {})?;
-        let (r, tol) = (reference(&dir), golden_tol(&dir));
-        for p in &r.prompts {
-            m.reset_slot(1)?;
-            m.forward(&[SeqChunk { slot: 1, tokens: &p.ids, is_prompt: true }])?;
-            let before = m.backend().fused_tail_launches();
-            for (i, want) in p.step_logits.iter().enumerate() {
-                let logits = m.forward(&[SeqChunk { slot: 1, tokens: &p.greedy[i..i + 1], is_prompt: false }])?;
-                check_close(&format!("{}: prompt {:?} fused tail step {}", name(&dir), p.text, i + 1), &logits, want, tol);
-            }
-            let launched = m.backend().fused_tail_launches() - before;
-            assert_eq!(launched, p.step_logits.len() as u64 * layers, "{}: fused tail launches", name(&dir));
-        }
-    }
-    Ok(())
+    fused_fixture_steps("fused tail", |g| g.set_fused_tail(true), CudaBackend::fused_tail_launches, |c| c.n_layers as u64)
 }
