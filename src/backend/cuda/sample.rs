@@ -104,7 +104,9 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
     };
     be.upload_bytes(params, super::bytes_of(&words))?;
     let parts = vocab.div_ceil(GREEDY_PART);
-    if parts > 1 && be.split_greedy && rows.iter().all(|r| plain_greedy(r)) {
+    // The last block of a row combines the parts with one thread a part.
+    let split = parts > 1 && parts <= GREEDY_THREADS as usize && be.split_greedy;
+    if split && rows.iter().all(|r| plain_greedy(r)) {
         let (part_max, part_id, part_se, counts) = greedy_scratch(be, rows.len(), parts)?;
         let a = Args::new()
             .ptr(logits.buf.at(logits.offset))
@@ -156,4 +158,21 @@ fn read_back(be: &CudaBackend, out: u64, out_words: usize, rows: &[&SampleRow]) 
         o += 3 + 2 * row.top_logprobs as usize;
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unprocessed_greedy_rows_without_alternatives_take_the_split_kernel() {
+        let g = SampleRow::greedy(50_280);
+        assert!(plain_greedy(&g));
+        assert!(!plain_greedy(&SampleRow { temperature: 0.7, ..g.clone() }));
+        assert!(!plain_greedy(&SampleRow { top_logprobs: 1, ..g.clone() }));
+        assert!(!plain_greedy(&SampleRow { logit_bias: vec![(3, 1.0)], ..g.clone() }));
+        assert!(!plain_greedy(&SampleRow { seen: vec![(3, 0)], ..g.clone() }));
+        // A masked tail of ids is still plain: the kernel masks it.
+        assert!(plain_greedy(&SampleRow { valid_vocab: 50_000, ..g }));
+    }
 }
