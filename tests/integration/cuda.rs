@@ -11,7 +11,7 @@ use mamba_serve::backend::cuda::CudaBackend;
 use mamba_serve::backend::rng::SplitMix64;
 use mamba_serve::backend::{
     Activation, Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT,
-    Packed, PoolLayout, ProjConv, SampleRow, View, ViewMut,
+    Packed, PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
@@ -1158,6 +1158,42 @@ fn row(rng: &mut Rng, vocab: usize, kind: usize) -> SampleRow {
     r
 }
 
+/// Random logits for `rows` (`quantized`: halves only, so many exact ties),
+/// the CPU's samples of them and the logits uploaded to the GPU.
+fn cpu_samples(
+    g: &CudaBackend,
+    cpu: &CpuBackend,
+    rng: &mut Rng,
+    rows: &[SampleRow],
+    vocab: usize,
+    quantized: bool,
+) -> R<(Vec<SampledToken>, <CudaBackend as Backend>::Vec)> {
+    let mut logits = rng.vec(rows.len() * vocab, -8.0, 8.0);
+    if quantized {
+        // Many exact ties: the order (value, then id) must agree exactly.
+        logits.iter_mut().for_each(|l| *l = (*l * 2.0).round() / 2.0);
+    }
+    let refs: Vec<&SampleRow> = rows.iter().collect();
+    let want = cpu.sample(View::dense(&logits, rows.len(), vocab), &refs)?;
+    Ok((want, g.upload(&logits)?))
+}
+
+/// The GPU's samples against the CPU's: tokens and alternatives' ids
+/// exactly, logprobs within 1e-5 (relative, or absolute below 1).
+fn check_samples(what: &str, rows: &[SampleRow], got: &[SampledToken], want: &[SampledToken]) {
+    assert_eq!(got.len(), want.len(), "{what}: rows");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let what = format!("{what} row {i} {:?}", rows[i]);
+        assert_eq!(a.token, b.token, "{what}: token");
+        assert!((a.logprob - b.logprob).abs() <= 1e-5 * b.logprob.abs().max(1.0), "{what}: logprob {} vs {}", a.logprob, b.logprob);
+        assert_eq!(a.top.len(), b.top.len(), "{what}: top length");
+        for (x, y) in a.top.iter().zip(&b.top) {
+            assert_eq!(x.0, y.0, "{what}: top ids {:?} vs {:?}", a.top, b.top);
+            assert!((x.1 - y.1).abs() <= 1e-5 * y.1.abs().max(1.0), "{what}: top logprobs");
+        }
+    }
+}
+
 #[test]
 fn sampling_matches_the_cpu() -> TestResult {
     let Some(g) = gpu("sampling_matches_the_cpu") else { return Ok(()) };
@@ -1165,47 +1201,22 @@ fn sampling_matches_the_cpu() -> TestResult {
     let mut rng = Rng::new(17);
     for (vocab, quantized) in [(5003, false), (50280, false), (2000, true)] {
         let rows: Vec<SampleRow> = (0..72).map(|i| row(&mut rng, vocab, i)).collect();
-        let mut logits = rng.vec(rows.len() * vocab, -8.0, 8.0);
-        if quantized {
-            // Many exact ties: the order (value, then id) must agree exactly.
-            logits.iter_mut().for_each(|l| *l = (*l * 2.0).round() / 2.0);
-        }
+        let (want, lb) = cpu_samples(&g, &cpu, &mut rng, &rows, vocab, quantized)?;
         let refs: Vec<&SampleRow> = rows.iter().collect();
-        let want = cpu.sample(View::dense(&logits, rows.len(), vocab), &refs)?;
-        let lb = g.upload(&logits)?;
         let got = g.sample(View::dense(&lb, rows.len(), vocab), &refs)?;
-        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            let what = format!("vocab {vocab} quantized {quantized} row {i} {:?}", rows[i]);
-            assert_eq!(a.token, b.token, "{what}: token");
-            assert!((a.logprob - b.logprob).abs() <= 1e-5 * b.logprob.abs().max(1.0), "{what}: logprob {} vs {}", a.logprob, b.logprob);
-            assert_eq!(a.top.len(), b.top.len(), "{what}: top length");
-            for (x, y) in a.top.iter().zip(&b.top) {
-                assert_eq!(x.0, y.0, "{what}: top ids {:?} vs {:?}", a.top, b.top);
-                assert!((x.1 - y.1).abs() <= 1e-5 * y.1.abs().max(1.0), "{what}: top logprobs");
-            }
-        }
+        check_samples(&format!("vocab {vocab} quantized {quantized}"), &rows, &got, &want);
     }
     // Batches of plain greedy rows (no processing, no alternatives) take the
     // kernel that splits each row over blocks: the same tokens, ties (to the
-    // lowest id) and masked ids included, and logprobs.
+    // lowest id) and masked ids included, and logprobs, launch after launch.
     for (vocab, quantized, n_rows) in [(50280, false, 1), (50280, true, 64), (5003, true, 3), (65024, false, 2)] {
         let rows: Vec<SampleRow> =
             (0..n_rows).map(|i| SampleRow { valid_vocab: (vocab - (i % 3) * 2047) as u32, ..SampleRow::greedy(vocab) }).collect();
-        let mut logits = rng.vec(rows.len() * vocab, -8.0, 8.0);
-        if quantized {
-            logits.iter_mut().for_each(|l| *l = (*l * 2.0).round() / 2.0);
-        }
+        let (want, lb) = cpu_samples(&g, &cpu, &mut rng, &rows, vocab, quantized)?;
         let refs: Vec<&SampleRow> = rows.iter().collect();
-        let want = cpu.sample(View::dense(&logits, rows.len(), vocab), &refs)?;
-        let lb = g.upload(&logits)?;
-        for _ in 0..2 {
+        for launch in 0..2 {
             let got = g.sample(View::dense(&lb, rows.len(), vocab), &refs)?;
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                let what = format!("greedy: vocab {vocab} quantized {quantized} row {i} of {n_rows}");
-                assert_eq!(a.token, b.token, "{what}: token");
-                assert!((a.logprob - b.logprob).abs() <= 1e-5 * b.logprob.abs().max(1.0), "{what}: logprob {} vs {}", a.logprob, b.logprob);
-                assert!(a.top.is_empty(), "{what}: alternatives");
-            }
+            check_samples(&format!("greedy: vocab {vocab} quantized {quantized}, launch {launch}"), &rows, &got, &want);
         }
     }
     Ok(())
