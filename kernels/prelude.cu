@@ -191,6 +191,20 @@ __device__ __forceinline__ u32 ld_acquire(const u32* p) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
+// What a block adds to the barrier word (see grid_sync).
+__device__ __forceinline__ u32 grid_arrival() { return blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u; }
+// Spins until the top bit of `bar` is `want`; traps after 2 s.
+__device__ __forceinline__ void wait_top_bit(const u32* bar, u32 want) {
+    u64 t0 = 0;
+    for (u32 spins = 1; (ld_acquire(bar) >> 31) != want; ++spins) {
+        if ((spins & 1023u) == 0) {
+            u64 t;
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+            if (t0 == 0) t0 = t;
+            else if (t - t0 > 2000000000ull) asm volatile("trap;");
+        }
+    }
+}
 // The grid-wide barrier of the `threads` first threads of every block
 // (named barrier 1): the count in `bar` returns to its old low bits each
 // time and its top bit flips once every block has arrived (block 0 adds
@@ -200,18 +214,9 @@ __device__ __forceinline__ u32 ld_acquire(const u32* p) {
 __device__ __forceinline__ void grid_sync(u32* bar, int threads) {
     asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
     if (threadIdx.x == 0) {
-        const u32 inc = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
         __threadfence();
-        const u32 old = atomicAdd(bar, inc);
-        u64 t0 = 0;
-        for (u32 spins = 1; ((old ^ ld_acquire(bar)) & 0x80000000u) == 0; ++spins) {
-            if ((spins & 1023u) == 0) {
-                u64 t;
-                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-                if (t0 == 0) t0 = t;
-                else if (t - t0 > 2000000000ull) asm volatile("trap;");
-            }
-        }
+        const u32 old = atomicAdd(bar, grid_arrival());
+        wait_top_bit(bar, (old >> 31) ^ 1u);
         __threadfence();
     }
     asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
@@ -224,18 +229,9 @@ __device__ __forceinline__ void grid_sync(u32* bar, int threads) {
 __device__ __forceinline__ void grid_sync_parity(u32* bar, int threads, u32 want) {
     asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
     if (threadIdx.x == 0) {
-        const u32 inc = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
         __threadfence();
-        asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bar), "r"(inc) : "memory");
-        u64 t0 = 0;
-        for (u32 spins = 1; (ld_acquire(bar) >> 31) != want; ++spins) {
-            if ((spins & 1023u) == 0) {
-                u64 t;
-                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-                if (t0 == 0) t0 = t;
-                else if (t - t0 > 2000000000ull) asm volatile("trap;");
-            }
-        }
+        asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bar), "r"(grid_arrival()) : "memory");
+        wait_top_bit(bar, want);
     }
     asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
 }

@@ -494,7 +494,6 @@ extern "C" __global__ void __launch_bounds__(128) mamba1_step_lean(STEP_ARGS) {
 #else
 #define TAIL_MARK(e)
 #endif
-#define TAIL_MAX_WARPS 32
 
 // Each of a warp's lanes holds 8 partial sums, of rows 0..7; afterwards
 // lane l holds the warp's whole sum of row ((l >> 2) & 7) (bit 4 of the

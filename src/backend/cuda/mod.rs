@@ -34,6 +34,11 @@ use super::{
 };
 use super::{mamba1_tail_ops, rmsnorm_linear_then_conv};
 
+/// `n` rounded up to a multiple of 16 bytes (shared-memory layouts).
+fn r16(n: usize) -> usize {
+    n.next_multiple_of(16)
+}
+
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 /// Up to this many rows, products use the GEMV kernel (f32 activations).
@@ -338,12 +343,9 @@ pub struct CudaBackend {
     /// out_proj) run as one kernel (`tail.rs`). Off unless `MAMBA_SERVE_TAIL`
     /// is set or [`CudaBackend::set_fused_tail`] turns it on: correct, but
     /// only 1-2 % faster at mamba-1.4b and slower at the other shapes
-    /// measured (docs/perf-notes.md, version 13). And its timing flags (`kernels/step.cu`:
-    /// bit 0 lets the next kernel launch as soon as its copies are issued,
-    /// unless `MAMBA_SERVE_TAIL_LATE`; bit 1 starts out_proj's copy before
-    /// the dependent-launch wait, with `MAMBA_SERVE_TAIL_COPY_EARLY`; bit 2
-    /// reads out_proj into registers, with `MAMBA_SERVE_TAIL_REG`, as soon
-    /// as xdbl arrives with bit 3, `MAMBA_SERVE_TAIL_REG_EARLY`).
+    /// measured (docs/perf-notes.md, version 13). And its flags
+    /// (`kernels/step.cu`): bit 0 lets the next kernel launch as soon as the
+    /// kernel's copies are issued, unless `MAMBA_SERVE_TAIL_LATE` is set.
     fused_tail: bool,
     tail_flags: u32,
     /// Whether batches of plain greedy rows take the split sampling kernel
@@ -487,6 +489,13 @@ impl CudaBackend {
     /// Launches of the fused decode tail so far (`tail.rs`).
     pub fn fused_tail_launches(&self) -> u64 {
         self.tail_launches.get()
+    }
+
+    /// Bytes of shared memory a block may opt in to (the fused kernels'
+    /// layouts are planned against it).
+    fn max_shared_optin(&self) -> Result<usize> {
+        let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        Ok(self.ctx.attribute(attr).map_err(dev("device attribute"))? as usize)
     }
 
     /// Compute capability (major, minor).

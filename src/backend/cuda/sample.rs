@@ -103,33 +103,18 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
         (s.params.ptr, s.out.ptr, s.proc.ptr, s.keys.ptr, s.weights.ptr)
     };
     be.upload_bytes(params, super::bytes_of(&words))?;
+    // Both kernels start with the logits, the vocabulary and the parameters.
+    let inputs = || Args::new().ptr(logits.buf.at(logits.offset)).i32(logits.stride).u32(vocab as u32).ptr(params);
     let parts = vocab.div_ceil(GREEDY_PART);
     // The last block of a row combines the parts with one thread a part.
     let split = parts > 1 && parts <= GREEDY_THREADS as usize && be.split_greedy;
     if split && rows.iter().all(|r| plain_greedy(r)) {
         let (part_max, part_id, part_se, counts) = greedy_scratch(be, rows.len(), parts)?;
-        let a = Args::new()
-            .ptr(logits.buf.at(logits.offset))
-            .i32(logits.stride)
-            .u32(vocab as u32)
-            .ptr(params)
-            .ptr(part_max)
-            .ptr(part_id)
-            .ptr(part_se)
-            .ptr(counts)
-            .ptr(out);
+        let a = inputs().ptr(part_max).ptr(part_id).ptr(part_se).ptr(counts).ptr(out);
         be.launch(Kernel::SampleGreedy, a, (rows.len() as u32, parts as u32, 1), GREEDY_THREADS)?;
         return read_back(be, out, out_words, rows);
     }
-    let a = Args::new()
-        .ptr(logits.buf.at(logits.offset))
-        .i32(logits.stride)
-        .u32(vocab as u32)
-        .ptr(params)
-        .ptr(proc)
-        .ptr(keys)
-        .ptr(weights)
-        .ptr(out);
+    let a = inputs().ptr(proc).ptr(keys).ptr(weights).ptr(out);
     be.launch(Kernel::SampleRows, a, (rows.len() as u32, 1, 1), THREADS)?;
     read_back(be, out, out_words, rows)
 }

@@ -8,7 +8,7 @@
 //! is one sequence's token and the weights are the prepared ones.
 
 use super::kernels::{Args, Kernel};
-use super::{CudaBackend, CudaMat, CudaVec, DevBuf, bytes_of, dev};
+use super::{CudaBackend, CudaMat, CudaVec, DevBuf, bytes_of, r16};
 use crate::backend::checks::{Buffer, Matrix};
 use crate::backend::{DType, Mamba1Block, Mamba1Stack, Mamba1StackShape, Packed, Result};
 
@@ -66,10 +66,6 @@ pub(super) struct Prepared {
     table: DevBuf,
     tagged: DevBuf,
     sync: DevBuf,
-}
-
-fn r16(n: usize) -> usize {
-    n.next_multiple_of(16)
 }
 
 /// The table's words for these blocks (the `StackLayer` order).
@@ -234,10 +230,7 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
         tracing::debug!("decode steps run block by block: {why}");
         return Ok(false);
     }
-    let max_shared = be
-        .ctx
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(dev("device attribute"))? as usize;
+    let max_shared = be.max_shared_optin()?;
     let dtype = blocks[0].in_proj.dtype;
     let Some(plan) = plan(shape, blocks.len(), dtype, be.sms as usize, max_shared, tune()) else {
         tracing::debug!("decode steps run block by block: the stack's buffers do not fit shared memory");

@@ -10,15 +10,15 @@
 //! the backend then runs the three ops one after the other.
 
 use super::kernels::{Args, Kernel};
-use super::{CudaBackend, CudaVec, dev};
+use super::{CudaBackend, CudaVec, r16};
 use crate::backend::{DType, Mamba1TailArgs, Packed, Result};
 
 /// Threads a block (`__launch_bounds__` of the kernels).
 const THREADS: u32 = 512;
 /// x_proj rows a block holds at most (`TAIL_XR`).
 const MAX_X_ROWS: usize = 4;
-/// Warps whose partial sums the reduction area holds (`TAIL_MAX_WARPS`).
-const MAX_WARPS: usize = 32;
+/// Warps whose partial sums the reduction area holds (THREADS / 32).
+const MAX_WARPS: usize = THREADS as usize / 32;
 
 /// The shared-memory layout of one shape, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,10 +39,6 @@ pub(super) struct Plan {
 pub(super) type Shape = (usize, usize, usize, usize, usize);
 /// The last shape planned and its plan (`None`: the kernel does not fit it).
 pub(super) type LastPlan = Option<(Shape, Option<Plan>)>;
-
-fn r16(n: usize) -> usize {
-    n.next_multiple_of(16)
-}
 
 /// The layout for `blocks` blocks over d_model `d`, `e` channels, `n`
 /// states, rank `r` and `es`-byte weights: x_proj's rows, the channels'
@@ -179,10 +175,7 @@ impl CudaBackend {
                 return Ok(plan);
             }
         }
-        let max_shared = self
-            .ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(dev("device attribute"))? as usize;
+        let max_shared = self.max_shared_optin()?;
         let (d, e, n, r, es) = shape;
         let mut plan = plan(d, e, n, r, es, self.sms as usize, max_shared);
         if let Some(p) = plan {
