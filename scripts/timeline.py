@@ -11,6 +11,8 @@ next), and prints
 - each launch of the step's first layers and its last few: the first and
   last block's start, dependent-launch wait and end, in µs from the step's
   start (a step ends with its sampling launch);
+- the median gap between steps (the host reading the tokens back and
+  launching the next step);
 - per kind of launch, medians over the step: when its first block started,
   and when its first wait returned, after the previous launch's last block
   ended; its last block's end after its last wait (the body); its span
@@ -49,6 +51,7 @@ TAGS = {
     17: "norm-rows",
     18: "stack",
     19: "tail",
+    20: "gemv-row",
 }
 SAMPLE = 14
 # Launches of one kernel shape whose first blocks start less than this far
@@ -116,6 +119,12 @@ def main():
         ends = [i for i, (_, shape, _) in enumerate(ls) if shape[1] == widest]
     if len(ends) < 2:
         sys.exit("fewer than two step ends (sampling launches, or launches of the widest grid) in the records")
+    # The host's part: from a step's last block (its sampling) to the next
+    # step's first block, when the host has read the tokens back and
+    # launched again.
+    gaps = [ls[i + 1][2][0][0] - ls[i][2][2][-1] for i in ends if i + 1 < len(ls) and ls[i][2][2] and ls[i + 1][2][0]]
+    if gaps:
+        print(f"between steps: median {statistics.median(gaps) / 1000:.2f} us over {len(gaps)} gaps")
     step = ls[ends[-2] + 1 : ends[-1] + 1]
     t0 = step[0][0]
     us = lambda t: (t - t0) / 1000

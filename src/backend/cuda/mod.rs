@@ -190,6 +190,10 @@ pub struct CudaVec {
 pub struct CudaIds {
     buf: DevBuf,
     len: usize,
+    /// What the last write put at the buffer's start (only writes put
+    /// anything there): a write of the same ids is skipped, so a decode
+    /// step re-sends only what changed (its token ids, not its slots).
+    written: Vec<u32>,
 }
 
 /// A weight matrix `[rows, cols]` in its stored dtype.
@@ -260,6 +264,9 @@ struct Scratch {
     half_copy: DevBuf,
     /// Sampling: per-row parameters and outputs, processed logits, keys, weights.
     params: DevBuf,
+    /// The words last uploaded into `params` (a batch with the same words
+    /// skips the upload).
+    params_words: Vec<u32>,
     out: DevBuf,
     proc: DevBuf,
     keys: DevBuf,
@@ -351,6 +358,20 @@ pub struct CudaBackend {
     /// Whether batches of plain greedy rows take the split sampling kernel
     /// (`MAMBA_SERVE_NO_SPLIT_GREEDY` turns it off, for comparisons).
     split_greedy: bool,
+    /// Measurement switches for one-row products without a prologue or
+    /// epilogue (out_proj at batch 1): `MAMBA_SERVE_ROW_GEMV=1|2` takes the
+    /// whole-row GEMV with 1 or 2 warps a column (0: off), launched plainly
+    /// with `MAMBA_SERVE_ROW_GEMV_PLAIN`; `MAMBA_SERVE_SPLIT_OUT` takes the
+    /// block-split GEMV with 4 columns a block.
+    row_gemv_warps: usize,
+    /// Whether step inputs and sampling parameters equal to what the device
+    /// holds are sent again (`MAMBA_SERVE_RESEND`, for comparisons).
+    resend: bool,
+    /// Whether every decode step takes 4 states a thread (`MAMBA_SERVE_STEP_V4`,
+    /// for measurements; else one a thread up to STEP_ONE_STATE_MAX_SEQS).
+    step_v4: bool,
+    row_gemv_plain: bool,
+    split_out: Option<(usize, u32)>,
     /// The fused tail's grid barrier word.
     tail_barrier: DevBuf,
     /// The last shape's tail plan (`None`: the kernel does not fit it).
@@ -426,6 +447,7 @@ impl CudaBackend {
             half: empty()?,
             half_copy: empty()?,
             params: empty()?,
+            params_words: vec![],
             out: empty()?,
             proc: empty()?,
             keys: empty()?,
@@ -463,6 +485,18 @@ impl CudaBackend {
             fused_tail: std::env::var_os("MAMBA_SERVE_TAIL").is_some(),
             tail_flags: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none() as u32,
             split_greedy: std::env::var_os("MAMBA_SERVE_NO_SPLIT_GREEDY").is_none(),
+            row_gemv_warps: match std::env::var("MAMBA_SERVE_ROW_GEMV").as_deref() {
+                Ok("1") => 1,
+                Ok("2") => 2,
+                _ => 0,
+            },
+            resend: std::env::var_os("MAMBA_SERVE_RESEND").is_some(),
+            step_v4: std::env::var_os("MAMBA_SERVE_STEP_V4").is_some(),
+            row_gemv_plain: std::env::var_os("MAMBA_SERVE_ROW_GEMV_PLAIN").is_some(),
+            split_out: std::env::var("MAMBA_SERVE_SPLIT_OUT").ok().map(|v| {
+                let mut it = v.split(',').map(|p| p.trim().parse::<usize>().ok());
+                (it.next().flatten().filter(|r| [1, 2, 4].contains(r)).unwrap_or(4), it.next().flatten().unwrap_or(256) as u32)
+            }),
             tail_barrier,
             tail_plans: RefCell::new(None),
             tail_launches: Cell::new(0),
@@ -598,6 +632,23 @@ impl CudaBackend {
         self.no_capture("read")?;
         self.bind()?;
         let mut out = vec![T::default(); len];
+        let bytes = std::mem::size_of_val(&out[..]);
+        let st = self.staging.borrow();
+        if len > 0 && !self.resend && st.used + bytes <= st.cap {
+            // Small reads (sampled tokens) land in the pinned staging area
+            // past what queued uploads still read: a pinned copy returns
+            // sooner than a pageable one.
+            // SAFETY: [used, used + bytes) lies inside the pinned
+            // allocation and no queued copy touches it; it is read only
+            // after the sync below, and reused only after a sync.
+            let staged = unsafe { std::slice::from_raw_parts_mut(st.ptr.add(st.used) as *mut T, len) };
+            drop(st);
+            unsafe { result::memcpy_dtoh_async(&mut staged[..], src, self.cu_stream()) }.map_err(dev("read"))?;
+            self.sync()?;
+            out.copy_from_slice(staged);
+            return Ok(out);
+        }
+        drop(st);
         if len > 0 {
             // SAFETY: src holds len elements (checked by callers); `out` is
             // pageable, so the copy has finished when the call returns.
@@ -664,7 +715,14 @@ impl CudaBackend {
         // Rows of x per block: the smallest tile holding them all (at most
         // 8; more rows take several tiles, the weights re-read from L2).
         let mt = x.rows.min(8).next_power_of_two();
-        if w.rows >= GEMV_STREAM_MIN_COLS {
+        let plain = mode.norm.is_none() && mode.conv.is_none() && x.rows == 1;
+        if let Some(k) = self.row_gemv_kernel(w).filter(|_| plain) {
+            let per_block = 4 / self.row_gemv_warps as u32;
+            let grid = ((w.rows as u32).div_ceil(per_block), 1, 1);
+            return self.launch_as(k, args(), grid, 128, self.dependent_launch && !self.row_gemv_plain);
+        }
+        let split_out = self.split_out.filter(|_| plain && w.rows >= GEMV_STREAM_MIN_COLS);
+        if w.rows >= GEMV_STREAM_MIN_COLS && split_out.is_none() {
             // Many columns: warps stream column groups with loads in flight
             // across groups; as many columns a group as keep a group per warp.
             let r = [4, 2, 1].into_iter().find(|&r| w.rows / r >= GEMV_STREAM_MIN_COLS && r * mt <= 16).unwrap_or(1);
@@ -685,11 +743,15 @@ impl CudaBackend {
         if mt == 8 {
             r = r.min(2);
         }
+        if let Some((forced, _)) = split_out {
+            r = forced;
+        }
         let k = Kernel::gemv(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
         // Threads split K so that each reads about GEMV_CHUNKS_PER_THREAD
         // 16-byte chunks per column.
         let chunks = w.cols / 8;
         let threads = chunks.div_ceil(GEMV_CHUNKS_PER_THREAD).next_multiple_of(32).clamp(32, 256) as u32;
+        let threads = split_out.map_or(threads, |(_, t)| t.clamp(32, 256));
         let grid = ((w.rows as u32).div_ceil(r as u32), (x.rows as u32).div_ceil(mt as u32), 1);
         self.launch_dependent(k, args(), grid, threads)
     }
@@ -719,6 +781,22 @@ impl CudaBackend {
     }
 
     /// Whether a product can take the GEMV's 16-byte vector path.
+    /// The whole-row GEMV for `w`, where it is switched on and fits: 16-bit
+    /// weights, many columns, K a multiple of 256 a warp with at most 16
+    /// chunks a lane.
+    fn row_gemv_kernel(&self, w: &CudaMat) -> Option<Kernel> {
+        let warps = self.row_gemv_warps;
+        let fits = warps > 0 && w.rows >= GEMV_STREAM_MIN_COLS && w.cols % (256 * warps) == 0 && w.cols / (256 * warps) <= 16 / warps;
+        match (w.dtype, warps) {
+            _ if !fits => None,
+            (DType::BF16, 1) => Some(Kernel::GemvRowBf16W1),
+            (DType::BF16, _) => Some(Kernel::GemvRowBf16W2),
+            (DType::F16, 1) => Some(Kernel::GemvRowF16W1),
+            (DType::F16, _) => Some(Kernel::GemvRowF16W2),
+            (DType::F32, _) => None,
+        }
+    }
+
     fn gemv_vec(x: &View<'_, CudaVec>, w: &CudaMat) -> bool {
         w.cols % 8 == 0 && x.offset % 4 == 0 && x.stride % 4 == 0
     }
@@ -918,7 +996,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_ids(&self, len: usize) -> Result<CudaIds> {
-        Ok(CudaIds { buf: DevBuf::alloc(&self.ctx, len * 4, "ids")?, len })
+        Ok(CudaIds { buf: DevBuf::alloc(&self.ctx, len * 4, "ids")?, len, written: vec![] })
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaVec> {
@@ -941,7 +1019,13 @@ impl Backend for CudaBackend {
 
     fn write_ids(&self, dst: &mut CudaIds, src: &[u32]) -> Result<()> {
         check("write_ids", src.len() <= dst.len, || format!("{} ids into a buffer of {}", src.len(), dst.len))?;
-        self.upload_bytes(dst.buf.ptr, bytes_of(src))
+        if dst.written == src && !self.capturing.get() && !self.resend {
+            return Ok(());
+        }
+        dst.written.clear();
+        self.upload_bytes(dst.buf.ptr, bytes_of(src))?;
+        dst.written.extend_from_slice(src);
+        Ok(())
     }
 
     fn write(&self, dst: &mut CudaVec, offset: usize, src: &[f32]) -> Result<()> {
@@ -1277,7 +1361,7 @@ impl Backend for CudaBackend {
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
         checks::mamba1_step(&args, batch, &out)?;
         let (d, n, r, s) = (args.x.cols, args.d_state, args.dt_rank, batch.n_seqs);
-        let v4 = n % 4 == 0 && s > STEP_ONE_STATE_MAX_SEQS;
+        let v4 = n % 4 == 0 && (s > STEP_ONE_STATE_MAX_SEQS || self.step_v4);
         let lanes = if v4 { n / 4 } else { n }.next_power_of_two();
         check("mamba1_step", lanes <= 32, || format!("state size {n} too large for the step kernel"))?;
         if s == 0 || d == 0 {

@@ -67,8 +67,11 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
         p[6] = row.frequency_penalty.to_bits();
         p[7] = row.seed as u32;
         p[8] = (row.seed >> 32) as u32;
-        p[9] = row.step as u32;
-        p[10] = (row.step >> 32) as u32;
+        // The step only seeds a draw: greedy rows leave it 0, so their
+        // words repeat from step to step and need no upload.
+        let step = if row.temperature != 0.0 { row.step } else { 0 };
+        p[9] = step as u32;
+        p[10] = (step >> 32) as u32;
         p[11] = row.top_logprobs;
         p[12] = row.valid_vocab;
         p[17] = out_words as u32;
@@ -89,9 +92,12 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
     let n = rows.len() * vocab;
     let any_materialize = rows.iter().any(|r| materialize(r));
     let any_draw = rows.iter().any(|r| r.temperature != 0.0);
-    let (params, out, proc, keys, weights) = {
+    let (params, out, proc, keys, weights, fresh) = {
         let mut s = be.scratch.borrow_mut();
+        let before = s.params.ptr;
         be.ensure(&mut s.params, words.len() * 4, "sampling parameters")?;
+        // The words already on the device, unless the buffer was replaced.
+        let fresh = s.params.ptr != before || s.params_words != words || be.resend;
         be.ensure(&mut s.out, out_words * 4, "sampling output")?;
         if any_materialize {
             be.ensure(&mut s.proc, n * 4, "sampling logits")?;
@@ -100,9 +106,15 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
             be.ensure(&mut s.keys, n * 4, "sampling keys")?;
             be.ensure(&mut s.weights, n * 8, "sampling weights")?;
         }
-        (s.params.ptr, s.out.ptr, s.proc.ptr, s.keys.ptr, s.weights.ptr)
+        if fresh {
+            s.params_words.clear();
+        }
+        (s.params.ptr, s.out.ptr, s.proc.ptr, s.keys.ptr, s.weights.ptr, fresh)
     };
-    be.upload_bytes(params, super::bytes_of(&words))?;
+    if fresh {
+        be.upload_bytes(params, super::bytes_of(&words))?;
+        be.scratch.borrow_mut().params_words = words;
+    }
     // Both kernels start with the logits, the vocabulary and the parameters.
     let inputs = || Args::new().ptr(logits.buf.at(logits.offset)).i32(logits.stride).u32(vocab as u32).ptr(params);
     let parts = vocab.div_ceil(GREEDY_PART);
