@@ -273,54 +273,6 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
     }
 }
 
-// Whole-row path for one row of x (decode of one sequence) and 16-bit
-// weights: each output column's K is split over W warps of a 4-warp block,
-// and every lane issues all of its 16-byte loads (K / (256 W) of them, at
-// most 16 / W) before the dependent-launch wait, so the whole matrix is in
-// flight at once instead of in a chain of pipelined rounds per warp. The
-// host launches it only where K is a multiple of 256 W within that bound.
-template <int DT, int W>
-__device__ void gemv_row_impl(const float* x, const void* __restrict__ w, int N, int K, const float* __restrict__ bias,
-                              float* __restrict__ out, int accumulate) {
-    TL_SCOPE(TL_GEMV_ROW);
-    constexpr int CMAX = 16 / W;
-    __shared__ float red[4];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n = blockIdx.x * (4 / W) + warp / W, part = warp % W;
-    const int kp = K / W, c = kp / 256;
-    const int kb = part * kp + lane * 8;
-    const bool live = n < N;
-    Chunk<DT> ch[CMAX];
-#pragma unroll
-    for (int j = 0; j < CMAX; ++j)
-        if (live && j < c) ch[j] = load_chunk<DT>(w, (u64)n * K + kb + j * 256);
-    grid_dep_sync();
-    TL_WAITED(TL_GEMV_ROW);
-    float acc = 0.0f;
-#pragma unroll
-    for (int j = 0; j < CMAX; ++j) {
-        if (live && j < c) {
-            float wv[8];
-            widen8<DT>(ch[j], wv);
-            const float4* xp = (const float4*)(x + kb + j * 256);
-            const float4 p = xp[0], q = xp[1];
-            acc += wv[0] * p.x + wv[1] * p.y + wv[2] * p.z + wv[3] * p.w + wv[4] * q.x + wv[5] * q.y + wv[6] * q.z +
-                   wv[7] * q.w;
-        }
-    }
-    acc = warp_sum(acc);
-    if (W > 1) {
-        if (lane == 0) red[warp] = acc;
-        __syncthreads();
-        if (lane == 0 && part == 0)
-            for (int i = 1; i < W; ++i) acc += red[warp + i];
-    }
-    if (live && lane == 0 && part == 0) {
-        ConvEpilogue none = {};
-        gemv_finish(acc, bias, out, 0, accumulate, none, 0, n);
-    }
-}
-
 // Scalar path (any K and alignment): one warp per output column, MT rows.
 template <int DT, int MT>
 __device__ void gemv_scalar_impl(const float* x, int xs, int M, const void* __restrict__ w, int N, int K,
@@ -377,12 +329,7 @@ __device__ void gemv_scalar_impl(const float* x, int xs, int M, const void* __re
     GEMV_VEC(name, dt, 4, 1) GEMV_VEC(name, dt, 4, 2) GEMV_VEC(name, dt, 4, 4)                                    \
     GEMV_VEC(name, dt, 8, 1) GEMV_VEC(name, dt, 8, 2)                                                             \
     extern "C" __global__ void gemv_##name##_scalar(GEMV_ARGS) { gemv_scalar_impl<dt, 8>(GEMV_PASS); }
-#define GEMV_ROW(name, dt, wp)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(128) gemv_row_##name##_w##wp(GEMV_ARGS) {                       \
-        gemv_row_impl<dt, wp>(x, w, N, K, bias, out, accumulate);                                                 \
-    }
 
 GEMV_FAMILY(f32, 0)
 GEMV_FAMILY(bf16, 1)
 GEMV_FAMILY(f16, 2)
-GEMV_ROW(bf16, 1, 1) GEMV_ROW(bf16, 1, 2) GEMV_ROW(f16, 2, 1) GEMV_ROW(f16, 2, 2)

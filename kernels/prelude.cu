@@ -63,7 +63,6 @@ __device__ __forceinline__ void grid_dep_sync() {
 #define TL_NORM_ROWS 17
 #define TL_STACK 18
 #define TL_TAIL 19
-#define TL_GEMV_ROW 20
 #ifdef MS_TIMELINE
 __device__ u64* ms_timeline;
 __device__ __forceinline__ u64 tl_now() {

@@ -51,7 +51,6 @@ TAGS = {
     17: "norm-rows",
     18: "stack",
     19: "tail",
-    20: "gemv-row",
 }
 SAMPLE = 14
 # Launches of one kernel shape whose first blocks start less than this far

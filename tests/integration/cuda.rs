@@ -161,11 +161,13 @@ fn linear_matches_the_cpu() -> TestResult {
     // (one with an odd k: the scalar conversion; one with a short k but
     // above the short-k kernel's rows), and the short-k tensor-core kernel
     // for 16-bit weights (dt_proj at decode batches; k of two chunks, the
-    // last padded; partial tiles). One row of x: out_proj's shape at batch
-    // 1 (the streaming GEMV, 4 batches a column) and a k of 1000 (a
-    // partial last batch in the block-split GEMV).
+    // last padded; partial tiles). One row of x: out_proj's shapes at batch
+    // 1 (mamba-1.4b's and mamba-2.8b's: the block-split GEMV with 4 columns
+    // and 128 or 256 threads a block) and a k of 1000
+    // (a partial last batch in the block-split GEMV).
     let shapes = [
         (1, 2048, 4096),
+        (1, 2560, 5120),
         (1, 600, 1000),
         (256, 160, 4096),
         (256, 4096, 128),

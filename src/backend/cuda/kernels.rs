@@ -228,10 +228,6 @@ kernels! {
     GemvF32Scalar = "gemv" / "gemv_f32_scalar",
     GemvBf16Scalar = "gemv" / "gemv_bf16_scalar",
     GemvF16Scalar = "gemv" / "gemv_f16_scalar",
-    GemvRowBf16W1 = "gemv" / "gemv_row_bf16_w1",
-    GemvRowBf16W2 = "gemv" / "gemv_row_bf16_w2",
-    GemvRowF16W1 = "gemv" / "gemv_row_f16_w1",
-    GemvRowF16W2 = "gemv" / "gemv_row_f16_w2",
     SampleRows = "sample" / "sample_rows",
     SampleGreedy = "sample" / "sample_greedy",
 }
@@ -337,15 +333,6 @@ impl Kernels {
             functions[k as usize]
                 .set_attribute(carveout, max_shared)
                 .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
-        }
-        // Every kernel the same carveout, when asked (for measurements: the
-        // split of L1 and shared memory a multiprocessor changes only when
-        // it is idle).
-        if let Some(percent) = std::env::var("MAMBA_SERVE_CARVEOUT").ok().and_then(|v| v.parse::<i32>().ok()) {
-            for f in &functions {
-                f.set_attribute(carveout, percent.clamp(0, 100))
-                    .map_err(|e| BackendError::Device { op: "kernel attribute", detail: e.to_string() })?;
-            }
         }
         Ok(Kernels { functions, resident: RefCell::new(vec![]) })
     }

@@ -53,6 +53,16 @@ const GEMV_CHUNKS_PER_THREAD: usize = 2;
 /// 4 warps per multiprocessor.
 const GEMV_STREAM_MIN_COLS: usize = 2048;
 const GEMV_STREAM_BLOCKS_PER_SM: u32 = 8;
+/// Except one-row products without a prologue or epilogue (out_proj at
+/// batch 1): they take the block-split GEMV with SPLIT_COLS columns a
+/// block, and 128 threads a block up to SPLIT_SMALL_K_CHUNKS 16-byte chunks
+/// a column (two rounds of 8 loads a thread at k 4096), 256 above. Both
+/// thread counts were found by measurement on an H200 (docs/perf-notes.md,
+/// version 14), not derived: mamba-1.4b's out_proj (k 4096) 1.27 → 1.18 ms
+/// a step with 128 (1.24 with 256), mamba-2.8b's (k 5120) 2.48 → 2.15 ms
+/// with 256 (2.39 with 128, 2.32 with 160).
+const SPLIT_COLS: usize = 4;
+const SPLIT_SMALL_K_CHUNKS: usize = 512;
 /// The tiled prefill scan (`mamba1_scan_tiled`, d_state up to
 /// SCAN_TILE_MAX_STATE): channels per block, tokens per staged chunk, and
 /// floats per channel of a part summary (16 states, the sum of dt, padding).
@@ -292,6 +302,17 @@ struct HalfCopy {
     dtype: DType,
 }
 
+/// The one-row block-split shape (columns a block, threads a block; 0:
+/// by K, see SPLIT_SMALL_K_CHUNKS) from `MAMBA_SERVE_SPLIT_OUT` (`R,T`, or `0`
+/// to stream), for comparisons; else the default.
+fn split_out_shape() -> Option<(usize, u32)> {
+    let Ok(v) = std::env::var("MAMBA_SERVE_SPLIT_OUT") else { return Some((SPLIT_COLS, 0)) };
+    let mut parts = v.split(',').map(|p| p.trim().parse::<usize>().ok());
+    let r = parts.next().flatten().filter(|r| [1, 2, 4].contains(r))?;
+    let threads = parts.next().flatten().map_or(0, |t| t.next_multiple_of(32).clamp(32, 256));
+    Some((r, threads as u32))
+}
+
 /// One GPU, one stream, the compiled kernels and a cuBLAS handle.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -358,20 +379,16 @@ pub struct CudaBackend {
     /// Whether batches of plain greedy rows take the split sampling kernel
     /// (`MAMBA_SERVE_NO_SPLIT_GREEDY` turns it off, for comparisons).
     split_greedy: bool,
-    /// Measurement switches for one-row products without a prologue or
-    /// epilogue (out_proj at batch 1): `MAMBA_SERVE_ROW_GEMV=1|2` takes the
-    /// whole-row GEMV with 1 or 2 warps a column (0: off), launched plainly
-    /// with `MAMBA_SERVE_ROW_GEMV_PLAIN`; `MAMBA_SERVE_SPLIT_OUT` takes the
-    /// block-split GEMV with 4 columns a block.
-    row_gemv_warps: usize,
-    /// Whether step inputs and sampling parameters equal to what the device
-    /// holds are sent again (`MAMBA_SERVE_RESEND`, for comparisons).
-    resend: bool,
-    /// Whether every decode step takes 4 states a thread (`MAMBA_SERVE_STEP_V4`,
-    /// for measurements; else one a thread up to STEP_ONE_STATE_MAX_SEQS).
-    step_v4: bool,
-    row_gemv_plain: bool,
+    /// One-row products with many columns and no prologue or epilogue
+    /// (out_proj at batch 1) run as the block-split GEMV with (columns a
+    /// block, threads a block, 0 by the rule) `split_out` rather than
+    /// streaming (SPLIT_COLS; `MAMBA_SERVE_SPLIT_OUT=R,T` sets another shape
+    /// and `MAMBA_SERVE_SPLIT_OUT=0` streams them, for comparisons).
     split_out: Option<(usize, u32)>,
+    /// Whether step inputs and sampling parameters equal to what the device
+    /// holds are sent again, and small reads go through pageable memory
+    /// (`MAMBA_SERVE_RESEND`, for comparisons).
+    resend: bool,
     /// The fused tail's grid barrier word.
     tail_barrier: DevBuf,
     /// The last shape's tail plan (`None`: the kernel does not fit it).
@@ -485,18 +502,8 @@ impl CudaBackend {
             fused_tail: std::env::var_os("MAMBA_SERVE_TAIL").is_some(),
             tail_flags: std::env::var_os("MAMBA_SERVE_TAIL_LATE").is_none() as u32,
             split_greedy: std::env::var_os("MAMBA_SERVE_NO_SPLIT_GREEDY").is_none(),
-            row_gemv_warps: match std::env::var("MAMBA_SERVE_ROW_GEMV").as_deref() {
-                Ok("1") => 1,
-                Ok("2") => 2,
-                _ => 0,
-            },
+            split_out: split_out_shape(),
             resend: std::env::var_os("MAMBA_SERVE_RESEND").is_some(),
-            step_v4: std::env::var_os("MAMBA_SERVE_STEP_V4").is_some(),
-            row_gemv_plain: std::env::var_os("MAMBA_SERVE_ROW_GEMV_PLAIN").is_some(),
-            split_out: std::env::var("MAMBA_SERVE_SPLIT_OUT").ok().map(|v| {
-                let mut it = v.split(',').map(|p| p.trim().parse::<usize>().ok());
-                (it.next().flatten().filter(|r| [1, 2, 4].contains(r)).unwrap_or(4), it.next().flatten().unwrap_or(256) as u32)
-            }),
             tail_barrier,
             tail_plans: RefCell::new(None),
             tail_launches: Cell::new(0),
@@ -716,13 +723,8 @@ impl CudaBackend {
         // 8; more rows take several tiles, the weights re-read from L2).
         let mt = x.rows.min(8).next_power_of_two();
         let plain = mode.norm.is_none() && mode.conv.is_none() && x.rows == 1;
-        if let Some(k) = self.row_gemv_kernel(w).filter(|_| plain) {
-            let per_block = 4 / self.row_gemv_warps as u32;
-            let grid = ((w.rows as u32).div_ceil(per_block), 1, 1);
-            return self.launch_as(k, args(), grid, 128, self.dependent_launch && !self.row_gemv_plain);
-        }
-        let split_out = self.split_out.filter(|_| plain && w.rows >= GEMV_STREAM_MIN_COLS);
-        if w.rows >= GEMV_STREAM_MIN_COLS && split_out.is_none() {
+        let split = self.split_out.filter(|_| plain && w.rows >= GEMV_STREAM_MIN_COLS);
+        if w.rows >= GEMV_STREAM_MIN_COLS && split.is_none() {
             // Many columns: warps stream column groups with loads in flight
             // across groups; as many columns a group as keep a group per warp.
             let r = [4, 2, 1].into_iter().find(|&r| w.rows / r >= GEMV_STREAM_MIN_COLS && r * mt <= 16).unwrap_or(1);
@@ -743,7 +745,7 @@ impl CudaBackend {
         if mt == 8 {
             r = r.min(2);
         }
-        if let Some((forced, _)) = split_out {
+        if let Some((forced, _)) = split {
             r = forced;
         }
         let k = Kernel::gemv(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
@@ -751,7 +753,12 @@ impl CudaBackend {
         // 16-byte chunks per column.
         let chunks = w.cols / 8;
         let threads = chunks.div_ceil(GEMV_CHUNKS_PER_THREAD).next_multiple_of(32).clamp(32, 256) as u32;
-        let threads = split_out.map_or(threads, |(_, t)| t.clamp(32, 256));
+        let threads = match split {
+            Some((_, 0)) if chunks <= SPLIT_SMALL_K_CHUNKS => 128,
+            Some((_, 0)) => 256,
+            Some((_, t)) => t,
+            None => threads,
+        };
         let grid = ((w.rows as u32).div_ceil(r as u32), (x.rows as u32).div_ceil(mt as u32), 1);
         self.launch_dependent(k, args(), grid, threads)
     }
@@ -781,22 +788,6 @@ impl CudaBackend {
     }
 
     /// Whether a product can take the GEMV's 16-byte vector path.
-    /// The whole-row GEMV for `w`, where it is switched on and fits: 16-bit
-    /// weights, many columns, K a multiple of 256 a warp with at most 16
-    /// chunks a lane.
-    fn row_gemv_kernel(&self, w: &CudaMat) -> Option<Kernel> {
-        let warps = self.row_gemv_warps;
-        let fits = warps > 0 && w.rows >= GEMV_STREAM_MIN_COLS && w.cols % (256 * warps) == 0 && w.cols / (256 * warps) <= 16 / warps;
-        match (w.dtype, warps) {
-            _ if !fits => None,
-            (DType::BF16, 1) => Some(Kernel::GemvRowBf16W1),
-            (DType::BF16, _) => Some(Kernel::GemvRowBf16W2),
-            (DType::F16, 1) => Some(Kernel::GemvRowF16W1),
-            (DType::F16, _) => Some(Kernel::GemvRowF16W2),
-            (DType::F32, _) => None,
-        }
-    }
-
     fn gemv_vec(x: &View<'_, CudaVec>, w: &CudaMat) -> bool {
         w.cols % 8 == 0 && x.offset % 4 == 0 && x.stride % 4 == 0
     }
@@ -1361,7 +1352,7 @@ impl Backend for CudaBackend {
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
         checks::mamba1_step(&args, batch, &out)?;
         let (d, n, r, s) = (args.x.cols, args.d_state, args.dt_rank, batch.n_seqs);
-        let v4 = n % 4 == 0 && (s > STEP_ONE_STATE_MAX_SEQS || self.step_v4);
+        let v4 = n % 4 == 0 && s > STEP_ONE_STATE_MAX_SEQS;
         let lanes = if v4 { n / 4 } else { n }.next_power_of_two();
         check("mamba1_step", lanes <= 32, || format!("state size {n} too large for the step kernel"))?;
         if s == 0 || d == 0 {
