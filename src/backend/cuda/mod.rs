@@ -306,7 +306,12 @@ struct HalfCopy {
 /// by K, see SPLIT_SMALL_K_CHUNKS) from `MAMBA_SERVE_SPLIT_OUT` (`R,T`, or `0`
 /// to stream), for comparisons; else the default.
 fn split_out_shape() -> Option<(usize, u32)> {
-    let Ok(v) = std::env::var("MAMBA_SERVE_SPLIT_OUT") else { return Some((SPLIT_COLS, 0)) };
+    std::env::var("MAMBA_SERVE_SPLIT_OUT").map_or(Some((SPLIT_COLS, 0)), |v| parse_split(&v))
+}
+
+/// `R,T` (or `R`: threads by the rule) as a block-split shape; `None` for
+/// anything else (`0` among them).
+fn parse_split(v: &str) -> Option<(usize, u32)> {
     let mut parts = v.split(',').map(|p| p.trim().parse::<usize>().ok());
     let r = parts.next().flatten().filter(|r| [1, 2, 4].contains(r))?;
     let threads = parts.next().flatten().map_or(0, |t| t.next_multiple_of(32).clamp(32, 256));
@@ -1632,4 +1637,20 @@ fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
     // SAFETY: the callers pass u32, u64 and f32 slices, which reinterpret as
     // bytes with no padding.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_split;
+
+    #[test]
+    fn block_split_shapes_parse_from_the_comparison_variable() {
+        assert_eq!(parse_split("4,128"), Some((4, 128)));
+        assert_eq!(parse_split(" 2 , 100 "), Some((2, 128)), "threads are whole warps");
+        assert_eq!(parse_split("1,999"), Some((1, 256)), "at most 8 warps");
+        assert_eq!(parse_split("4"), Some((4, 0)), "threads by the rule");
+        assert_eq!(parse_split("0"), None, "streaming");
+        assert_eq!(parse_split("3,128"), None, "no kernel takes 3 columns");
+        assert_eq!(parse_split("x"), None);
+    }
 }

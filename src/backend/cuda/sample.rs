@@ -49,11 +49,10 @@ fn zeroed_counters(be: &CudaBackend, s: &mut Scratch, rows: usize) -> Result<()>
     Ok(())
 }
 
-pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
-    if rows.is_empty() {
-        return Ok(vec![]);
-    }
-    let vocab = logits.cols;
+/// The kernels' parameter words for `rows` (P_WORDS a row, then each
+/// row's seen counts and logit biases) and how many output words they
+/// write.
+fn param_words(rows: &[&SampleRow]) -> (Vec<u32>, usize) {
     let mut words = vec![0u32; rows.len() * P_WORDS];
     let mut out_words = 0usize;
     for (i, row) in rows.iter().enumerate() {
@@ -89,6 +88,15 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
         p[15] = bias_off as u32;
         p[16] = row.logit_bias.len() as u32;
     }
+    (words, out_words)
+}
+
+pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let vocab = logits.cols;
+    let (words, out_words) = param_words(rows);
     let n = rows.len() * vocab;
     let any_materialize = rows.iter().any(|r| materialize(r));
     let any_draw = rows.iter().any(|r| r.temperature != 0.0);
@@ -160,6 +168,18 @@ fn read_back(be: &CudaBackend, out: u64, out_words: usize, rows: &[&SampleRow]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn greedy_rows_repeat_their_parameters_from_step_to_step() {
+        let at = |step: u64, temperature: f32| SampleRow { step, temperature, ..SampleRow::greedy(50_280) };
+        let words = |a: &SampleRow, b: &SampleRow| param_words(&[a, b]);
+        // Greedy: the step does not reach the device, so the words repeat.
+        assert_eq!(words(&at(3, 0.0), &at(9, 0.0)), words(&at(4, 0.0), &at(10, 0.0)));
+        // A draw is seeded by its step: the words change with it.
+        assert_ne!(words(&at(3, 0.7), &at(9, 0.0)), words(&at(4, 0.7), &at(9, 0.0)));
+        let (w, out) = param_words(&[&at(5, 0.7)]);
+        assert_eq!((w[9], w[10], out), (5, 0, 3));
+    }
 
     #[test]
     fn only_unprocessed_greedy_rows_without_alternatives_take_the_split_kernel() {
