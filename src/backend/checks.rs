@@ -158,11 +158,11 @@ pub fn mamba1_scan<B: Backend + ?Sized>(args: &Mamba1ScanArgs<'_, B>, batch: &Pa
 }
 
 pub fn mamba1_step<B: Backend + ?Sized>(args: &Mamba1StepArgs<'_, B>, batch: &Packed<'_, B>, out: &ViewMut<'_, B::Vec>) -> Result<()> {
-    let (d, n, r, s) = (args.x.cols, args.d_state, args.dt_rank, batch.n_seqs);
+    let (d, n, r, s) = (args.x.cols, args.ssm.d_state, args.ssm.dt_rank, batch.n_seqs);
     check("mamba1_step", batch.single_token && batch.n_tokens == s, || "every segment must hold one token".into())?;
-    mamba1_params("mamba1_step", args.layout, args.state.len(), [args.a.len(), args.dt_bias.len(), args.skip.len()], (d, n))?;
-    check("mamba1_step", args.dt_proj.rows() == d && args.dt_proj.cols() == r, || {
-        format!("dt_proj [{}, {}] for {d} channels, rank {r}", args.dt_proj.rows(), args.dt_proj.cols())
+    mamba1_params("mamba1_step", args.layout, args.state.len(), [args.ssm.a.len(), args.ssm.dt_bias.len(), args.ssm.skip.len()], (d, n))?;
+    check("mamba1_step", args.ssm.dt_proj.rows() == d && args.ssm.dt_proj.cols() == r, || {
+        format!("dt_proj [{}, {}] for {d} channels, rank {r}", args.ssm.dt_proj.rows(), args.ssm.dt_proj.cols())
     })?;
     sized("mamba1_step", "xdbl", &args.xdbl, s, r + 2 * n)?;
     sized("mamba1_step", "x", &args.x, s, d)?;

@@ -320,28 +320,43 @@ pub struct Mamba1ScanArgs<'a, B: Backend + ?Sized> {
     pub d_state: usize,
 }
 
-/// Arguments of the Mamba-1 single-token step, fused with what belongs
-/// with it: one token per sequence (row s is sequence s).
+/// A Mamba-1 (or Falcon-Mamba) layer's selective-state parameters at
+/// decode, shared by [`Mamba1StepArgs`] and [`Mamba1TailArgs`].
 ///
 /// `xdbl` row s is `[dt_low (dt_rank) | B (d_state) | C (d_state)]`, the
 /// output of x_proj. When `norm_eps` is set (Falcon-Mamba) the three parts
 /// are first divided by their own RMS (weightless, that epsilon). Then
 /// `dt = softplus(dt_low · dt_projᵀ + dt_bias)` and the state update and
 /// output are those of [`Mamba1ScanArgs`] for one token.
-pub struct Mamba1StepArgs<'a, B: Backend + ?Sized> {
-    /// Conv output, `[n_seqs, channels]`.
-    pub x: View<'a, B::Vec>,
-    pub xdbl: View<'a, B::Vec>,
+pub struct Mamba1Ssm<'a, B: Backend + ?Sized> {
     /// `[channels, dt_rank]`.
     pub dt_proj: &'a B::Mat,
     pub dt_bias: &'a B::Vec,
     /// `a = -exp(A_log)`, `[channels, d_state]`.
     pub a: &'a B::Vec,
     pub skip: &'a B::Vec,
-    pub z: View<'a, B::Vec>,
     pub norm_eps: Option<f32>,
     pub dt_rank: usize,
     pub d_state: usize,
+}
+
+// Only references and numbers: copyable whatever the backend is.
+impl<B: Backend + ?Sized> Clone for Mamba1Ssm<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for Mamba1Ssm<'_, B> {}
+
+/// Arguments of the Mamba-1 single-token step, fused with what belongs
+/// with it (see [`Mamba1Ssm`]): one token per sequence (row s is sequence
+/// s).
+pub struct Mamba1StepArgs<'a, B: Backend + ?Sized> {
+    /// Conv output, `[n_seqs, channels]`.
+    pub x: View<'a, B::Vec>,
+    pub xdbl: View<'a, B::Vec>,
+    pub ssm: Mamba1Ssm<'a, B>,
+    pub z: View<'a, B::Vec>,
     pub state: &'a mut B::Vec,
     pub layout: PoolLayout,
     pub layer: usize,
@@ -359,18 +374,10 @@ pub struct Mamba1TailArgs<'a, B: Backend + ?Sized> {
     pub z: View<'a, B::Vec>,
     /// `[dt_rank + 2 d_state, channels]`.
     pub x_proj: &'a B::Mat,
-    /// `[channels, dt_rank]`.
-    pub dt_proj: &'a B::Mat,
-    pub dt_bias: &'a B::Vec,
-    /// `a = -exp(A_log)`, `[channels, d_state]`.
-    pub a: &'a B::Vec,
-    pub skip: &'a B::Vec,
+    pub ssm: Mamba1Ssm<'a, B>,
     /// `[d_model, channels]`.
     pub out_proj: &'a B::Mat,
     pub out_proj_bias: Option<&'a B::Vec>,
-    pub norm_eps: Option<f32>,
-    pub dt_rank: usize,
-    pub d_state: usize,
     pub state: &'a mut B::Vec,
     pub layout: PoolLayout,
     pub layer: usize,
@@ -384,24 +391,11 @@ pub struct Mamba1TailArgs<'a, B: Backend + ?Sized> {
 /// out_proj added onto the residual.
 pub fn mamba1_tail_ops<B: Backend + ?Sized>(b: &B, a: Mamba1TailArgs<'_, B>, batch: &Packed<'_, B>) -> Result<()> {
     let t = batch.n_tokens;
-    let w = a.dt_rank + 2 * a.d_state;
+    let w = a.ssm.dt_rank + 2 * a.ssm.d_state;
     let di = a.x.cols;
     b.linear(a.x, a.x_proj, None, ViewMut::dense(&mut *a.xdbl, t, w))?;
-    let step = Mamba1StepArgs {
-        x: a.x,
-        xdbl: View::dense(&*a.xdbl, t, w),
-        dt_proj: a.dt_proj,
-        dt_bias: a.dt_bias,
-        a: a.a,
-        skip: a.skip,
-        z: a.z,
-        norm_eps: a.norm_eps,
-        dt_rank: a.dt_rank,
-        d_state: a.d_state,
-        state: a.state,
-        layout: a.layout,
-        layer: a.layer,
-    };
+    let step =
+        Mamba1StepArgs { x: a.x, xdbl: View::dense(&*a.xdbl, t, w), ssm: a.ssm, z: a.z, state: a.state, layout: a.layout, layer: a.layer };
     b.mamba1_step(step, batch, ViewMut::dense(&mut *a.y, t, di))?;
     b.linear_add(View::dense(&*a.y, t, di), a.out_proj, a.out_proj_bias, a.residual)
 }

@@ -14,8 +14,8 @@ use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use crate::backend::{
-    Backend, Mamba1Block, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba1TailArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT, Packed,
-    PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
+    Backend, Mamba1Block, Mamba1ScanArgs, Mamba1Ssm, Mamba1Stack, Mamba1StackShape, Mamba1TailArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT,
+    Packed, PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
@@ -612,15 +612,17 @@ fn mixer<B: Backend>(
                 x: xc,
                 z,
                 x_proj,
-                dt_proj,
-                dt_bias,
-                a,
-                skip,
+                ssm: Mamba1Ssm {
+                    dt_proj,
+                    dt_bias,
+                    a,
+                    skip,
+                    norm_eps: (cfg.arch == Arch::FalconMamba).then_some(cfg.mixer_rms_eps),
+                    dt_rank: cfg.dt_rank,
+                    d_state: n,
+                },
                 out_proj: &lw.out_proj,
                 out_proj_bias: lw.out_proj_bias.as_ref(),
-                norm_eps: (cfg.arch == Arch::FalconMamba).then_some(cfg.mixer_rms_eps),
-                dt_rank: cfg.dt_rank,
-                d_state: n,
                 state: &mut pool.ssm,
                 layout: pool.ssm_layout,
                 layer,

@@ -10,8 +10,8 @@ use mamba_serve::backend::cpu::CpuBackend;
 use mamba_serve::backend::cuda::CudaBackend;
 use mamba_serve::backend::rng::SplitMix64;
 use mamba_serve::backend::{
-    Activation, Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1StepArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT,
-    Packed, PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
+    Activation, Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1ScanArgs, Mamba1Ssm, Mamba1StepArgs, Mamba2ScanArgs,
+    NormedLinear, PAD_SLOT, Packed, PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
 };
 use mamba_serve::engine::offline;
 use mamba_serve::model::{Checkpoint, Model, ModelConfig, SeqChunk};
@@ -712,14 +712,8 @@ fn step_on<B: Backend>(
     let args = Mamba1StepArgs {
         x: View { buf: &x, offset: x_off, rows: s, cols: ch, stride: xs },
         xdbl: View::dense(&xdbl, s, r + 2 * n),
-        dt_proj: &w,
-        dt_bias: &bias,
-        a: &a,
-        skip: &skip,
+        ssm: Mamba1Ssm { dt_proj: &w, dt_bias: &bias, a: &a, skip: &skip, norm_eps: norm, dt_rank: r, d_state: n },
         z: View::dense(&z, s, ch),
-        norm_eps: norm,
-        dt_rank: r,
-        d_state: n,
         state: &mut st,
         layout: c.layout,
         layer: 1,
@@ -873,15 +867,9 @@ fn chain_step<B: Backend>(
     let (bias, a, skip, z) = (b.upload(&c.dt_bias)?, b.upload(&c.a)?, b.upload(&c.skip)?, b.upload(&c.z)?);
     let args = Mamba1StepArgs {
         x: View::dense(x, s, ch),
-        dt_rank: xdbl.cols - 2 * n,
+        ssm: Mamba1Ssm { dt_proj, dt_bias: &bias, a: &a, skip: &skip, norm_eps: None, dt_rank: xdbl.cols - 2 * n, d_state: n },
         xdbl,
-        dt_proj,
-        dt_bias: &bias,
-        a: &a,
-        skip: &skip,
         z: View::dense(&z, s, ch),
-        norm_eps: None,
-        d_state: n,
         state,
         layout: c.layout,
         layer: 1,

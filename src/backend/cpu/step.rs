@@ -16,7 +16,7 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
 }
 
 pub fn mamba1_step(args: Mamba1StepArgs<'_, CpuBackend>, batch: &Packed<'_, CpuBackend>, out: ViewMut<'_, Vec<f32>>) {
-    let (d, n, r) = (args.x.cols, args.d_state, args.dt_rank);
+    let (d, n, r) = (args.x.cols, args.ssm.d_state, args.ssm.dt_rank);
     let layout = args.layout;
     let state = SharedMut::new(args.state.as_mut_slice());
     let (o_off, o_stride) = (out.offset, out.stride);
@@ -27,7 +27,7 @@ pub fn mamba1_step(args: Mamba1StepArgs<'_, CpuBackend>, batch: &Packed<'_, CpuB
         let mut dt_low = row[..r].to_vec();
         let mut b = row[r..r + n].to_vec();
         let mut c = row[r + n..].to_vec();
-        if let Some(eps) = args.norm_eps {
+        if let Some(eps) = args.ssm.norm_eps {
             for part in [&mut dt_low, &mut b, &mut c] {
                 let k = inv_rms(part, eps);
                 part.iter_mut().for_each(|v| *v *= k);
@@ -36,9 +36,9 @@ pub fn mamba1_step(args: Mamba1StepArgs<'_, CpuBackend>, batch: &Packed<'_, CpuB
         let slot = batch.slots[s];
         let mut h = vec![0.0f32; n];
         for ch in 0..d {
-            let w = &args.dt_proj.data[ch * r..(ch + 1) * r];
+            let w = &args.ssm.dt_proj.data[ch * r..(ch + 1) * r];
             let raw: f32 = w.iter().zip(&dt_low).map(|(a, b)| a * b).sum();
-            let step = softplus(raw + args.dt_bias[ch]);
+            let step = softplus(raw + args.ssm.dt_bias[ch]);
             let xv = x.buf[x.offset + s * x.stride + ch];
             let base = (slot != PAD_SLOT).then(|| layout.offset(slot as usize, args.layer) + ch * n);
             // SAFETY: slots are distinct across sequences, so this task alone
@@ -48,7 +48,7 @@ pub fn mamba1_step(args: Mamba1StepArgs<'_, CpuBackend>, batch: &Packed<'_, CpuB
                 Some(st) => h.copy_from_slice(st),
                 None => h.fill(0.0),
             }
-            let a = &args.a[ch * n..(ch + 1) * n];
+            let a = &args.ssm.a[ch * n..(ch + 1) * n];
             let mut y = 0.0f32;
             for i in 0..n {
                 h[i] = (step * a[i]).exp() * h[i] + (step * b[i]) * xv;
@@ -59,7 +59,7 @@ pub fn mamba1_step(args: Mamba1StepArgs<'_, CpuBackend>, batch: &Packed<'_, CpuB
             }
             let zv = z.buf[z.offset + s * z.stride + ch];
             // SAFETY: row s belongs to this task.
-            unsafe { outp.write(o_off + s * o_stride + ch, (y + xv * args.skip[ch]) * silu(zv)) };
+            unsafe { outp.write(o_off + s * o_stride + ch, (y + xv * args.ssm.skip[ch]) * silu(zv)) };
         }
     });
 }

@@ -1356,14 +1356,14 @@ impl Backend for CudaBackend {
 
     fn mamba1_step(&self, args: Mamba1StepArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
         checks::mamba1_step(&args, batch, &out)?;
-        let (d, n, r, s) = (args.x.cols, args.d_state, args.dt_rank, batch.n_seqs);
+        let (d, n, r, s) = (args.x.cols, args.ssm.d_state, args.ssm.dt_rank, batch.n_seqs);
         let v4 = n % 4 == 0 && s > STEP_ONE_STATE_MAX_SEQS;
         let lanes = if v4 { n / 4 } else { n }.next_power_of_two();
         check("mamba1_step", lanes <= 32, || format!("state size {n} too large for the step kernel"))?;
         if s == 0 || d == 0 {
             return Ok(());
         }
-        let k = match (args.dt_proj.dtype, v4) {
+        let k = match (args.ssm.dt_proj.dtype, v4) {
             (DType::F32, true) => Kernel::Mamba1StepF32V4,
             (DType::BF16, true) => Kernel::Mamba1StepBf16V4,
             (DType::F16, true) => Kernel::Mamba1StepF16V4,
@@ -1378,7 +1378,7 @@ impl Backend for CudaBackend {
         let dtpre = if s > STEP_FUSED_DT_MAX_SEQS {
             self.ensure(&mut step_dt.buf, s * d * 4, "time steps")?;
             step_dt.len = step_dt.buf.bytes / 4;
-            self.linear(args.xdbl.columns(0, r), args.dt_proj, None, ViewMut::dense(&mut step_dt, s, d))?;
+            self.linear(args.xdbl.columns(0, r), args.ssm.dt_proj, None, ViewMut::dense(&mut step_dt, s, d))?;
             Some(step_dt.buf.ptr)
         } else {
             None
@@ -1389,12 +1389,12 @@ impl Backend for CudaBackend {
             .i32(args.x.stride)
             .ptr(args.xdbl.buf.at(args.xdbl.offset))
             .i32(args.xdbl.stride)
-            .ptr(args.dt_proj.buf.ptr)
+            .ptr(args.ssm.dt_proj.buf.ptr)
             .ptr(dtpre.unwrap_or(0))
             .i32(d)
-            .ptr(args.dt_bias.buf.ptr)
-            .ptr(args.a.buf.ptr)
-            .ptr(args.skip.buf.ptr)
+            .ptr(args.ssm.dt_bias.buf.ptr)
+            .ptr(args.ssm.a.buf.ptr)
+            .ptr(args.ssm.skip.buf.ptr)
             .ptr(args.z.buf.at(args.z.offset))
             .i32(args.z.stride)
             .ptr(state)
@@ -1405,8 +1405,8 @@ impl Backend for CudaBackend {
             .i32(d)
             .i32(n)
             .i32(r)
-            .u32(args.norm_eps.is_some() as u32)
-            .f32(args.norm_eps.unwrap_or(0.0))
+            .u32(args.ssm.norm_eps.is_some() as u32)
+            .f32(args.ssm.norm_eps.unwrap_or(0.0))
             .i32(lanes)
             .u32(vec_dot as u32)
             .ptr(out.buf.at(out.offset))
@@ -1425,7 +1425,7 @@ impl Backend for CudaBackend {
             let aligned = |v: &View<'_, CudaVec>, from: usize| (v.offset + from) % 4 == 0 && v.stride % 4 == 0;
             let lean = self.lean_step
                 && n == 16
-                && args.norm_eps.is_none()
+                && args.ssm.norm_eps.is_none()
                 && d % 4 == 0
                 && aligned(&args.x, 0)
                 && aligned(&args.z, 0)

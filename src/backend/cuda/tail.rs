@@ -66,21 +66,21 @@ pub(super) fn plan(d: usize, e: usize, n: usize, r: usize, es: usize, blocks: us
 
 /// Why the fused tail does not take these arguments, or `None`.
 fn unsupported(a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Packed<'_, CudaBackend>) -> Option<&'static str> {
-    let (e, n, r) = (a.x.cols, a.d_state, a.dt_rank);
+    let (e, n, r) = (a.x.cols, a.ssm.d_state, a.ssm.dt_rank);
     let w = r + 2 * n;
     let d = a.residual.cols;
     let dtype = a.out_proj.dtype;
     if batch.n_seqs != 1 || batch.n_tokens != 1 {
         return Some("more than one token");
     }
-    if a.x_proj.dtype != dtype || a.dt_proj.dtype != dtype {
+    if a.x_proj.dtype != dtype || a.ssm.dt_proj.dtype != dtype {
         return Some("mixed weight types");
     }
     if e % 8 != 0 || n == 0 || n > 32 {
         return Some("channels not a multiple of 8, or more than 32 states");
     }
     if (a.x_proj.rows, a.x_proj.cols) != (w, e)
-        || (a.dt_proj.rows, a.dt_proj.cols) != (e, r)
+        || (a.ssm.dt_proj.rows, a.ssm.dt_proj.cols) != (e, r)
         || (a.out_proj.rows, a.out_proj.cols) != (d, e)
     {
         return Some("weight shapes");
@@ -90,9 +90,9 @@ fn unsupported(a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Packed<'_, CudaBacke
     }
     let lengths = a.xdbl.len >= w
         && a.y.len >= e
-        && a.dt_bias.len >= e
-        && a.skip.len >= e
-        && a.a.len >= e * n
+        && a.ssm.dt_bias.len >= e
+        && a.ssm.skip.len >= e
+        && a.ssm.a.len >= e * n
         && a.out_proj_bias.is_none_or(|b| b.len >= d)
         && a.layout.per_layer == e * n
         && a.layer < a.layout.n_layers
@@ -115,7 +115,7 @@ pub fn launch(be: &CudaBackend, a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Pac
         tracing::trace!("decode tail as three ops: {why}");
         return Ok(false);
     }
-    let (d, e, n, r) = (a.residual.cols, a.x.cols, a.d_state, a.dt_rank);
+    let (d, e, n, r) = (a.residual.cols, a.x.cols, a.ssm.d_state, a.ssm.dt_rank);
     let dtype = a.out_proj.dtype;
     let kernel = match dtype {
         DType::F32 => Kernel::Mamba1TailF32,
@@ -129,10 +129,10 @@ pub fn launch(be: &CudaBackend, a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Pac
         .ptr(a.x.buf.at(a.x.offset))
         .ptr(a.z.buf.at(a.z.offset))
         .ptr(a.x_proj.buf.ptr)
-        .ptr(a.dt_proj.buf.ptr)
-        .ptr(ptr(a.dt_bias))
-        .ptr(ptr(a.a))
-        .ptr(ptr(a.skip))
+        .ptr(a.ssm.dt_proj.buf.ptr)
+        .ptr(ptr(a.ssm.dt_bias))
+        .ptr(ptr(a.ssm.a))
+        .ptr(ptr(a.ssm.skip))
         .ptr(a.out_proj.buf.ptr)
         .ptr(a.out_proj_bias.map_or(0, ptr))
         .ptr(ptr(a.xdbl))
@@ -147,8 +147,8 @@ pub fn launch(be: &CudaBackend, a: &Mamba1TailArgs<'_, CudaBackend>, batch: &Pac
         .i32(e)
         .i32(n)
         .i32(r)
-        .u32(a.norm_eps.is_some() as u32)
-        .f32(a.norm_eps.unwrap_or(0.0))
+        .u32(a.ssm.norm_eps.is_some() as u32)
+        .f32(a.ssm.norm_eps.unwrap_or(0.0))
         .i32(n.next_power_of_two())
         .i32(p.preload)
         .i32(p.off_dt)
