@@ -39,7 +39,8 @@ struct ConvEpilogue {
     int os;
 };
 
-__device__ __forceinline__ void conv_step_one(const ConvEpilogue& cv, int row, int c, float v) {
+// Runs channel c's conv step on its new input v; returns the output it wrote.
+__device__ __forceinline__ float conv_step_one(const ConvEpilogue& cv, int row, int c, float v) {
     const int hist = cv.k - 1;
     const u32 slot = cv.slots[row];
     float* st = slot == PAD_SLOT ? 0 : cv.state + (u64)slot * cv.slot_stride + cv.layer_off + (u64)c * hist;
@@ -51,8 +52,27 @@ __device__ __forceinline__ void conv_step_one(const ConvEpilogue& cv, int row, i
         for (int j = 0; j + 1 < hist; ++j) st[j] = st[j + 1];
         if (hist > 0) st[hist - 1] = v;
     }
-    cv.out[(u64)row * cv.os + c] = activate(cv.act, acc);
+    const float y = activate(cv.act, acc);
+    cv.out[(u64)row * cv.os + c] = y;
+    return y;
 }
+
+// x_proj fused into the conv epilogue of the streaming kernel (decode, one
+// sequence: Mamba-1's in_proj, whose conv outputs are x_proj's input): each
+// conv output y[c] also adds y[c] * w[j, c] to acc[j] for every j < n (w
+// `[n, conv_len]`, x_proj's weights in the product's dtype). A block sums
+// its warps' terms in shared memory and adds each of its n sums to acc with
+// one atomic at its end, so acc must hold zeros when the kernel starts; the
+// caller keeps one accumulator a layer, and after the dependent-launch wait
+// block 0 zeroes `clear` (n floats: the previous layer's, which the step
+// that read it is done with). Off when w is null.
+struct XProjEpilogue {
+    const void* w;
+    float* acc;
+    float* clear;
+    int n;
+};
+#define XPROJ_MAX 512
 // One 8-column chunk of K for R weight rows: acc[r][m] += w[r] . x[m] over
 // the chunk at column k, with the norm prologue (x scaled by nw, its
 // squares summed into ss) when NORM. Shared by both vector kernels.
@@ -98,14 +118,47 @@ __device__ __forceinline__ void gemv_zero(float (&acc)[R][MT], float (&ss)[MT]) 
 
 // The finished sum v of output (row, n): plus the bias, then the conv step
 // when n is a conv column, else stored or added to `out`.
-__device__ __forceinline__ void gemv_finish(float v, const float* bias, float* out, int os, int accumulate,
-                                            const ConvEpilogue& conv, int row, int n) {
+// Returns the conv's output for a conv column, else 0.
+__device__ __forceinline__ float gemv_finish(float v, const float* bias, float* out, int os, int accumulate,
+                                             const ConvEpilogue& conv, int row, int n) {
     if (bias) v += bias[n];
-    if (conv.w && n >= conv.start && n < conv.start + conv.len) {
-        conv_step_one(conv, row, n - conv.start, v);
-    } else {
-        float* o = out + (u64)row * os + n;
-        *o = accumulate ? *o + v : v;
+    if (conv.w && n >= conv.start && n < conv.start + conv.len) return conv_step_one(conv, row, n - conv.start, v);
+    float* o = out + (u64)row * os + n;
+    *o = accumulate ? *o + v : v;
+    return 0.0f;
+}
+
+// The rows of x_proj's weights a group of R columns starting at column n0
+// reads at its end (XProjEpilogue), pulled into L2 when the group starts.
+template <int R>
+__device__ __forceinline__ void xproj_prefetch(const XProjEpilogue& xp, const ConvEpilogue& conv, int n0, int lane, int esize) {
+    const int c0 = n0 - conv.start;
+    if (c0 + R <= 0 || c0 >= conv.len) return;
+    const int c = max(c0, 0);
+    for (int j = lane; j < xp.n; j += 32) {
+        const char* p = (const char*)xp.w + ((u64)j * conv.len + c) * esize;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    }
+}
+
+// The group's x_proj terms (XProjEpilogue): lane r < R holds the conv
+// output y of column n0 + r (0 for other columns).
+template <int DT, int R>
+__device__ __forceinline__ void xproj_terms(const XProjEpilogue& xp, const ConvEpilogue& conv, int n0, int lane, float y,
+                                            float* xsum) {
+    const int c0 = n0 - conv.start;
+    if (c0 + R <= 0 || c0 >= conv.len) return;
+    float yv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) yv[r] = __shfl_sync(FULL_MASK, y, r);
+    for (int j = lane; j < xp.n; j += 32) {
+        float s = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int c = c0 + r;
+            if (c >= 0 && c < conv.len) s += yv[r] * load_weight<DT>(xp.w, (u64)j * conv.len + c);
+        }
+        atomicAdd(&xsum[j], s);
     }
 }
 
@@ -199,17 +252,15 @@ __device__ __forceinline__ void stream_load(Chunk<DT> (&c)[U][R], const void* __
         }
 }
 
-template <int DT, int MT, int R, bool NORM>
-__device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __restrict__ w, int N,
-                                 int K, const float* __restrict__ bias, float* __restrict__ out, int os,
-                                 int accumulate, const float* __restrict__ nw, float eps, const ConvEpilogue& conv) {
-    TL_SCOPE(NORM ? TL_STREAM_NORM : TL_STREAM);
+// One warp's walk over its column groups (gemv_stream_impl).
+template <int DT, int MT, int R, bool NORM, bool XP>
+__device__ __forceinline__ void gemv_stream_walk(const float* x, int xs, int M, const void* __restrict__ w, int N, int K,
+                                                 const float* __restrict__ bias, float* __restrict__ out, int os,
+                                                 int accumulate, const float* __restrict__ nw, float eps,
+                                                 const ConvEpilogue& conv, const XProjEpilogue& xp, float* xsum, int g,
+                                                 int warps, int groups) {
     constexpr int U = R >= 4 ? 1 : 4 / R;
     const int lane = threadIdx.x & 31;
-    const int warps = gridDim.x * (blockDim.x >> 5);
-    int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int groups = (N + R - 1) / R;
-    if (g >= groups) return;
     const int m0 = blockIdx.y * MT;
     const int mc = min(MT, M - m0);
     const float* xb = x + (u64)m0 * xs;
@@ -255,12 +306,17 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
                     ss[m] = 0.0f;
                 }
             }
+            float y = 0.0f;
             if (lane < R * MT) {
                 const int r = lane / MT, m = lane % MT, n = g * R + r;
                 if (m < mc && n < N) {
                     float v = NORM ? mine * scale : mine;
-                    gemv_finish(v, bias, out, os, accumulate, conv, m0 + m, n);
+                    y = gemv_finish(v, bias, out, os, accumulate, conv, m0 + m, n);
                 }
+            }
+            if (XP) {
+                xproj_terms<DT, R>(xp, conv, g * R, lane, y, xsum);
+                if (more) xproj_prefetch<R>(xp, conv, g2 * R, lane, DT == 0 ? 4 : 2);
             }
         }
         if (!more) break;
@@ -270,6 +326,35 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
             for (int r = 0; r < R; ++r) cur[u][r] = nxt[u][r];
         g = g2;
         kb = kb2;
+    }
+}
+
+template <int DT, int MT, int R, bool NORM, bool XP>
+__device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __restrict__ w, int N,
+                                 int K, const float* __restrict__ bias, float* __restrict__ out, int os,
+                                 int accumulate, const float* __restrict__ nw, float eps, const ConvEpilogue& conv,
+                                 const XProjEpilogue& xp) {
+    TL_SCOPE(NORM ? TL_STREAM_NORM : TL_STREAM);
+    const int lane = threadIdx.x & 31;
+    const int warps = gridDim.x * (blockDim.x >> 5);
+    int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int groups = (N + R - 1) / R;
+    // The block's x_proj sums (XP: one sequence, MT = 1).
+    __shared__ float xsum[XP ? XPROJ_MAX : 1];
+    if (XP) {
+        for (int j = threadIdx.x; j < xp.n; j += blockDim.x) xsum[j] = 0.0f;
+        __syncthreads();
+        if (g < groups) xproj_prefetch<R>(xp, conv, g * R, lane, DT == 0 ? 4 : 2);
+    }
+    if (g < groups) gemv_stream_walk<DT, MT, R, NORM, XP>(x, xs, M, w, N, K, bias, out, os, accumulate, nw, eps, conv, xp,
+                                                          xsum, g, warps, groups);
+    if (XP) {
+        if (g >= groups) grid_dep_sync();
+        if (blockIdx.x == 0)
+            for (int j = threadIdx.x; j < xp.n; j += blockDim.x) xp.clear[j] = 0.0f;
+        __syncthreads();
+        for (int j = threadIdx.x; j < xp.n; j += blockDim.x)
+            if (xsum[j] != 0.0f) atomicAdd(&xp.acc[j], xsum[j]);
     }
 }
 
@@ -318,17 +403,25 @@ __device__ void gemv_scalar_impl(const float* x, int xs, int M, const void* __re
         gemv_vec_impl<dt, mt, r, true>(GEMV_PASS, nw, eps, conv);                                                 \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) gemv_stream_##name##_m##mt##_r##r(GEMV_ARGS) {             \
-        gemv_stream_impl<dt, mt, r, false>(GEMV_PASS, nw, eps, conv);                                             \
+        gemv_stream_impl<dt, mt, r, false, false>(GEMV_PASS, nw, eps, conv, XProjEpilogue{});                     \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) gemv_stream_norm_##name##_m##mt##_r##r(GEMV_ARGS) {        \
-        gemv_stream_impl<dt, mt, r, true>(GEMV_PASS, nw, eps, conv);                                              \
+        gemv_stream_impl<dt, mt, r, true, false>(GEMV_PASS, nw, eps, conv, XProjEpilogue{});                      \
+    }
+// in_proj of one sequence with the norm prologue, the conv epilogue and
+// x_proj fused in (XProjEpilogue).
+#define GEMV_XPROJ(name, dt, r)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) gemv_stream_norm_xproj_##name##_r##r(GEMV_ARGS,            \
+                                                                                          XProjEpilogue xp) {    \
+        gemv_stream_impl<dt, 1, r, true, true>(GEMV_PASS, nw, eps, conv, xp);                                     \
     }
 #define GEMV_FAMILY(name, dt)                                                                                     \
     GEMV_VEC(name, dt, 1, 1) GEMV_VEC(name, dt, 1, 2) GEMV_VEC(name, dt, 1, 4)                                    \
     GEMV_VEC(name, dt, 2, 1) GEMV_VEC(name, dt, 2, 2) GEMV_VEC(name, dt, 2, 4)                                    \
     GEMV_VEC(name, dt, 4, 1) GEMV_VEC(name, dt, 4, 2) GEMV_VEC(name, dt, 4, 4)                                    \
     GEMV_VEC(name, dt, 8, 1) GEMV_VEC(name, dt, 8, 2)                                                             \
-    extern "C" __global__ void gemv_##name##_scalar(GEMV_ARGS) { gemv_scalar_impl<dt, 8>(GEMV_PASS); }
+    extern "C" __global__ void gemv_##name##_scalar(GEMV_ARGS) { gemv_scalar_impl<dt, 8>(GEMV_PASS); }            \
+    GEMV_XPROJ(name, dt, 1) GEMV_XPROJ(name, dt, 2) GEMV_XPROJ(name, dt, 4)
 
 GEMV_FAMILY(f32, 0)
 GEMV_FAMILY(bf16, 1)

@@ -424,6 +424,108 @@ pub struct Mamba1Block<'a, B: Backend + ?Sized> {
     pub out_proj_bias: Option<&'a B::Vec>,
 }
 
+impl<'a, B: Backend + ?Sized> Mamba1Block<'a, B> {
+    /// The block's selective-state parameters, with the stack's sizes.
+    pub fn ssm(&self, shape: &Mamba1StackShape) -> Mamba1Ssm<'a, B> {
+        Mamba1Ssm {
+            dt_proj: self.dt_proj,
+            dt_bias: self.dt_bias,
+            a: self.a,
+            skip: self.skip,
+            norm_eps: shape.mixer_norm_eps,
+            dt_rank: shape.dt_rank,
+            d_state: shape.d_state,
+        }
+    }
+}
+
+/// One Mamba-1 (or Falcon-Mamba) block for one token per sequence
+/// ([`Backend::mamba1_decode_block`]): its entry
+/// ([`Backend::rmsnorm_linear_conv`] over `residual`, the conv over x, the
+/// first `d_inner` columns of in_proj) then its tail ([`Mamba1TailArgs`],
+/// with z the other `d_inner` columns), added onto `residual`.
+pub struct Mamba1DecodeBlock<'a, B: Backend + ?Sized> {
+    pub block: Mamba1Block<'a, B>,
+    pub shape: Mamba1StackShape,
+    /// This block's index, of `layers` blocks run in order each step.
+    pub layer: usize,
+    pub layers: usize,
+    /// `[n_seqs, d_model]`: the block's input, and its output added onto.
+    pub residual: &'a mut B::Vec,
+    pub conv_state: &'a mut B::Vec,
+    pub conv_layout: PoolLayout,
+    pub ssm_state: &'a mut B::Vec,
+    pub ssm_layout: PoolLayout,
+    /// Scratch the op may write: the normalised rows, in_proj's output
+    /// (`[n_seqs, 2 d_inner]`), the conv's (`[n_seqs, d_inner]`), x_proj's
+    /// (`[n_seqs, dt_rank + 2 d_state]`) and the step's (`[n_seqs, d_inner]`).
+    pub normed: &'a mut B::Vec,
+    pub proj: &'a mut B::Vec,
+    pub conv_out: &'a mut B::Vec,
+    pub xdbl: &'a mut B::Vec,
+    pub y: &'a mut B::Vec,
+}
+
+/// A block's entry as [`Backend::rmsnorm_linear_conv`] takes it.
+pub struct Mamba1Entry<'a, B: Backend + ?Sized> {
+    pub product: NormedLinear<'a, B>,
+    pub normed: &'a mut B::Vec,
+    pub proj: ViewMut<'a, B::Vec>,
+    pub conv: ProjConv<'a, B>,
+    pub conv_out: ViewMut<'a, B::Vec>,
+}
+
+impl<B: Backend + ?Sized> Mamba1DecodeBlock<'_, B> {
+    /// The block's entry over `rows` sequences.
+    pub fn entry(&mut self, rows: usize) -> Mamba1Entry<'_, B> {
+        let (blk, s) = (&self.block, &self.shape);
+        let di = s.d_inner;
+        Mamba1Entry {
+            product: NormedLinear { x: &*self.residual, rows, norm: blk.norm, eps: s.norm_eps, w: blk.in_proj, bias: blk.in_proj_bias },
+            normed: &mut *self.normed,
+            proj: ViewMut::dense(&mut *self.proj, rows, 2 * di),
+            conv: ProjConv {
+                start: 0,
+                channels: di,
+                weight: blk.conv_w,
+                bias: blk.conv_b,
+                kernel: s.d_conv,
+                activation: s.activation,
+                state: &mut *self.conv_state,
+                layout: self.conv_layout,
+                layer: self.layer,
+            },
+            conv_out: ViewMut::dense(&mut *self.conv_out, rows, di),
+        }
+    }
+}
+
+/// [`Backend::mamba1_decode_block`] as its two ops: the entry
+/// ([`Backend::rmsnorm_linear_conv`]) and the tail
+/// ([`Backend::mamba1_decode_tail`]).
+pub fn mamba1_block_ops<B: Backend + ?Sized>(b: &B, mut a: Mamba1DecodeBlock<'_, B>, batch: &Packed<'_, B>) -> Result<()> {
+    let t = batch.n_tokens;
+    let e = a.entry(t);
+    b.rmsnorm_linear_conv(e.product, e.normed, e.proj, e.conv, batch, e.conv_out)?;
+    let (blk, s) = (&a.block, &a.shape);
+    let di = s.d_inner;
+    let tail = Mamba1TailArgs {
+        x: View::dense(&*a.conv_out, t, di),
+        z: View::dense(&*a.proj, t, 2 * di).columns(di, di),
+        x_proj: blk.x_proj,
+        ssm: blk.ssm(s),
+        out_proj: blk.out_proj,
+        out_proj_bias: blk.out_proj_bias,
+        state: a.ssm_state,
+        layout: a.ssm_layout,
+        layer: a.layer,
+        xdbl: a.xdbl,
+        y: a.y,
+        residual: ViewMut::dense(a.residual, t, s.d_model),
+    };
+    b.mamba1_decode_tail(tail, batch)
+}
+
 /// The sizes and options every block of a Mamba-1 stack shares.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Mamba1StackShape {
@@ -650,11 +752,20 @@ pub trait Backend: Send + 'static {
         mamba1_tail_ops(self, args, batch)
     }
 
-    /// Readies [`Backend::mamba1_stack_step`] for these blocks (a backend
-    /// may upload a table of their weights); called once, after loading.
-    /// `Ok(false)`: this backend has no fused stack for them, and the
-    /// caller runs the blocks op by op.
-    fn prepare_mamba1_stack(&self, _blocks: &[Mamba1Block<'_, Self>], _shape: &Mamba1StackShape) -> Result<bool> {
+    /// One Mamba-1 block for one token per sequence; see
+    /// [`Mamba1DecodeBlock`]. The default runs its entry and its tail as
+    /// two ops ([`mamba1_block_ops`]).
+    fn mamba1_decode_block(&self, args: Mamba1DecodeBlock<'_, Self>, batch: &Packed<'_, Self>) -> Result<()> {
+        mamba1_block_ops(self, args, batch)
+    }
+
+    /// Readies the one-token decode ops for these blocks, called once,
+    /// after loading: a backend may upload a table of their weights for
+    /// [`Backend::mamba1_stack_step`], or allocate scratch
+    /// [`Backend::mamba1_decode_block`] keeps per block. `Ok(false)`: this
+    /// backend has no fused stack for them, and the caller runs the blocks
+    /// op by op.
+    fn prepare_mamba1_decode(&self, _blocks: &[Mamba1Block<'_, Self>], _shape: &Mamba1StackShape) -> Result<bool> {
         Ok(false)
     }
 

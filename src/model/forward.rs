@@ -14,8 +14,8 @@ use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use crate::backend::{
-    Backend, Mamba1Block, Mamba1ScanArgs, Mamba1Ssm, Mamba1Stack, Mamba1StackShape, Mamba1TailArgs, Mamba2ScanArgs, NormedLinear, PAD_SLOT,
-    Packed, PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
+    Backend, Mamba1Block, Mamba1DecodeBlock, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba2ScanArgs, NormedLinear, PAD_SLOT, Packed,
+    PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
@@ -254,7 +254,7 @@ impl<B: Backend> Model<B> {
             recorded: HashMap::new(),
         };
         let stack = match mamba1_blocks(&weights) {
-            Some(blocks) => backend.prepare_mamba1_stack(&blocks, &stack_shape(&cfg))?,
+            Some(blocks) => backend.prepare_mamba1_decode(&blocks, &stack_shape(&cfg))?,
             None => false,
         };
         Ok(Model { backend, cfg, weights, pool, ws, opts, graphs, stack })
@@ -482,7 +482,30 @@ impl<B: Backend> Model<B> {
             }
             None => false,
         };
+        let layers = w.layers.len();
         for (l, lw) in w.layers.iter().enumerate().filter(|_| !fused) {
+            // A Mamba-1 block at decode: one op, so that a backend can fuse
+            // across its entry and its tail.
+            if let Some(block) = mamba1_block(lw).filter(|_| single_token) {
+                let args = Mamba1DecodeBlock {
+                    block,
+                    shape: stack_shape(cfg),
+                    layer: l,
+                    layers,
+                    residual: &mut ws.residual,
+                    conv_state: &mut pool.conv,
+                    conv_layout: pool.conv_layout,
+                    ssm_state: &mut pool.ssm,
+                    ssm_layout: pool.ssm_layout,
+                    normed: &mut ws.normed,
+                    proj: &mut ws.proj,
+                    conv_out: &mut ws.conv_out,
+                    xdbl: &mut ws.xdbl,
+                    y: &mut ws.y,
+                };
+                b.mamba1_decode_block(args, &batch)?;
+                continue;
+            }
             let conv = ProjConv {
                 start: conv_start,
                 channels: cd,
@@ -534,26 +557,28 @@ impl<B: Backend> Model<B> {
 /// Every block's weights for [`Backend::mamba1_stack_step`], when the
 /// model is Mamba-1 (or Falcon-Mamba).
 fn mamba1_blocks<B: Backend>(w: &Weights<B>) -> Option<Vec<Mamba1Block<'_, B>>> {
-    w.layers
-        .iter()
-        .map(|lw| match &lw.mixer {
-            MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d } => Some(Mamba1Block {
-                norm: &lw.norm,
-                in_proj: &lw.in_proj,
-                in_proj_bias: lw.in_proj_bias.as_ref(),
-                conv_w: &lw.conv_w,
-                conv_b: lw.conv_b.as_ref(),
-                x_proj,
-                dt_proj,
-                dt_bias,
-                a,
-                skip: d,
-                out_proj: &lw.out_proj,
-                out_proj_bias: lw.out_proj_bias.as_ref(),
-            }),
-            MixerWeights::Ssd { .. } => None,
-        })
-        .collect()
+    w.layers.iter().map(mamba1_block).collect()
+}
+
+/// A block's weights as [`Mamba1Block`], when it is a Mamba-1 block.
+fn mamba1_block<B: Backend>(lw: &LayerWeights<B>) -> Option<Mamba1Block<'_, B>> {
+    match &lw.mixer {
+        MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d } => Some(Mamba1Block {
+            norm: &lw.norm,
+            in_proj: &lw.in_proj,
+            in_proj_bias: lw.in_proj_bias.as_ref(),
+            conv_w: &lw.conv_w,
+            conv_b: lw.conv_b.as_ref(),
+            x_proj,
+            dt_proj,
+            dt_bias,
+            a,
+            skip: d,
+            out_proj: &lw.out_proj,
+            out_proj_bias: lw.out_proj_bias.as_ref(),
+        }),
+        MixerWeights::Ssd { .. } => None,
+    }
 }
 
 fn stack_shape(cfg: &ModelConfig) -> Mamba1StackShape {
@@ -605,33 +630,6 @@ fn mixer<B: Backend>(
     let xc = View::dense(m.conv_out, t, cd);
 
     match &lw.mixer {
-        MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } if batch.single_token => {
-            // Decode: x_proj, Falcon's norms, the dt projection, the scan
-            // step and out_proj in one op.
-            let args = Mamba1TailArgs {
-                x: xc,
-                z,
-                x_proj,
-                ssm: Mamba1Ssm {
-                    dt_proj,
-                    dt_bias,
-                    a,
-                    skip,
-                    norm_eps: (cfg.arch == Arch::FalconMamba).then_some(cfg.mixer_rms_eps),
-                    dt_rank: cfg.dt_rank,
-                    d_state: n,
-                },
-                out_proj: &lw.out_proj,
-                out_proj_bias: lw.out_proj_bias.as_ref(),
-                state: &mut pool.ssm,
-                layout: pool.ssm_layout,
-                layer,
-                xdbl: m.xdbl,
-                y: m.y,
-                residual: ViewMut::dense(m.residual, t, d),
-            };
-            b.mamba1_decode_tail(args, batch)?;
-        }
         MixerWeights::Selective { x_proj, dt_proj, dt_bias, a, d: skip } => {
             let r = cfg.dt_rank;
             let w = r + 2 * n;

@@ -1439,6 +1439,75 @@ fn fused_fixture_steps(
     Ok(())
 }
 
+/// One-sequence decode blocks with x_proj folded into in_proj's conv
+/// epilogue (the default for in_proj on the streaming GEMV) give the CPU's
+/// logits and state over 8 greedy steps: columns a warp's group of 2
+/// (mamba-370m's widths, as Mamba-1 and as Falcon-Mamba), 4 (mamba-1.4b's,
+/// bf16 and f32) and 1 (a 640-wide model, f16, with in_proj and out_proj
+/// biases), with and without graphs, 2 and 3 blocks (each block's in_proj
+/// zeroes the accumulator the block before it read). Between the steps a
+/// second sequence's prompt and a two-sequence step (which do not fold)
+/// leave the accumulators as they were.
+#[test]
+fn decode_blocks_with_x_proj_folded_in_match_the_cpu() -> TestResult {
+    use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
+    // (shape, width override, blocks, architecture, weights, graphs)
+    let cases = [
+        ("mamba-370m", None, 2, Arch::Mamba1, DType::BF16, false),
+        ("mamba-370m", None, 3, Arch::FalconMamba, DType::BF16, true),
+        ("mamba-1.4b", None, 3, Arch::Mamba1, DType::BF16, true),
+        ("mamba-1.4b", None, 2, Arch::Mamba1, DType::F32, false),
+        ("mamba-130m", Some(640usize), 3, Arch::Mamba1, DType::F16, false),
+    ];
+    for (shape, width, layers, arch, dtype, graphs) in cases {
+        let Some(g) = gpu("x_proj fold") else { return Ok(()) };
+        let mut cfg = shapes::public_shape(shape).expect("a known shape");
+        if let Some(d) = width {
+            (cfg.hidden_size, cfg.d_inner, cfg.dt_rank, cfg.use_bias) = (d, 2 * d, d.div_ceil(16), true);
+        }
+        cfg.n_layers = layers;
+        cfg.vocab_size = 1000;
+        cfg.arch = arch;
+        let src = RandomWeights::new(dtype, mamba_serve::model::weights::expected_tensors(&cfg), 13);
+        let dev = DeviceOptions { graphs, ..Default::default() };
+        let mut m = Model::load_with(g, cfg.clone(), &src, opts(2, 64), dev, &mut |_| {})?;
+        let mut cpu = Model::load(CpuBackend::new(), cfg, &src, opts(2, 64), &mut |_| {})?;
+        let what = format!("{shape} widths ({width:?}), {layers} blocks, {arch:?}, {dtype:?}, graphs {graphs}");
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
+        let got = m.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
+        let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
+        check_close(&format!("{what}: prompt"), &got, &want, tol);
+        let before = m.backend().fused_x_proj_blocks();
+        let mut token = argmax(&want) as u32;
+        for step in 0..8 {
+            if step == 4 {
+                // Another sequence's prompt, then a step of both.
+                let other = [3u32, 1, 4, 1, 5];
+                let got = m.forward(&[SeqChunk { slot: 0, tokens: &other, is_prompt: true }])?;
+                let want = cpu.forward(&[SeqChunk { slot: 0, tokens: &other, is_prompt: true }])?;
+                check_close(&format!("{what}: second prompt"), &got, &want, tol);
+                let both = [SeqChunk { slot: 0, tokens: &[7], is_prompt: false }, SeqChunk { slot: 1, tokens: &[token], is_prompt: false }];
+                let got = m.forward(&both)?;
+                let want = cpu.forward(&both)?;
+                check_close(&format!("{what}: two sequences"), &got, &want, tol);
+                token = argmax(&want[1000..]) as u32;
+            }
+            let got = m.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
+            let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
+            check_close(&format!("{what}: step {step}"), &got, &want, tol);
+            token = argmax(&want) as u32;
+        }
+        // Every block of every one-sequence step folded (with graphs: once
+        // a block, when the step was recorded).
+        let folded = m.backend().fused_x_proj_blocks() - before;
+        assert_eq!(folded, if graphs { layers } else { 8 * layers } as u64, "{what}: folded blocks");
+        check_close(&format!("{what}: state"), &m.read_slot(1)?, &cpu.read_slot(1)?, tol);
+        check_close(&format!("{what}: second state"), &m.read_slot(0)?, &cpu.read_slot(0)?, tol);
+    }
+    Ok(())
+}
+
 /// The fused decode tail (x_proj, the step and out_proj of a block in one
 /// launch) gives the CPU's logits and state over 8 greedy steps: at
 /// mamba-130m's widths in bf16 as Mamba-1 and as Falcon-Mamba, with and

@@ -228,6 +228,15 @@ kernels! {
     GemvF32Scalar = "gemv" / "gemv_f32_scalar",
     GemvBf16Scalar = "gemv" / "gemv_bf16_scalar",
     GemvF16Scalar = "gemv" / "gemv_f16_scalar",
+    GemvStreamNormXprojF32R1 = "gemv" / "gemv_stream_norm_xproj_f32_r1",
+    GemvStreamNormXprojF32R2 = "gemv" / "gemv_stream_norm_xproj_f32_r2",
+    GemvStreamNormXprojF32R4 = "gemv" / "gemv_stream_norm_xproj_f32_r4",
+    GemvStreamNormXprojBf16R1 = "gemv" / "gemv_stream_norm_xproj_bf16_r1",
+    GemvStreamNormXprojBf16R2 = "gemv" / "gemv_stream_norm_xproj_bf16_r2",
+    GemvStreamNormXprojBf16R4 = "gemv" / "gemv_stream_norm_xproj_bf16_r4",
+    GemvStreamNormXprojF16R1 = "gemv" / "gemv_stream_norm_xproj_f16_r1",
+    GemvStreamNormXprojF16R2 = "gemv" / "gemv_stream_norm_xproj_f16_r2",
+    GemvStreamNormXprojF16R4 = "gemv" / "gemv_stream_norm_xproj_f16_r4",
     SampleRows = "sample" / "sample_rows",
     SampleGreedy = "sample" / "sample_greedy",
 }
@@ -247,6 +256,14 @@ impl Kernel {
     /// The streaming GEMV kernel (`gemv_stream_impl`), same parameters.
     pub fn gemv_stream(dtype: crate::backend::DType, norm: bool, mt: usize, r: usize) -> Option<Kernel> {
         Self::gemv_of(Kernel::GemvStreamF32M1R1, dtype, norm, mt, r)
+    }
+
+    /// The streaming GEMV of one sequence with the norm prologue, the conv
+    /// epilogue and x_proj fused in (`XProjEpilogue` in `kernels/gemv.cu`),
+    /// `r` output columns a warp's group (1, 2 or 4).
+    pub fn gemv_stream_xproj(dtype: crate::backend::DType, r: usize) -> Option<Kernel> {
+        let shape = [1, 2, 4].iter().position(|&s| s == r)?;
+        Some(Kernel::ALL[Kernel::GemvStreamNormXprojF32R1 as usize + dtype_code(dtype) as usize * 3 + shape])
     }
 
     /// A family's entries run dtype (f32, bf16, f16) by norm (off, on) by
@@ -492,5 +509,12 @@ mod tests {
             }
         }
         assert_eq!(Kernel::gemv(DType::BF16, false, 8, 4), None);
+        for (dtype, dt) in [(DType::F32, "f32"), (DType::BF16, "bf16"), (DType::F16, "f16")] {
+            for r in [1, 2, 4] {
+                let k = Kernel::gemv_stream_xproj(dtype, r).expect("a built shape");
+                assert_eq!(k.source(), ("gemv", format!("gemv_stream_norm_xproj_{dt}_r{r}").as_str()));
+            }
+        }
+        assert_eq!(Kernel::gemv_stream_xproj(DType::BF16, 8), None);
     }
 }

@@ -14,6 +14,7 @@
 //! after one, the context is unusable and every later call fails too.
 
 mod blas;
+mod block;
 pub mod ceilings;
 mod kernels;
 mod sample;
@@ -29,8 +30,8 @@ use self::blas::{Blas, Gemm};
 use self::kernels::{Args, Kernel, Kernels};
 use super::checks::{self, check};
 use super::{
-    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1Block, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba1StepArgs,
-    Mamba1TailArgs, Mamba2ScanArgs, NormedLinear, Packed, ProjConv, Result, SampleRow, SampledToken, View, ViewMut,
+    Backend, BackendError, ConvArgs, DType, HostMatrix, Mamba1Block, Mamba1DecodeBlock, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape,
+    Mamba1StepArgs, Mamba1TailArgs, Mamba2ScanArgs, NormedLinear, Packed, ProjConv, Result, SampleRow, SampledToken, View, ViewMut,
 };
 use super::{mamba1_tail_ops, rmsnorm_linear_then_conv};
 
@@ -134,11 +135,19 @@ struct GemvMode<'a> {
     /// The conv step folded into the epilogue: `ConvEpilogue` of
     /// `kernels/gemv.cu`, as the words of its C layout.
     conv: Option<[u64; CONV_EPILOGUE_WORDS]>,
+    /// x_proj folded into the conv epilogue (one row, streaming path):
+    /// `XProjEpilogue` of `kernels/gemv.cu`, as the words of its C layout.
+    xproj: Option<[u64; XPROJ_EPILOGUE_WORDS]>,
 }
 
 impl GemvMode<'_> {
-    const STORE: GemvMode<'static> = GemvMode { accumulate: false, norm: None, conv: None };
+    const STORE: GemvMode<'static> = GemvMode { accumulate: false, norm: None, conv: None, xproj: None };
 }
+
+/// 8-byte words of `XProjEpilogue` (32 bytes).
+const XPROJ_EPILOGUE_WORDS: usize = 4;
+/// The most x_proj outputs the fused epilogue sums (`XPROJ_MAX`).
+const XPROJ_MAX: usize = 512;
 
 /// 8-byte words of `ConvEpilogue` (80 bytes).
 const CONV_EPILOGUE_WORDS: usize = 10;
@@ -394,6 +403,13 @@ pub struct CudaBackend {
     /// holds are sent again, and small reads go through pageable memory
     /// (`MAMBA_SERVE_RESEND`, for comparisons).
     resend: bool,
+    /// Whether one-sequence Mamba-1 decode blocks fold x_proj into
+    /// in_proj's conv epilogue (`block.rs`; `MAMBA_SERVE_NO_FOLD_XPROJ`
+    /// turns it off, for comparisons), the per-layer accumulators it adds
+    /// into, and the blocks run so.
+    fused_x_proj: bool,
+    xproj_acc: RefCell<Option<block::Accumulators>>,
+    xproj_launches: Cell<u64>,
     /// The fused tail's grid barrier word.
     tail_barrier: DevBuf,
     /// The last shape's tail plan (`None`: the kernel does not fit it).
@@ -509,6 +525,9 @@ impl CudaBackend {
             split_greedy: std::env::var_os("MAMBA_SERVE_NO_SPLIT_GREEDY").is_none(),
             split_out: split_out_shape(),
             resend: std::env::var_os("MAMBA_SERVE_RESEND").is_some(),
+            fused_x_proj: std::env::var_os("MAMBA_SERVE_NO_FOLD_XPROJ").is_none(),
+            xproj_acc: RefCell::new(None),
+            xproj_launches: Cell::new(0),
             tail_barrier,
             tail_plans: RefCell::new(None),
             tail_launches: Cell::new(0),
@@ -535,6 +554,17 @@ impl CudaBackend {
     /// Launches of the fused decode tail so far (`tail.rs`).
     pub fn fused_tail_launches(&self) -> u64 {
         self.tail_launches.get()
+    }
+
+    /// Lets models loaded after this fold x_proj into in_proj for
+    /// one-sequence decode blocks (`block.rs`), or stops them.
+    pub fn set_fused_x_proj(&mut self, on: bool) {
+        self.fused_x_proj = on;
+    }
+
+    /// Decode blocks run with x_proj folded in so far (`block.rs`).
+    pub fn fused_x_proj_blocks(&self) -> u64 {
+        self.xproj_launches.get()
     }
 
     /// Bytes of shared memory a block may opt in to (the fused kernels'
@@ -729,15 +759,21 @@ impl CudaBackend {
         let mt = x.rows.min(8).next_power_of_two();
         let plain = mode.norm.is_none() && mode.conv.is_none() && x.rows == 1;
         let split = self.split_out.filter(|_| plain && w.rows >= GEMV_STREAM_MIN_COLS);
-        if w.rows >= GEMV_STREAM_MIN_COLS && split.is_none() {
+        if let Some(r) = Self::gemv_stream_cols(w, mt).filter(|_| split.is_none()) {
             // Many columns: warps stream column groups with loads in flight
             // across groups; as many columns a group as keep a group per warp.
-            let r = [4, 2, 1].into_iter().find(|&r| w.rows / r >= GEMV_STREAM_MIN_COLS && r * mt <= 16).unwrap_or(1);
-            let k = Kernel::gemv_stream(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
             let groups = w.rows.div_ceil(r) as u32;
             let blocks = groups.div_ceil(4).min(self.sms * GEMV_STREAM_BLOCKS_PER_SM);
-            return self.launch_dependent(k, args(), (blocks, (x.rows as u32).div_ceil(mt as u32), 1), 128);
+            let grid = (blocks, (x.rows as u32).div_ceil(mt as u32), 1);
+            if let Some(xp) = mode.xproj {
+                check("linear", mt == 1 && mode.norm.is_some(), || "x_proj folds into a one-row normed product".into())?;
+                let k = Kernel::gemv_stream_xproj(w.dtype, r).expect("every r chosen here has a kernel");
+                return self.launch_dependent(k, args().words(&xp), grid, 128);
+            }
+            let k = Kernel::gemv_stream(w.dtype, mode.norm.is_some(), mt, r).expect("every (mt, r) chosen here has a kernel");
+            return self.launch_dependent(k, args(), grid, 128);
         }
+        check("linear", mode.xproj.is_none(), || "x_proj folds only into the streaming product".into())?;
         // Output columns per block: as many as keep the grid at least
         // GEMV_MIN_BLOCKS blocks (more loads in flight per thread).
         let mut r = if w.rows >= 4 * GEMV_MIN_BLOCKS {
@@ -790,6 +826,60 @@ impl CudaBackend {
             Some(dtype) if dtype != DType::F32 => (self.scratch.borrow().half_copy.ptr, kernels::dtype_code(dtype)),
             _ => (0, 0),
         }
+    }
+
+    /// The streaming GEMV's columns a group for a product of `w` over
+    /// tiles of `mt` rows, or `None` when it takes the block-split kernel.
+    fn gemv_stream_cols(w: &CudaMat, mt: usize) -> Option<usize> {
+        (w.rows >= GEMV_STREAM_MIN_COLS)
+            .then(|| [4, 2, 1].into_iter().find(|&r| w.rows / r >= GEMV_STREAM_MIN_COLS && r * mt <= 16).unwrap_or(1))
+    }
+
+    /// Whether a mixer's entry runs as one kernel: the norm, in_proj and
+    /// the conv step (decode, up to GEMV_MAX_ROWS sequences).
+    fn entry_fuses(p: &NormedLinear<'_, Self>, conv: &ProjConv<'_, Self>, batch: &Packed<'_, Self>) -> bool {
+        batch.single_token
+            && p.rows == batch.n_seqs
+            && p.rows <= GEMV_MAX_ROWS
+            && Self::gemv_vec(&View::dense(p.x, p.rows, p.w.cols), p.w)
+            && (1..=CONV_STEP_MAX_K).contains(&conv.kernel)
+    }
+
+    /// A mixer's entry as one kernel ([`CudaBackend::entry_fuses`]), with
+    /// x_proj folded in when `xproj` is given (`XProjEpilogue`).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_entry(
+        &self,
+        p: NormedLinear<'_, Self>,
+        normed: &CudaVec,
+        proj: ViewMut<'_, CudaVec>,
+        conv: ProjConv<'_, Self>,
+        batch: &Packed<'_, Self>,
+        conv_out: ViewMut<'_, CudaVec>,
+        xproj: Option<[u64; XPROJ_EPILOGUE_WORDS]>,
+    ) -> Result<()> {
+        checks::rmsnorm_linear(&p, normed, &proj)?;
+        let (start, channels) = (conv.start, conv.channels);
+        let ViewMut { buf, offset, rows, cols, stride } = proj;
+        let args = conv.args(View { buf: &*buf, offset, rows, cols, stride });
+        checks::conv1d(&args, batch, &conv_out)?;
+        let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
+        let k = args.kernel as u64;
+        let epilogue = [
+            args.weight.buf.ptr,
+            args.bias.map_or(0, |b| b.buf.ptr),
+            k | (args.activation.code() as u64) << 32,
+            state,
+            slot_stride,
+            layer_off,
+            batch.slots.buf.ptr,
+            start as u64 | (channels as u64) << 32,
+            conv_out.buf.at(conv_out.offset),
+            conv_out.stride as u64,
+        ];
+        let out = ViewMut { buf, offset, rows, cols, stride };
+        let mode = GemvMode { norm: Some((p.norm, p.eps)), conv: Some(epilogue), xproj, ..GemvMode::STORE };
+        self.gemv(View::dense(p.x, p.rows, p.w.cols), p.w, p.bias, &out, mode)
     }
 
     /// Whether a product can take the GEMV's 16-byte vector path.
@@ -1098,7 +1188,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         if Self::use_gemv(x.rows, w) {
-            self.gemv(x, w, bias, &out, GemvMode { accumulate: true, norm: None, conv: None })
+            self.gemv(x, w, bias, &out, GemvMode { accumulate: true, ..GemvMode::STORE })
         } else if let Some(kernel) = self.short_k(&x, w) {
             self.short_k_product(kernel, x, w, bias, &out, true)
         } else {
@@ -1116,7 +1206,7 @@ impl Backend for CudaBackend {
         let xv = View::dense(x, rows, k);
         if rows <= GEMV_MAX_ROWS && Self::gemv_vec(&xv, w) {
             // Decode: the norm folded into the product, nothing written between.
-            return self.gemv(xv, w, bias, &out, GemvMode { accumulate: false, norm: Some((norm, eps)), conv: None });
+            return self.gemv(xv, w, bias, &out, GemvMode { norm: Some((norm, eps)), ..GemvMode::STORE });
         }
         // One block a row; rows of a width the vector kernel takes are read
         // once, as 16-byte pieces held in registers.
@@ -1150,38 +1240,11 @@ impl Backend for CudaBackend {
         batch: &Packed<'_, Self>,
         conv_out: ViewMut<'_, CudaVec>,
     ) -> Result<()> {
-        let xv = View::dense(p.x, p.rows, p.w.cols);
-        let fused = batch.single_token
-            && p.rows == batch.n_seqs
-            && p.rows <= GEMV_MAX_ROWS
-            && Self::gemv_vec(&xv, p.w)
-            && (1..=CONV_STEP_MAX_K).contains(&conv.kernel);
-        if !fused {
+        if !Self::entry_fuses(&p, &conv, batch) {
             return rmsnorm_linear_then_conv(self, p, normed, proj, conv, batch, conv_out);
         }
         // Decode: the norm, in_proj and the conv step in one kernel.
-        checks::rmsnorm_linear(&p, normed, &proj)?;
-        let (start, channels) = (conv.start, conv.channels);
-        let ViewMut { buf, offset, rows, cols, stride } = proj;
-        let args = conv.args(View { buf: &*buf, offset, rows, cols, stride });
-        checks::conv1d(&args, batch, &conv_out)?;
-        let (state, slot_stride, layer_off) = Self::ssm_layout_args(args.state, args.layout, args.layer);
-        let k = args.kernel as u64;
-        let epilogue = [
-            args.weight.buf.ptr,
-            args.bias.map_or(0, |b| b.buf.ptr),
-            k | (args.activation.code() as u64) << 32,
-            state,
-            slot_stride,
-            layer_off,
-            batch.slots.buf.ptr,
-            start as u64 | (channels as u64) << 32,
-            conv_out.buf.at(conv_out.offset),
-            conv_out.stride as u64,
-        ];
-        let out = ViewMut { buf, offset, rows, cols, stride };
-        let mode = GemvMode { accumulate: false, norm: Some((p.norm, p.eps)), conv: Some(epilogue) };
-        self.gemv(xv, p.w, p.bias, &out, mode)
+        self.fused_entry(p, normed, proj, conv, batch, conv_out, None)
     }
 
     fn conv1d(&self, args: ConvArgs<'_, Self>, batch: &Packed<'_, Self>, out: ViewMut<'_, CudaVec>) -> Result<()> {
@@ -1335,10 +1398,16 @@ impl Backend for CudaBackend {
         self.launch(k, a, grid, 128)
     }
 
-    fn prepare_mamba1_stack(&self, blocks: &[Mamba1Block<'_, Self>], shape: &Mamba1StackShape) -> Result<bool> {
-        self.no_capture("prepare_mamba1_stack")?;
+    fn prepare_mamba1_decode(&self, blocks: &[Mamba1Block<'_, Self>], shape: &Mamba1StackShape) -> Result<bool> {
+        self.no_capture("prepare_mamba1_decode")?;
         self.bind()?;
+        block::prepare(self, blocks.len(), shape)?;
         stack::prepare(self, blocks, shape)
+    }
+
+    fn mamba1_decode_block(&self, args: Mamba1DecodeBlock<'_, Self>, batch: &Packed<'_, Self>) -> Result<()> {
+        self.bind()?;
+        block::run(self, args, batch)
     }
 
     fn mamba1_decode_tail(&self, args: Mamba1TailArgs<'_, Self>, batch: &Packed<'_, Self>) -> Result<()> {
