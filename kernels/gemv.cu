@@ -59,15 +59,17 @@ __device__ __forceinline__ float conv_step_one(const ConvEpilogue& cv, int row, 
 
 // x_proj fused into the conv epilogue of the streaming kernel (decode, one
 // sequence: Mamba-1's in_proj, whose conv outputs are x_proj's input): each
-// conv output y[c] also adds y[c] * w[j, c] to acc[j] for every j < n (w
-// `[n, conv_len]`, x_proj's weights in the product's dtype). A block sums
-// its warps' terms in shared memory and adds each of its n sums to acc with
-// one atomic at its end, so acc must hold zeros when the kernel starts; the
-// caller keeps one accumulator a layer, and after the dependent-launch wait
-// block 0 zeroes `clear` (n floats: the previous layer's, which the step
-// that read it is done with). Off when w is null.
+// conv output y[c] also adds y[c] * wt[c, j] to acc[j] for every j < n (wt
+// `[conv_len, n]`: x_proj's weights transposed, in the product's dtype, so a
+// group's R channels read R contiguous rows). Each warp sums its terms in
+// its own row of shared memory; the block adds the rows' sums to acc with
+// one 16-byte atomic per four
+// (n % 4 == 0, acc 16-byte aligned) at its end, so acc must hold zeros when
+// the kernel starts; the caller keeps one accumulator a layer, and block 0
+// zeroes `clear` (n floats: the previous layer's, which the step that read
+// it is done with) after its dependent-launch wait. Off when wt is null.
 struct XProjEpilogue {
-    const void* w;
+    const void* wt;
     float* acc;
     float* clear;
     int n;
@@ -128,26 +130,27 @@ __device__ __forceinline__ float gemv_finish(float v, const float* bias, float* 
     return 0.0f;
 }
 
-// The rows of x_proj's weights a group of R columns starting at column n0
-// reads at its end (XProjEpilogue), pulled into L2 when the group starts.
+// The rows of x_proj's transposed weights a group of R columns starting at
+// column n0 reads at its end (XProjEpilogue), pulled into L2 when the group
+// starts.
 template <int R>
 __device__ __forceinline__ void xproj_prefetch(const XProjEpilogue& xp, const ConvEpilogue& conv, int n0, int lane, int esize) {
-    const int c0 = n0 - conv.start;
-    if (c0 + R <= 0 || c0 >= conv.len) return;
-    const int c = max(c0, 0);
-    for (int j = lane; j < xp.n; j += 32) {
-        const char* p = (const char*)xp.w + ((u64)j * conv.len + c) * esize;
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-    }
+    const int c0 = max(n0 - conv.start, 0), c1 = min(n0 + R - conv.start, conv.len);
+    if (c1 <= c0) return;
+    const char* p = (const char*)xp.wt + (u64)c0 * xp.n * esize;
+    const int bytes = (c1 - c0) * xp.n * esize;
+    for (int off = lane * 128; off < bytes; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
 }
 
-// The group's x_proj terms (XProjEpilogue): lane r < R holds the conv
-// output y of column n0 + r (0 for other columns).
+// The group's x_proj terms (XProjEpilogue), added to the warp's row xsum
+// of shared memory: lane r < R holds the conv output y of column n0 + r (0
+// for other columns). Sets *any when the group has conv columns.
 template <int DT, int R>
 __device__ __forceinline__ void xproj_terms(const XProjEpilogue& xp, const ConvEpilogue& conv, int n0, int lane, float y,
-                                            float* xsum) {
+                                            float* xsum, int* any) {
     const int c0 = n0 - conv.start;
     if (c0 + R <= 0 || c0 >= conv.len) return;
+    if (lane == 0) *any = 1;
     float yv[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) yv[r] = __shfl_sync(FULL_MASK, y, r);
@@ -156,13 +159,25 @@ __device__ __forceinline__ void xproj_terms(const XProjEpilogue& xp, const ConvE
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const int c = c0 + r;
-            if (c >= 0 && c < conv.len) s += yv[r] * load_weight<DT>(xp.w, (u64)j * conv.len + c);
+            if (c >= 0 && c < conv.len) s += yv[r] * load_weight<DT>(xp.wt, (u64)c * xp.n + j);
         }
-        atomicAdd(&xsum[j], s);
+        xsum[j] += s;
     }
 }
 
+// acc[0..4) += v[0..4) as one 16-byte atomic (sm_90+; four before).
+__device__ __forceinline__ void red_add_v4(float* acc, const float* v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(acc), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+                 : "memory");
+#else
+    for (int i = 0; i < 4; ++i) atomicAdd(acc + i, v[i]);
+#endif
+}
+
 #define GEMV_MAX_WARPS 8
+// Warps a block of the streaming kernel (its launch bound, 128 threads).
+#define GEMV_STREAM_WARPS 4
 #define GEMV_U 2
 
 template <int DT, int MT, int R, bool NORM>
@@ -257,8 +272,8 @@ template <int DT, int MT, int R, bool NORM, bool XP>
 __device__ __forceinline__ void gemv_stream_walk(const float* x, int xs, int M, const void* __restrict__ w, int N, int K,
                                                  const float* __restrict__ bias, float* __restrict__ out, int os,
                                                  int accumulate, const float* __restrict__ nw, float eps,
-                                                 const ConvEpilogue& conv, const XProjEpilogue& xp, float* xsum, int g,
-                                                 int warps, int groups) {
+                                                 const ConvEpilogue& conv, const XProjEpilogue& xp, float* xsum,
+                                                 int* xany, int g, int warps, int groups) {
     constexpr int U = R >= 4 ? 1 : 4 / R;
     const int lane = threadIdx.x & 31;
     const int m0 = blockIdx.y * MT;
@@ -315,7 +330,7 @@ __device__ __forceinline__ void gemv_stream_walk(const float* x, int xs, int M, 
                 }
             }
             if (XP) {
-                xproj_terms<DT, R>(xp, conv, g * R, lane, y, xsum);
+                xproj_terms<DT, R>(xp, conv, g * R, lane, y, xsum, xany);
                 if (more) xproj_prefetch<R>(xp, conv, g2 * R, lane, DT == 0 ? 4 : 2);
             }
         }
@@ -339,22 +354,32 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
     const int warps = gridDim.x * (blockDim.x >> 5);
     int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int groups = (N + R - 1) / R;
-    // The block's x_proj sums (XP: one sequence, MT = 1).
-    __shared__ float xsum[XP ? XPROJ_MAX : 1];
+    // The block's x_proj sums, and whether it had conv columns (XP: one
+    // sequence, MT = 1).
+    __shared__ __align__(16) float xsum[XP ? GEMV_STREAM_WARPS : 1][XP ? XPROJ_MAX : 4];
+    __shared__ int xany;
+    const int warp = threadIdx.x >> 5;
     if (XP) {
-        for (int j = threadIdx.x; j < xp.n; j += blockDim.x) xsum[j] = 0.0f;
+        for (int j = lane; j < xp.n; j += 32) xsum[warp][j] = 0.0f;
+        if (threadIdx.x == 0) xany = 0;
         __syncthreads();
         if (g < groups) xproj_prefetch<R>(xp, conv, g * R, lane, DT == 0 ? 4 : 2);
     }
     if (g < groups) gemv_stream_walk<DT, MT, R, NORM, XP>(x, xs, M, w, N, K, bias, out, os, accumulate, nw, eps, conv, xp,
-                                                          xsum, g, warps, groups);
+                                                          xsum[warp], &xany, g, warps, groups);
     if (XP) {
         if (g >= groups) grid_dep_sync();
         if (blockIdx.x == 0)
             for (int j = threadIdx.x; j < xp.n; j += blockDim.x) xp.clear[j] = 0.0f;
         __syncthreads();
-        for (int j = threadIdx.x; j < xp.n; j += blockDim.x)
-            if (xsum[j] != 0.0f) atomicAdd(&xp.acc[j], xsum[j]);
+        if (xany)
+            for (int j = threadIdx.x * 4; j < xp.n; j += blockDim.x * 4) {
+                float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int i = 0; i < GEMV_STREAM_WARPS; ++i)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) v[q] += xsum[i][j + q];
+                red_add_v4(xp.acc + j, v);
+            }
     }
 }
 

@@ -218,6 +218,11 @@ impl<B: Backend> Model<B> {
             last: backend.alloc(s * d)?,
             logits: backend.alloc(s * cfg.vocab_size)?,
         };
+        // Before the pool, which may take what memory is left.
+        let stack = match mamba1_blocks(&weights) {
+            Some(blocks) => backend.prepare_mamba1_decode(&blocks, &stack_shape(&cfg))?,
+            None => false,
+        };
         let slot_bytes = 4 * (cfg.conv_state_len() + cfg.ssm_state_len()) * cfg.n_layers;
         if opts.n_slots == 0 {
             opts.n_slots = match backend.free_memory() {
@@ -252,10 +257,6 @@ impl<B: Backend> Model<B> {
             supported: None,
             buckets: graph_buckets(opts.max_batch_seqs.min(opts.max_batch_tokens)),
             recorded: HashMap::new(),
-        };
-        let stack = match mamba1_blocks(&weights) {
-            Some(blocks) => backend.prepare_mamba1_decode(&blocks, &stack_shape(&cfg))?,
-            None => false,
         };
         Ok(Model { backend, cfg, weights, pool, ws, opts, graphs, stack })
     }

@@ -1401,7 +1401,7 @@ impl Backend for CudaBackend {
     fn prepare_mamba1_decode(&self, blocks: &[Mamba1Block<'_, Self>], shape: &Mamba1StackShape) -> Result<bool> {
         self.no_capture("prepare_mamba1_decode")?;
         self.bind()?;
-        block::prepare(self, blocks.len(), shape)?;
+        block::prepare(self, blocks, shape)?;
         stack::prepare(self, blocks, shape)
     }
 
