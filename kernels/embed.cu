@@ -1,6 +1,6 @@
 // Row movement: embedding gather, row gather, fill, f32 -> 16-bit
 // conversion of activations (for tensor-core GEMMs), bias broadcast and
-// a weight transpose.
+// a weight re-layout.
 
 // out[t, :] = f32(table[ids[t], :]) for t < gridDim.x; `d` columns.
 // An id outside the table writes NaN, so a bad id cannot pass unnoticed.
@@ -87,13 +87,13 @@ extern "C" __global__ void bias_rows(const float* bias, float* out, int rows, in
     }
 }
 
-// out[c, r] = in[r, c] for an `[rows, cols]` matrix of `esize`-byte
-// elements (2 or 4): the channel-major copy of x_proj that in_proj's fold
-// reads (backend cuda/block.rs). Run once at load.
-extern "C" __global__ void transpose(const void* in, void* out, int rows, int cols, int esize) {
+// x_proj's weights `[rows, cols]` (`esize`-byte elements, 2 or 4) grouped
+// for in_proj's fold (`XProjEpilogue` in gemv.cu): element (r, c) goes to
+// ((c / group) * rows + r) * group + c % group. Run once at load.
+extern "C" __global__ void group_columns(const void* in, void* out, int rows, int cols, int esize, int group) {
     const u64 n = (u64)rows * cols;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const u64 r = i / cols, c = i % cols, o = c * rows + r;
+        const u64 r = i / cols, c = i % cols, o = ((c / group) * rows + r) * group + c % group;
         if (esize == 4) ((u32*)out)[o] = ((const u32*)in)[i];
         else ((u16*)out)[o] = ((const u16*)in)[i];
     }

@@ -59,22 +59,30 @@ __device__ __forceinline__ float conv_step_one(const ConvEpilogue& cv, int row, 
 
 // x_proj fused into the conv epilogue of the streaming kernel (decode, one
 // sequence: Mamba-1's in_proj, whose conv outputs are x_proj's input): each
-// conv output y[c] also adds y[c] * wt[c, j] to acc[j] for every j < n (wt
-// `[conv_len, n]`: x_proj's weights transposed, in the product's dtype, so a
-// group's R channels read R contiguous rows). Each warp sums its terms in
-// its own row of shared memory; the block adds the rows' sums to acc with
-// one 16-byte atomic per four
-// (n % 4 == 0, acc 16-byte aligned) at its end, so acc must hold zeros when
-// the kernel starts; the caller keeps one accumulator a layer, and block 0
-// zeroes `clear` (n floats: the previous layer's, which the step that read
-// it is done with) after its dependent-launch wait. Off when wt is null.
+// conv output y[c] also adds y[c] * w[j, c] to acc[j] for every j < n.
+// `wg` holds x_proj's weights (in the product's dtype) grouped the way the
+// kernel's warps take the conv's channels, R at a time: w[j, c] at
+// ((c / R) * n + j) * R + c % R, so lane j's R weights of a group are one
+// load, and a warp's are contiguous. A warp loads its group's weights into
+// registers when it starts the group (they do not depend on the previous
+// kernel) and adds its terms into its own row of shared memory when the
+// group ends; the block adds its rows' sums to acc with one 16-byte atomic
+// per four (n % 4 == 0, acc 16-byte aligned) at its end. So acc must hold
+// zeros when the kernel starts: the caller keeps one accumulator a layer,
+// and block 0 zeroes `clear` (n floats: the previous layer's, which the
+// step that read it is done with) after its dependent-launch wait. The
+// conv's columns must start and end on group boundaries (start and len
+// multiples of R).
 struct XProjEpilogue {
-    const void* wt;
+    const void* wg;
     float* acc;
     float* clear;
     int n;
 };
-#define XPROJ_MAX 512
+// Outputs a lane holds weights for: n <= 32 * XPROJ_J (Falcon-Mamba-7b's
+// 288 the widest).
+#define XPROJ_J 9
+#define XPROJ_MAX (32 * XPROJ_J)
 // One 8-column chunk of K for R weight rows: acc[r][m] += w[r] . x[m] over
 // the chunk at column k, with the norm prologue (x scaled by nw, its
 // squares summed into ss) when NORM. Shared by both vector kernels.
@@ -130,36 +138,79 @@ __device__ __forceinline__ float gemv_finish(float v, const float* bias, float* 
     return 0.0f;
 }
 
-// The rows of x_proj's transposed weights a group of R columns starting at
-// column n0 reads at its end (XProjEpilogue), pulled into L2 when the group
-// starts.
-template <int R>
-__device__ __forceinline__ void xproj_prefetch(const XProjEpilogue& xp, const ConvEpilogue& conv, int n0, int lane, int esize) {
-    const int c0 = max(n0 - conv.start, 0), c1 = min(n0 + R - conv.start, conv.len);
-    if (c1 <= c0) return;
-    const char* p = (const char*)xp.wt + (u64)c0 * xp.n * esize;
-    const int bytes = (c1 - c0) * xp.n * esize;
-    for (int off = lane * 128; off < bytes; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+// A lane's x_proj weights for one group: for output j = lane + 32 i, the
+// R weights of the group's channels, as raw words.
+template <int DT, int R>
+struct XProjRegs {
+    static constexpr int WORDS = DT == 0 ? R : (R + 1) / 2;
+    u32 w[XPROJ_J][WORDS];
+};
+
+// Loads the weights of the group whose first column is n0 (nothing when it
+// has no conv columns).
+template <int DT, int R>
+__device__ __forceinline__ void xproj_load(XProjRegs<DT, R>& reg, const XProjEpilogue& xp, const ConvEpilogue& conv,
+                                           int n0, int lane) {
+    const int c0 = n0 - conv.start;
+    if (c0 < 0 || c0 >= conv.len) return;
+    const u64 base = (u64)(c0 / R) * xp.n * R;
+#pragma unroll
+    for (int i = 0; i < XPROJ_J; ++i) {
+        const int j = lane + 32 * i;
+        if (j >= xp.n) break;
+        const u64 e = base + (u64)j * R;
+        if (DT == 0) {
+            const u32* p = (const u32*)xp.wg + e;
+            if (R == 4) {
+                const uint4 v = *(const uint4*)p;
+                reg.w[i][0] = v.x; reg.w[i][R > 1 ? 1 : 0] = v.y; reg.w[i][R > 2 ? 2 : 0] = v.z; reg.w[i][R > 3 ? 3 : 0] = v.w;
+            } else if (R == 2) {
+                const uint2 v = *(const uint2*)p;
+                reg.w[i][0] = v.x; reg.w[i][R > 1 ? 1 : 0] = v.y;
+            } else {
+                reg.w[i][0] = *p;
+            }
+        } else {
+            const u16* p = (const u16*)xp.wg + e;
+            if (R == 4) {
+                const uint2 v = *(const uint2*)p;
+                reg.w[i][0] = v.x; reg.w[i][R > 2 ? 1 : 0] = v.y;
+            } else if (R == 2) {
+                reg.w[i][0] = *(const u32*)p;
+            } else {
+                reg.w[i][0] = *p;
+            }
+        }
+    }
 }
 
 // The group's x_proj terms (XProjEpilogue), added to the warp's row xsum
-// of shared memory: lane r < R holds the conv output y of column n0 + r (0
-// for other columns). Sets *any when the group has conv columns.
+// of shared memory: lane r < R holds the conv output y of column n0 + r.
+// Sets *any when the group has conv columns.
 template <int DT, int R>
-__device__ __forceinline__ void xproj_terms(const XProjEpilogue& xp, const ConvEpilogue& conv, int n0, int lane, float y,
-                                            float* xsum, int* any) {
+__device__ __forceinline__ void xproj_terms(const XProjRegs<DT, R>& reg, const XProjEpilogue& xp, const ConvEpilogue& conv,
+                                            int n0, int lane, float y, float* xsum, int* any) {
     const int c0 = n0 - conv.start;
-    if (c0 + R <= 0 || c0 >= conv.len) return;
+    if (c0 < 0 || c0 >= conv.len) return;
     if (lane == 0) *any = 1;
     float yv[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) yv[r] = __shfl_sync(FULL_MASK, y, r);
-    for (int j = lane; j < xp.n; j += 32) {
+#pragma unroll
+    for (int i = 0; i < XPROJ_J; ++i) {
+        const int j = lane + 32 * i;
+        if (j >= xp.n) break;
         float s = 0.0f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const int c = c0 + r;
-            if (c >= 0 && c < conv.len) s += yv[r] * load_weight<DT>(xp.wt, (u64)c * xp.n + j);
+            float wv;
+            if (DT == 0) {
+                wv = __uint_as_float(reg.w[i][r]);
+            } else {
+                const u16 h = (u16)(reg.w[i][r / 2] >> (16 * (r % 2)));
+                wv = DT == 1 ? bf16_to_f32(h) : f16_to_f32(h);
+            }
+            s += yv[r] * wv;
         }
         xsum[j] += s;
     }
@@ -283,6 +334,8 @@ __device__ __forceinline__ void gemv_stream_walk(const float* x, int xs, int M, 
     Chunk<DT> cur[U][R], nxt[U][R];
     int kb = 0;
     stream_load<DT, U, R>(cur, w, N, K, g * R, lane * 8);
+    XProjRegs<DT, R> xw;
+    if (XP) xproj_load<DT, R>(xw, xp, conv, g * R, lane);
     // The first weights are on their way while the previous kernel ends.
     grid_dep_sync();
     TL_WAITED(NORM ? TL_STREAM_NORM : TL_STREAM);
@@ -330,8 +383,8 @@ __device__ __forceinline__ void gemv_stream_walk(const float* x, int xs, int M, 
                 }
             }
             if (XP) {
-                xproj_terms<DT, R>(xp, conv, g * R, lane, y, xsum, xany);
-                if (more) xproj_prefetch<R>(xp, conv, g2 * R, lane, DT == 0 ? 4 : 2);
+                xproj_terms<DT, R>(xw, xp, conv, g * R, lane, y, xsum, xany);
+                if (more) xproj_load<DT, R>(xw, xp, conv, g2 * R, lane);
             }
         }
         if (!more) break;
@@ -363,7 +416,6 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
         for (int j = lane; j < xp.n; j += 32) xsum[warp][j] = 0.0f;
         if (threadIdx.x == 0) xany = 0;
         __syncthreads();
-        if (g < groups) xproj_prefetch<R>(xp, conv, g * R, lane, DT == 0 ? 4 : 2);
     }
     if (g < groups) gemv_stream_walk<DT, MT, R, NORM, XP>(x, xs, M, w, N, K, bias, out, os, accumulate, nw, eps, conv, xp,
                                                           xsum[warp], &xany, g, warps, groups);

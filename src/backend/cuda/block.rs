@@ -3,9 +3,9 @@
 //! kernels a block (in_proj with the conv and x_proj, the step, out_proj)
 //! where the ops would launch four.
 //!
-//! The fold reads x_proj's weights channel-major (a group's channels are
-//! contiguous rows), so the backend keeps a transposed copy of each
-//! layer's x_proj, made on the device at load (~1.3 MB a layer at
+//! The fold reads x_proj's weights grouped the way in_proj's warps take
+//! the conv's channels (`XProjEpilogue`), so the backend keeps such a copy
+//! of each layer's x_proj, made on the device at load (~1.3 MB a layer at
 //! mamba-1.4b).
 //!
 //! x_proj's sums arrive by atomic adds, so they need an accumulator that
@@ -16,41 +16,48 @@
 //! is zero but the last layer's, which the next step's layer 0 zeroes. The
 //! rows belong to these kernels alone: nothing else writes them.
 
-use super::kernels::Kernel;
 use super::kernels::Args;
+use super::kernels::Kernel;
 use super::{CudaBackend, CudaVec, DevBuf, ROW_THREADS, XPROJ_MAX};
-use crate::backend::{Backend, Mamba1Block, Mamba1DecodeBlock, Mamba1StackShape, Mamba1StepArgs, Packed, Result, View, ViewMut, mamba1_block_ops};
+use crate::backend::{
+    Backend, Mamba1Block, Mamba1DecodeBlock, Mamba1StackShape, Mamba1StepArgs, Packed, Result, View, ViewMut, mamba1_block_ops,
+};
 
 /// What the fold keeps for one model's blocks: the per-layer accumulators
-/// and each layer's transposed x_proj, with the weights it was made from.
+/// and each layer's grouped x_proj (channels `group` at a time: the
+/// streaming in_proj's columns a warp's group), with the weights it was
+/// made from.
 pub struct Accumulators {
     buf: CudaVec,
     layers: usize,
     width: usize,
-    transposed: Vec<(u64, DevBuf)>,
+    group: usize,
+    grouped: Vec<(u64, DevBuf)>,
 }
 
 /// Readies the fold for these blocks of `shape`, when it can run for them.
 pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape: &Mamba1StackShape) -> Result<()> {
     *be.xproj_acc.borrow_mut() = None;
     let (layers, width) = (blocks.len(), shape.dt_rank + 2 * shape.d_state);
-    // One layer would zero the row it adds into; the atomics add 4 floats.
-    if !be.fused_x_proj || layers < 2 || width > XPROJ_MAX || width % 4 != 0 {
+    // One layer would zero the row it adds into; the atomics add 4 floats;
+    // groups never straddle the conv's channels and the rest.
+    let Some(group) = blocks.first().and_then(|b| CudaBackend::gemv_stream_cols(b.in_proj, 1)) else { return Ok(()) };
+    if !be.fused_x_proj || layers < 2 || width > XPROJ_MAX || width % 4 != 0 || shape.d_inner % group != 0 {
         return Ok(());
     }
     let mut buf = be.alloc(layers * width)?;
     be.fill(&mut buf, 0, layers * width, 0.0)?;
-    let mut transposed = Vec::with_capacity(layers);
+    let mut grouped = Vec::with_capacity(layers);
     for b in blocks {
         let m = b.x_proj;
         let esize = m.dtype.size();
-        let t = DevBuf::alloc(&be.ctx, m.rows * m.cols * esize, "transposed x_proj")?;
-        let args = Args::new().ptr(m.buf.ptr).ptr(t.ptr).i32(m.rows).i32(m.cols).i32(esize);
+        let copy = DevBuf::alloc(&be.ctx, m.rows * m.cols * esize, "grouped x_proj")?;
+        let args = Args::new().ptr(m.buf.ptr).ptr(copy.ptr).i32(m.rows).i32(m.cols).i32(esize).i32(group);
         let blocks = (m.rows * m.cols).div_ceil(ROW_THREADS as usize).min(4096) as u32;
-        be.launch(Kernel::Transpose, args, (blocks, 1, 1), ROW_THREADS)?;
-        transposed.push((m.buf.ptr, t));
+        be.launch(Kernel::GroupColumns, args, (blocks, 1, 1), ROW_THREADS)?;
+        grouped.push((m.buf.ptr, copy));
     }
-    *be.xproj_acc.borrow_mut() = Some(Accumulators { buf, layers, width, transposed });
+    *be.xproj_acc.borrow_mut() = Some(Accumulators { buf, layers, width, group, grouped });
     Ok(())
 }
 
@@ -64,11 +71,11 @@ fn folds(be: &CudaBackend, a: &Mamba1DecodeBlock<'_, CudaBackend>, batch: &Packe
         && batch.n_seqs == 1
         && batch.n_tokens == 1
         && (a.layers, width) == (acc.layers, acc.width)
-        && acc.transposed.get(a.layer).is_some_and(|(of, _)| *of == blk.x_proj.buf.ptr)
+        && acc.grouped.get(a.layer).is_some_and(|(of, _)| *of == blk.x_proj.buf.ptr)
         && blk.x_proj.dtype == blk.in_proj.dtype
         && (blk.x_proj.rows, blk.x_proj.cols) == (width, s.d_inner)
         && blk.in_proj.rows == 2 * s.d_inner
-        && CudaBackend::gemv_stream_cols(blk.in_proj, 1).is_some()
+        && CudaBackend::gemv_stream_cols(blk.in_proj, 1) == Some(acc.group)
 }
 
 /// [`Backend::mamba1_decode_block`] on the GPU: folded when it can be,
@@ -87,7 +94,7 @@ pub fn run(be: &CudaBackend, mut a: Mamba1DecodeBlock<'_, CudaBackend>, batch: &
     }
     let w = acc.width;
     let (row, prev) = (a.layer * w, (a.layer + a.layers - 1) % a.layers * w);
-    let xproj = [acc.transposed[a.layer].1.ptr, acc.buf.at(row), acc.buf.at(prev), w as u64];
+    let xproj = [acc.grouped[a.layer].1.ptr, acc.buf.at(row), acc.buf.at(prev), w as u64];
     let e = a.entry(1);
     be.fused_entry(e.product, e.normed, e.proj, e.conv, batch, e.conv_out, Some(xproj))?;
     let (blk, s) = (&a.block, &a.shape);

@@ -58,7 +58,7 @@ kernels! {
     Fill = "embed" / "fill_f32",
     ToHalf = "embed" / "to_half",
     ToHalf8 = "embed" / "to_half8",
-    Transpose = "embed" / "transpose",
+    GroupColumns = "embed" / "group_columns",
     BiasRows = "embed" / "bias_rows",
     RmsNormRows = "norm" / "rmsnorm_rows",
     RmsNormRows4 = "norm" / "rmsnorm_rows4",
