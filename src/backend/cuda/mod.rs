@@ -55,15 +55,15 @@ const GEMV_CHUNKS_PER_THREAD: usize = 2;
 const GEMV_STREAM_MIN_COLS: usize = 2048;
 const GEMV_STREAM_BLOCKS_PER_SM: u32 = 8;
 /// Except one-row products without a prologue or epilogue (out_proj at
-/// batch 1): they take the block-split GEMV with SPLIT_COLS columns a
-/// block, and 128 threads a block up to SPLIT_SMALL_K_CHUNKS 16-byte chunks
-/// a column (two rounds of 8 loads a thread at k 4096), 256 above. Both
-/// thread counts were found by measurement on an H200 (docs/perf-notes.md,
-/// version 14), not derived: mamba-1.4b's out_proj (k 4096) 1.27 → 1.18 ms
-/// a step with 128 (1.24 with 256), mamba-2.8b's (k 5120) 2.48 → 2.15 ms
-/// with 256 (2.39 with 128, 2.32 with 160).
+/// batch 1): they take the block-split GEMV with SPLIT_COLS columns and
+/// SPLIT_THREADS threads a block. Found by measurement on an H200
+/// (docs/perf-notes.md, versions 14 and 15), not derived: mamba-2.8b's
+/// out_proj (k 5120) 2.48 → 2.15 ms a step with 256 (2.39 with 128);
+/// mamba-1.4b's (k 4096) was fastest at 128 while x_proj ran as its own
+/// kernel before the step (1.18 against 1.24 ms), and is at 256 since
+/// x_proj folds into in_proj (1.11–1.12 against 1.24 ms with 128).
 const SPLIT_COLS: usize = 4;
-const SPLIT_SMALL_K_CHUNKS: usize = 512;
+const SPLIT_THREADS: u32 = 256;
 /// The tiled prefill scan (`mamba1_scan_tiled`, d_state up to
 /// SCAN_TILE_MAX_STATE): channels per block, tokens per staged chunk, and
 /// floats per channel of a part summary (16 states, the sum of dt, padding).
@@ -311,20 +311,20 @@ struct HalfCopy {
     dtype: DType,
 }
 
-/// The one-row block-split shape (columns a block, threads a block; 0:
-/// by K, see SPLIT_SMALL_K_CHUNKS) from `MAMBA_SERVE_SPLIT_OUT` (`R,T`, or `0`
-/// to stream), for comparisons; else the default.
+/// The one-row block-split shape (columns a block, threads a block) from
+/// `MAMBA_SERVE_SPLIT_OUT` (`R,T`, or `0` to stream), for comparisons;
+/// else the default.
 fn split_out_shape() -> Option<(usize, u32)> {
-    std::env::var("MAMBA_SERVE_SPLIT_OUT").map_or(Some((SPLIT_COLS, 0)), |v| parse_split(&v))
+    std::env::var("MAMBA_SERVE_SPLIT_OUT").map_or(Some((SPLIT_COLS, SPLIT_THREADS)), |v| parse_split(&v))
 }
 
-/// `R,T` (or `R`: threads by the rule) as a block-split shape; `None` for
+/// `R,T` (or `R`: SPLIT_THREADS) as a block-split shape; `None` for
 /// anything else (`0` among them).
 fn parse_split(v: &str) -> Option<(usize, u32)> {
     let mut parts = v.split(',').map(|p| p.trim().parse::<usize>().ok());
     let r = parts.next().flatten().filter(|r| [1, 2, 4].contains(r))?;
-    let threads = parts.next().flatten().map_or(0, |t| t.next_multiple_of(32).clamp(32, 256));
-    Some((r, threads as u32))
+    let threads = parts.next().flatten().map_or(SPLIT_THREADS, |t| t.next_multiple_of(32).clamp(32, 256) as u32);
+    Some((r, threads))
 }
 
 /// One GPU, one stream, the compiled kernels and a cuBLAS handle.
@@ -794,12 +794,7 @@ impl CudaBackend {
         // 16-byte chunks per column.
         let chunks = w.cols / 8;
         let threads = chunks.div_ceil(GEMV_CHUNKS_PER_THREAD).next_multiple_of(32).clamp(32, 256) as u32;
-        let threads = match split {
-            Some((_, 0)) if chunks <= SPLIT_SMALL_K_CHUNKS => 128,
-            Some((_, 0)) => 256,
-            Some((_, t)) => t,
-            None => threads,
-        };
+        let threads = split.map_or(threads, |(_, t)| t);
         let grid = ((w.rows as u32).div_ceil(r as u32), (x.rows as u32).div_ceil(mt as u32), 1);
         self.launch_dependent(k, args(), grid, threads)
     }
@@ -1717,7 +1712,7 @@ mod tests {
         assert_eq!(parse_split("4,128"), Some((4, 128)));
         assert_eq!(parse_split(" 2 , 100 "), Some((2, 128)), "threads are whole warps");
         assert_eq!(parse_split("1,999"), Some((1, 256)), "at most 8 warps");
-        assert_eq!(parse_split("4"), Some((4, 0)), "threads by the rule");
+        assert_eq!(parse_split("4"), Some((4, 256)), "threads by the rule");
         assert_eq!(parse_split("0"), None, "streaming");
         assert_eq!(parse_split("3,128"), None, "no kernel takes 3 columns");
         assert_eq!(parse_split("x"), None);
