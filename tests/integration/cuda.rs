@@ -1367,7 +1367,7 @@ fn seeded_generation_matches_the_cpu() -> TestResult {
 /// reference's step logits on the Mamba-1 fixtures.
 #[test]
 fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
-    use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
+    use mamba_serve::model::{Arch, shapes};
     for (arch, graphs) in [(Arch::Mamba1, false), (Arch::FalconMamba, false), (Arch::Mamba1, true)] {
         let Some(mut g) = gpu("fused stack") else { return Ok(()) };
         g.set_fused_stack(true);
@@ -1375,21 +1375,16 @@ fn the_fused_decode_stack_matches_the_cpu() -> TestResult {
         cfg.n_layers = 3;
         cfg.vocab_size = 1000;
         cfg.arch = arch;
-        let src = RandomWeights::new(DType::BF16, mamba_serve::model::weights::expected_tensors(&cfg), 7);
-        let dev = DeviceOptions { graphs, ..Default::default() };
-        let mut m = Model::load_with(g, cfg.clone(), &src, opts(2, 64), dev, &mut |_| {})?;
-        let mut cpu = Model::load(CpuBackend::new(), cfg, &src, opts(2, 64), &mut |_| {})?;
+        let (mut m, mut cpu) = random_pair(g, cfg, DType::BF16, graphs, 7)?;
         let what = format!("{arch:?}, graphs {graphs}");
         let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
-        let got = m.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
-        let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
-        check_close(&format!("{what}: prompt"), &got, &want, 1e-2);
+        let want =
+            step_both(&mut m, &mut cpu, &[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }], &format!("{what}: prompt"), 1e-2)?;
         let before = m.backend().fused_stack_launches();
         let mut token = argmax(&want) as u32;
         for step in 0..8 {
-            let got = m.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
-            let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
-            check_close(&format!("{what}: step {step}"), &got, &want, 1e-2);
+            let one = [SeqChunk { slot: 1, tokens: &[token], is_prompt: false }];
+            let want = step_both(&mut m, &mut cpu, &one, &format!("{what}: step {step}"), 1e-2)?;
             token = argmax(&want) as u32;
         }
         // The steps ran the fused kernel (with graphs: once, when recorded).
@@ -1439,6 +1434,26 @@ fn fused_fixture_steps(
     Ok(())
 }
 
+/// A model of `cfg` with random `dtype` weights (`seed`) on the GPU backend
+/// `g` and on the CPU.
+fn random_pair(g: CudaBackend, cfg: ModelConfig, dtype: DType, graphs: bool, seed: u64) -> R<(Model<CudaBackend>, Model<CpuBackend>)> {
+    use mamba_serve::model::{DeviceOptions, RandomWeights};
+    let src = RandomWeights::new(dtype, mamba_serve::model::weights::expected_tensors(&cfg), seed);
+    let dev = DeviceOptions { graphs, ..Default::default() };
+    let gpu = Model::load_with(g, cfg.clone(), &src, opts(2, 64), dev, &mut |_| {})?;
+    let cpu = Model::load(CpuBackend::new(), cfg, &src, opts(2, 64), &mut |_| {})?;
+    Ok((gpu, cpu))
+}
+
+/// One step of `chunks` on both models: checks the GPU's logits against
+/// the CPU's and returns the CPU's.
+fn step_both(m: &mut Model<CudaBackend>, cpu: &mut Model<CpuBackend>, chunks: &[SeqChunk<'_>], what: &str, tol: f64) -> R<Vec<f32>> {
+    let got = m.forward(chunks)?;
+    let want = cpu.forward(chunks)?;
+    check_close(what, &got, &want, tol);
+    Ok(want)
+}
+
 /// One-sequence decode blocks with x_proj folded into in_proj's conv
 /// epilogue (the default for in_proj on the streaming GEMV) give the CPU's
 /// logits and state over 8 greedy steps: columns a warp's group of 2
@@ -1450,7 +1465,7 @@ fn fused_fixture_steps(
 /// leave the accumulators as they were.
 #[test]
 fn decode_blocks_with_x_proj_folded_in_match_the_cpu() -> TestResult {
-    use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
+    use mamba_serve::model::{Arch, shapes};
     // (shape, width override, blocks, architecture, weights, graphs)
     let cases = [
         ("mamba-370m", None, 2, Arch::Mamba1, DType::BF16, false),
@@ -1468,34 +1483,24 @@ fn decode_blocks_with_x_proj_folded_in_match_the_cpu() -> TestResult {
         cfg.n_layers = layers;
         cfg.vocab_size = 1000;
         cfg.arch = arch;
-        let src = RandomWeights::new(dtype, mamba_serve::model::weights::expected_tensors(&cfg), 13);
-        let dev = DeviceOptions { graphs, ..Default::default() };
-        let mut m = Model::load_with(g, cfg.clone(), &src, opts(2, 64), dev, &mut |_| {})?;
-        let mut cpu = Model::load(CpuBackend::new(), cfg, &src, opts(2, 64), &mut |_| {})?;
+        let (mut m, mut cpu) = random_pair(g, cfg, dtype, graphs, 13)?;
         let what = format!("{shape} widths ({width:?}), {layers} blocks, {arch:?}, {dtype:?}, graphs {graphs}");
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
-        let got = m.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
-        let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
-        check_close(&format!("{what}: prompt"), &got, &want, tol);
+        let want = step_both(&mut m, &mut cpu, &[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }], &format!("{what}: prompt"), tol)?;
         let before = m.backend().fused_x_proj_blocks();
         let mut token = argmax(&want) as u32;
         for step in 0..8 {
             if step == 4 {
                 // Another sequence's prompt, then a step of both.
-                let other = [3u32, 1, 4, 1, 5];
-                let got = m.forward(&[SeqChunk { slot: 0, tokens: &other, is_prompt: true }])?;
-                let want = cpu.forward(&[SeqChunk { slot: 0, tokens: &other, is_prompt: true }])?;
-                check_close(&format!("{what}: second prompt"), &got, &want, tol);
+                let other = [SeqChunk { slot: 0, tokens: &[3, 1, 4, 1, 5], is_prompt: true }];
+                step_both(&mut m, &mut cpu, &other, &format!("{what}: second prompt"), tol)?;
                 let both = [SeqChunk { slot: 0, tokens: &[7], is_prompt: false }, SeqChunk { slot: 1, tokens: &[token], is_prompt: false }];
-                let got = m.forward(&both)?;
-                let want = cpu.forward(&both)?;
-                check_close(&format!("{what}: two sequences"), &got, &want, tol);
+                let want = step_both(&mut m, &mut cpu, &both, &format!("{what}: two sequences"), tol)?;
                 token = argmax(&want[1000..]) as u32;
             }
-            let got = m.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
-            let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
-            check_close(&format!("{what}: step {step}"), &got, &want, tol);
+            let one = [SeqChunk { slot: 1, tokens: &[token], is_prompt: false }];
+            let want = step_both(&mut m, &mut cpu, &one, &format!("{what}: step {step}"), tol)?;
             token = argmax(&want) as u32;
         }
         // Every block of every one-sequence step folded (with graphs: once
@@ -1518,7 +1523,7 @@ fn decode_blocks_with_x_proj_folded_in_match_the_cpu() -> TestResult {
 /// 8 states; an out_proj bias; f32 and bf16) against transformers'.
 #[test]
 fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
-    use mamba_serve::model::{Arch, DeviceOptions, RandomWeights, shapes};
+    use mamba_serve::model::{Arch, shapes};
     // (shape, blocks, architecture, weights, graphs)
     let cases = [
         ("mamba-130m", 3, Arch::Mamba1, DType::BF16, false),
@@ -1536,22 +1541,16 @@ fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
         cfg.n_layers = layers;
         cfg.vocab_size = 1000;
         cfg.arch = arch;
-        let src = RandomWeights::new(dtype, mamba_serve::model::weights::expected_tensors(&cfg), 11);
-        let dev = DeviceOptions { graphs, ..Default::default() };
-        let mut m = Model::load_with(g, cfg.clone(), &src, opts(2, 64), dev, &mut |_| {})?;
-        let mut cpu = Model::load(CpuBackend::new(), cfg, &src, opts(2, 64), &mut |_| {})?;
+        let (mut m, mut cpu) = random_pair(g, cfg, dtype, graphs, 11)?;
         let what = format!("{shape} widths, {layers} blocks, {arch:?}, {dtype:?}, graphs {graphs}");
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
-        let got = m.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
-        let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }])?;
-        check_close(&format!("{what}: prompt"), &got, &want, tol);
+        let want = step_both(&mut m, &mut cpu, &[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }], &format!("{what}: prompt"), tol)?;
         let before = m.backend().fused_tail_launches();
         let mut token = argmax(&want) as u32;
         for step in 0..8 {
-            let got = m.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
-            let want = cpu.forward(&[SeqChunk { slot: 1, tokens: &[token], is_prompt: false }])?;
-            check_close(&format!("{what}: step {step}"), &got, &want, tol);
+            let one = [SeqChunk { slot: 1, tokens: &[token], is_prompt: false }];
+            let want = step_both(&mut m, &mut cpu, &one, &format!("{what}: step {step}"), tol)?;
             token = argmax(&want) as u32;
         }
         // Every block of every step ran the fused kernel (with graphs: once
