@@ -16,11 +16,11 @@
 //! is zero but the last layer's, which the next step's layer 0 zeroes. The
 //! rows belong to these kernels alone: nothing else writes them.
 
-use super::kernels::Args;
-use super::kernels::Kernel;
+use super::kernels::{Args, Kernel};
 use super::{CudaBackend, CudaVec, DevBuf, ROW_THREADS, XPROJ_MAX};
 use crate::backend::{
-    Backend, Mamba1Block, Mamba1DecodeBlock, Mamba1StackShape, Mamba1StepArgs, Packed, Result, View, ViewMut, mamba1_block_ops,
+    Backend, BackendError, Mamba1Block, Mamba1DecodeBlock, Mamba1StackShape, Mamba1StepArgs, Packed, Result, View, ViewMut,
+    mamba1_block_ops,
 };
 
 /// What the fold keeps for one model's blocks: the per-layer accumulators
@@ -36,6 +36,7 @@ pub struct Accumulators {
 }
 
 /// Readies the fold for these blocks of `shape`, when it can run for them.
+/// Short of device memory for its copies, the blocks run unfolded.
 pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape: &Mamba1StackShape) -> Result<()> {
     *be.xproj_acc.borrow_mut() = None;
     let (layers, width) = (blocks.len(), shape.dt_rank + 2 * shape.d_state);
@@ -45,16 +46,30 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
     if !be.fused_x_proj || layers < 2 || width > XPROJ_MAX || width % 4 != 0 || shape.d_inner % group != 0 {
         return Ok(());
     }
-    let mut buf = be.alloc(layers * width)?;
+    let mut buf = match be.alloc(layers * width) {
+        Ok(buf) => buf,
+        Err(e @ BackendError::OutOfMemory { .. }) => {
+            tracing::warn!("x_proj runs as its own kernel at decode: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     be.fill(&mut buf, 0, layers * width, 0.0)?;
     let mut grouped = Vec::with_capacity(layers);
     for b in blocks {
         let m = b.x_proj;
         let esize = m.dtype.size();
-        let copy = DevBuf::alloc(&be.ctx, m.rows * m.cols * esize, "grouped x_proj")?;
+        let copy = match DevBuf::alloc(&be.ctx, m.rows * m.cols * esize, "grouped x_proj") {
+            Ok(copy) => copy,
+            Err(e @ BackendError::OutOfMemory { .. }) => {
+                tracing::warn!("x_proj runs as its own kernel at decode: {e}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let args = Args::new().ptr(m.buf.ptr).ptr(copy.ptr).i32(m.rows).i32(m.cols).i32(esize).i32(group);
-        let blocks = (m.rows * m.cols).div_ceil(ROW_THREADS as usize).min(4096) as u32;
-        be.launch(Kernel::GroupColumns, args, (blocks, 1, 1), ROW_THREADS)?;
+        let grid = (m.rows * m.cols).div_ceil(ROW_THREADS as usize).min(4096) as u32;
+        be.launch(Kernel::GroupColumns, args, (grid, 1, 1), ROW_THREADS)?;
         grouped.push((m.buf.ptr, copy));
     }
     *be.xproj_acc.borrow_mut() = Some(Accumulators { buf, layers, width, group, grouped });
