@@ -146,8 +146,9 @@ impl GemvMode<'_> {
 
 /// 8-byte words of `XProjEpilogue` (32 bytes).
 const XPROJ_EPILOGUE_WORDS: usize = 4;
-/// The most x_proj outputs the fused epilogue sums (`XPROJ_MAX`).
-const XPROJ_MAX: usize = 512;
+/// The most x_proj outputs the fused epilogue sums (`XPROJ_MAX` in
+/// `kernels/gemv.cu`: 32 lanes × XPROJ_J outputs each).
+const XPROJ_MAX: usize = 288;
 
 /// 8-byte words of `ConvEpilogue` (80 bytes).
 const CONV_EPILOGUE_WORDS: usize = 10;
@@ -554,12 +555,6 @@ impl CudaBackend {
     /// Launches of the fused decode tail so far (`tail.rs`).
     pub fn fused_tail_launches(&self) -> u64 {
         self.tail_launches.get()
-    }
-
-    /// Lets models loaded after this fold x_proj into in_proj for
-    /// one-sequence decode blocks (`block.rs`), or stops them.
-    pub fn set_fused_x_proj(&mut self, on: bool) {
-        self.fused_x_proj = on;
     }
 
     /// Decode blocks run with x_proj folded in so far (`block.rs`).
@@ -1705,7 +1700,24 @@ fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_split;
+    use super::{XPROJ_EPILOGUE_WORDS, XPROJ_MAX, parse_split};
+
+    /// The host's limits on the x_proj fold are the kernel's: as many
+    /// outputs as its lanes hold, and its epilogue struct's size.
+    #[test]
+    fn the_x_proj_fold_limits_match_the_kernel() {
+        let src = include_str!("../../../kernels/gemv.cu");
+        let per_lane: usize = src
+            .lines()
+            .find_map(|l| l.strip_prefix("#define XPROJ_J "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("gemv.cu defines XPROJ_J");
+        assert_eq!(XPROJ_MAX, 32 * per_lane);
+        let fields = src.split("struct XProjEpilogue {").nth(1).and_then(|t| t.split("};").next()).expect("the struct");
+        let (pointers, ints) = (fields.matches('*').count(), fields.matches("int n;").count());
+        assert_eq!((pointers, ints), (3, 1), "three pointers and the output count");
+        assert_eq!(XPROJ_EPILOGUE_WORDS * 8, pointers * 8 + 8, "the int is padded to 8 bytes");
+    }
 
     #[test]
     fn block_split_shapes_parse_from_the_comparison_variable() {
