@@ -450,12 +450,9 @@ pub struct Mamba1DecodeBlock<'a, B: Backend + ?Sized> {
     /// This block's index, of `layers` blocks run in order each step.
     pub layer: usize,
     pub layers: usize,
-    /// `[n_seqs, d_model]`: the block's input, and its output added onto.
-    pub residual: &'a mut B::Vec,
-    pub conv_state: &'a mut B::Vec,
-    pub conv_layout: PoolLayout,
-    pub ssm_state: &'a mut B::Vec,
-    pub ssm_layout: PoolLayout,
+    /// The residual stream's rows `[n_seqs, d_model]` are the block's
+    /// input, and its output is added onto them.
+    pub state: Mamba1DecodeState<'a, B>,
     /// Scratch the op may write: the normalised rows, in_proj's output
     /// (`[n_seqs, 2 d_inner]`), the conv's (`[n_seqs, d_inner]`), x_proj's
     /// (`[n_seqs, dt_rank + 2 d_state]`) and the step's (`[n_seqs, d_inner]`).
@@ -481,7 +478,14 @@ impl<B: Backend + ?Sized> Mamba1DecodeBlock<'_, B> {
         let (blk, s) = (&self.block, &self.shape);
         let di = s.d_inner;
         Mamba1Entry {
-            product: NormedLinear { x: &*self.residual, rows, norm: blk.norm, eps: s.norm_eps, w: blk.in_proj, bias: blk.in_proj_bias },
+            product: NormedLinear {
+                x: &*self.state.residual,
+                rows,
+                norm: blk.norm,
+                eps: s.norm_eps,
+                w: blk.in_proj,
+                bias: blk.in_proj_bias,
+            },
             normed: &mut *self.normed,
             proj: ViewMut::dense(&mut *self.proj, rows, 2 * di),
             conv: ProjConv {
@@ -491,8 +495,8 @@ impl<B: Backend + ?Sized> Mamba1DecodeBlock<'_, B> {
                 bias: blk.conv_b,
                 kernel: s.d_conv,
                 activation: s.activation,
-                state: &mut *self.conv_state,
-                layout: self.conv_layout,
+                state: &mut *self.state.conv_state,
+                layout: self.state.conv_layout,
                 layer: self.layer,
             },
             conv_out: ViewMut::dense(&mut *self.conv_out, rows, di),
@@ -516,12 +520,12 @@ pub fn mamba1_block_ops<B: Backend + ?Sized>(b: &B, mut a: Mamba1DecodeBlock<'_,
         ssm: blk.ssm(s),
         out_proj: blk.out_proj,
         out_proj_bias: blk.out_proj_bias,
-        state: a.ssm_state,
-        layout: a.ssm_layout,
+        state: a.state.ssm_state,
+        layout: a.state.ssm_layout,
         layer: a.layer,
         xdbl: a.xdbl,
         y: a.y,
-        residual: ViewMut::dense(a.residual, t, s.d_model),
+        residual: ViewMut::dense(a.state.residual, t, s.d_model),
     };
     b.mamba1_decode_tail(tail, batch)
 }
@@ -548,8 +552,14 @@ pub struct Mamba1StackShape {
 pub struct Mamba1Stack<'a, B: Backend + ?Sized> {
     pub blocks: &'a [Mamba1Block<'a, B>],
     pub shape: Mamba1StackShape,
-    /// Row 0 is the residual stream: the embedding in, the last block's
+    /// The residual stream's row 0: the embedding in, the last block's
     /// output out.
+    pub state: Mamba1DecodeState<'a, B>,
+}
+
+/// What Mamba-1 decode reads and writes besides the weights: the residual
+/// stream and the state pools ([`Mamba1Stack`], [`Mamba1DecodeBlock`]).
+pub struct Mamba1DecodeState<'a, B: Backend + ?Sized> {
     pub residual: &'a mut B::Vec,
     pub conv_state: &'a mut B::Vec,
     pub conv_layout: PoolLayout,

@@ -14,8 +14,8 @@ use super::checkpoint::TensorSource;
 use super::config::{Arch, ModelConfig};
 use super::weights::{self, LayerWeights, LoadProgress, MixerWeights, Weights};
 use crate::backend::{
-    Backend, Mamba1Block, Mamba1DecodeBlock, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba2ScanArgs, NormedLinear, PAD_SLOT, Packed,
-    PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
+    Backend, Mamba1Block, Mamba1DecodeBlock, Mamba1DecodeState, Mamba1ScanArgs, Mamba1Stack, Mamba1StackShape, Mamba2ScanArgs,
+    NormedLinear, PAD_SLOT, Packed, PoolLayout, ProjConv, SampleRow, SampledToken, View, ViewMut,
 };
 
 /// Sizes fixed at load time: nothing is allocated per step.
@@ -107,6 +107,19 @@ struct StatePool<B: Backend> {
     ssm: B::Vec,
     conv_layout: PoolLayout,
     ssm_layout: PoolLayout,
+}
+
+impl<B: Backend> StatePool<B> {
+    /// The pools with the residual stream, as Mamba-1 decode takes them.
+    fn decode_state<'a>(&'a mut self, residual: &'a mut B::Vec) -> Mamba1DecodeState<'a, B> {
+        Mamba1DecodeState {
+            residual,
+            conv_state: &mut self.conv,
+            conv_layout: self.conv_layout,
+            ssm_state: &mut self.ssm,
+            ssm_layout: self.ssm_layout,
+        }
+    }
 }
 
 /// Activation buffers for the largest step.
@@ -470,15 +483,7 @@ impl<B: Backend> Model<B> {
         let one_token = *stack && single_token && n_seqs == 1;
         let fused = match one_token.then(|| mamba1_blocks(w)).flatten() {
             Some(blocks) => {
-                let args = Mamba1Stack {
-                    blocks: &blocks,
-                    shape: stack_shape(cfg),
-                    residual: &mut ws.residual,
-                    conv_state: &mut pool.conv,
-                    conv_layout: pool.conv_layout,
-                    ssm_state: &mut pool.ssm,
-                    ssm_layout: pool.ssm_layout,
-                };
+                let args = Mamba1Stack { blocks: &blocks, shape: stack_shape(cfg), state: pool.decode_state(&mut ws.residual) };
                 b.mamba1_stack_step(args, &batch)?
             }
             None => false,
@@ -493,11 +498,7 @@ impl<B: Backend> Model<B> {
                     shape: stack_shape(cfg),
                     layer: l,
                     layers,
-                    residual: &mut ws.residual,
-                    conv_state: &mut pool.conv,
-                    conv_layout: pool.conv_layout,
-                    ssm_state: &mut pool.ssm,
-                    ssm_layout: pool.ssm_layout,
+                    state: pool.decode_state(&mut ws.residual),
                     normed: &mut ws.normed,
                     proj: &mut ws.proj,
                     conv_out: &mut ws.conv_out,

@@ -119,12 +119,12 @@ pub fn run(be: &CudaBackend, mut a: Mamba1DecodeBlock<'_, CudaBackend>, batch: &
         xdbl: View { buf: &acc.buf, offset: row, rows: 1, cols: w, stride: w },
         ssm: blk.ssm(s),
         z: View::dense(&*a.proj, 1, 2 * di).columns(di, di),
-        state: a.ssm_state,
-        layout: a.ssm_layout,
+        state: a.state.ssm_state,
+        layout: a.state.ssm_layout,
         layer: a.layer,
     };
     be.mamba1_step(step, batch, ViewMut::dense(&mut *a.y, 1, di))?;
-    be.linear_add(View::dense(&*a.y, 1, di), blk.out_proj, blk.out_proj_bias, ViewMut::dense(a.residual, 1, s.d_model))?;
+    be.linear_add(View::dense(&*a.y, 1, di), blk.out_proj, blk.out_proj_bias, ViewMut::dense(a.state.residual, 1, s.d_model))?;
     be.xproj_launches.set(be.xproj_launches.get() + 1);
     Ok(())
 }

@@ -270,13 +270,13 @@ pub fn step(be: &CudaBackend, a: Mamba1Stack<'_, CudaBackend>, batch: &Packed<'_
     let fits = batch.n_seqs == 1
         && batch.n_tokens == 1
         && *s == st.shape
-        && a.conv_layout.per_layer == e * (k - 1)
-        && a.ssm_layout.per_layer == e * n
-        && a.conv_layout.n_layers == a.blocks.len()
-        && a.ssm_layout.n_layers == a.blocks.len()
-        && a.conv_state.len() >= a.conv_layout.len()
-        && a.ssm_state.len() >= a.ssm_layout.len()
-        && a.residual.len() >= d
+        && a.state.conv_layout.per_layer == e * (k - 1)
+        && a.state.ssm_layout.per_layer == e * n
+        && a.state.conv_layout.n_layers == a.blocks.len()
+        && a.state.ssm_layout.n_layers == a.blocks.len()
+        && a.state.conv_state.len() >= a.state.conv_layout.len()
+        && a.state.ssm_state.len() >= a.state.ssm_layout.len()
+        && a.state.residual.len() >= d
         && batch.slots.len() >= 1;
     // The prepared weights (compared in place: nothing is allocated a step).
     if !fits || !table_words(a.blocks).eq(st.key.iter().copied()) {
@@ -285,16 +285,16 @@ pub fn step(be: &CudaBackend, a: Mamba1Stack<'_, CudaBackend>, batch: &Packed<'_
     let p = &st.plan;
     let mut args = Args::new()
         .ptr(st.table.ptr)
-        .ptr(a.residual.buf.ptr)
+        .ptr(a.state.residual.buf.ptr)
         .ptr(st.tagged.ptr)
-        .ptr(a.conv_state.buf.ptr)
-        .ptr(a.ssm_state.buf.ptr)
+        .ptr(a.state.conv_state.buf.ptr)
+        .ptr(a.state.ssm_state.buf.ptr)
         .ptr(batch.slots.buf.ptr)
         .ptr(st.sync.ptr)
-        .u64(a.conv_layout.per_slot() as u64)
-        .u64(a.conv_layout.per_layer as u64)
-        .u64(a.ssm_layout.per_slot() as u64)
-        .u64(a.ssm_layout.per_layer as u64);
+        .u64(a.state.conv_layout.per_slot() as u64)
+        .u64(a.state.conv_layout.per_layer as u64)
+        .u64(a.state.ssm_layout.per_slot() as u64)
+        .u64(a.state.ssm_layout.per_layer as u64);
     // The int and float fields, in StackParams order, two to a word.
     let ints: [u32; 30] = [
         a.blocks.len() as u32,
