@@ -1460,25 +1460,29 @@ fn step_both(m: &mut Model<CudaBackend>, cpu: &mut Model<CpuBackend>, chunks: &[
 /// (mamba-370m's widths, as Mamba-1 and as Falcon-Mamba), 4 (mamba-1.4b's,
 /// bf16 and f32) and 1 (a 640-wide model, f16, with in_proj and out_proj
 /// biases), with and without graphs, 2 and 3 blocks (each block's in_proj
-/// zeroes the accumulator the block before it read). Between the steps a
+/// zeroes the accumulator the block before it read); and a 4352-wide model
+/// with x_proj 288 wide (the most the fold takes), whose 4,352 column
+/// groups outnumber the warps of a 132-multiprocessor grid, so warps walk
+/// two groups and load the second group's x_proj weights mid-walk. Between the steps a
 /// second sequence's prompt and a two-sequence step (which do not fold)
 /// leave the accumulators as they were.
 #[test]
 fn decode_blocks_with_x_proj_folded_in_match_the_cpu() -> TestResult {
     use mamba_serve::model::{Arch, shapes};
-    // (shape, width override, blocks, architecture, weights, graphs)
+    // (shape, width and dt rank overrides, blocks, architecture, weights, graphs)
     let cases = [
         ("mamba-370m", None, 2, Arch::Mamba1, DType::BF16, false),
         ("mamba-370m", None, 3, Arch::FalconMamba, DType::BF16, true),
         ("mamba-1.4b", None, 3, Arch::Mamba1, DType::BF16, true),
         ("mamba-1.4b", None, 2, Arch::Mamba1, DType::F32, false),
-        ("mamba-130m", Some(640usize), 3, Arch::Mamba1, DType::F16, false),
+        ("mamba-130m", Some((640usize, 40usize)), 3, Arch::Mamba1, DType::F16, false),
+        ("mamba-130m", Some((4352, 256)), 2, Arch::Mamba1, DType::BF16, false),
     ];
     for (shape, width, layers, arch, dtype, graphs) in cases {
         let Some(g) = gpu("x_proj fold") else { return Ok(()) };
         let mut cfg = shapes::public_shape(shape).expect("a known shape");
-        if let Some(d) = width {
-            (cfg.hidden_size, cfg.d_inner, cfg.dt_rank, cfg.use_bias) = (d, 2 * d, d.div_ceil(16), true);
+        if let Some((d, rank)) = width {
+            (cfg.hidden_size, cfg.d_inner, cfg.dt_rank, cfg.use_bias) = (d, 2 * d, rank, true);
         }
         cfg.n_layers = layers;
         cfg.vocab_size = 1000;
