@@ -481,9 +481,10 @@ impl<B: Backend> Model<B> {
         // One sequence's decode token: every block in one op where the
         // backend has it.
         let one_token = *stack && single_token && n_seqs == 1;
+        let shape = stack_shape(cfg);
         let fused = match one_token.then(|| mamba1_blocks(w)).flatten() {
             Some(blocks) => {
-                let args = Mamba1Stack { blocks: &blocks, shape: stack_shape(cfg), state: pool.decode_state(&mut ws.residual) };
+                let args = Mamba1Stack { blocks: &blocks, shape, state: pool.decode_state(&mut ws.residual) };
                 b.mamba1_stack_step(args, &batch)?
             }
             None => false,
@@ -495,7 +496,7 @@ impl<B: Backend> Model<B> {
             if let Some(block) = mamba1_block(lw).filter(|_| single_token) {
                 let args = Mamba1DecodeBlock {
                     block,
-                    shape: stack_shape(cfg),
+                    shape,
                     layer: l,
                     layers,
                     state: pool.decode_state(&mut ws.residual),

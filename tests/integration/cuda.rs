@@ -1492,7 +1492,7 @@ fn decode_blocks_with_x_proj_folded_in_match_the_cpu() -> TestResult {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
         let want = step_both(&mut m, &mut cpu, &[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }], &format!("{what}: prompt"), tol)?;
-        let before = m.backend().fused_x_proj_blocks();
+        let before = m.backend().x_proj_folded_blocks();
         let mut token = argmax(&want) as u32;
         for step in 0..8 {
             if step == 4 {
@@ -1509,7 +1509,7 @@ fn decode_blocks_with_x_proj_folded_in_match_the_cpu() -> TestResult {
         }
         // Every block of every one-sequence step folded (with graphs: once
         // a block, when the step was recorded).
-        let folded = m.backend().fused_x_proj_blocks() - before;
+        let folded = m.backend().x_proj_folded_blocks() - before;
         assert_eq!(folded, if graphs { layers } else { 8 * layers } as u64, "{what}: folded blocks");
         check_close(&format!("{what}: state"), &m.read_slot(1)?, &cpu.read_slot(1)?, tol);
         check_close(&format!("{what}: second state"), &m.read_slot(0)?, &cpu.read_slot(0)?, tol);

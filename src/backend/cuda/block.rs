@@ -43,7 +43,7 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
     // One layer would zero the row it adds into; the atomics add 4 floats;
     // groups never straddle the conv's channels and the rest.
     let Some(group) = blocks.first().and_then(|b| CudaBackend::gemv_stream_cols(b.in_proj, 1)) else { return Ok(()) };
-    if !be.fused_x_proj || layers < 2 || width > XPROJ_MAX || width % 4 != 0 || shape.d_inner % group != 0 {
+    if !be.fold_x_proj || layers < 2 || width > XPROJ_MAX || width % 4 != 0 || shape.d_inner % group != 0 {
         return Ok(());
     }
     let mut buf = match be.alloc(layers * width) {
@@ -100,11 +100,11 @@ pub fn run(be: &CudaBackend, mut a: Mamba1DecodeBlock<'_, CudaBackend>, batch: &
     let Some(acc) = acc.as_ref().filter(|acc| folds(be, &a, batch, acc)) else {
         return mamba1_block_ops(be, a, batch);
     };
-    let fuses = |a: &mut Mamba1DecodeBlock<'_, CudaBackend>| {
+    let fuses = {
         let e = a.entry(1);
         CudaBackend::entry_fuses(&e.product, &e.conv, batch)
     };
-    if !fuses(&mut a) {
+    if !fuses {
         return mamba1_block_ops(be, a, batch);
     }
     let w = acc.width;
@@ -125,6 +125,6 @@ pub fn run(be: &CudaBackend, mut a: Mamba1DecodeBlock<'_, CudaBackend>, batch: &
     };
     be.mamba1_step(step, batch, ViewMut::dense(&mut *a.y, 1, di))?;
     be.linear_add(View::dense(&*a.y, 1, di), blk.out_proj, blk.out_proj_bias, ViewMut::dense(a.state.residual, 1, s.d_model))?;
-    be.xproj_launches.set(be.xproj_launches.get() + 1);
+    be.xproj_folded.set(be.xproj_folded.get() + 1);
     Ok(())
 }

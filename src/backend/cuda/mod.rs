@@ -396,9 +396,9 @@ pub struct CudaBackend {
     split_greedy: bool,
     /// One-row products with many columns and no prologue or epilogue
     /// (out_proj at batch 1) run as the block-split GEMV with (columns a
-    /// block, threads a block, 0 by the rule) `split_out` rather than
-    /// streaming (SPLIT_COLS; `MAMBA_SERVE_SPLIT_OUT=R,T` sets another shape
-    /// and `MAMBA_SERVE_SPLIT_OUT=0` streams them, for comparisons).
+    /// block, threads a block) `split_out` rather than streaming
+    /// (SPLIT_COLS, SPLIT_THREADS; `MAMBA_SERVE_SPLIT_OUT=R,T` sets another
+    /// shape and `MAMBA_SERVE_SPLIT_OUT=0` streams them, for comparisons).
     split_out: Option<(usize, u32)>,
     /// Whether step inputs and sampling parameters equal to what the device
     /// holds are sent again, and small reads go through pageable memory
@@ -408,9 +408,9 @@ pub struct CudaBackend {
     /// in_proj's conv epilogue (`block.rs`; `MAMBA_SERVE_NO_FOLD_XPROJ`
     /// turns it off, for comparisons), the per-layer accumulators it adds
     /// into, and the blocks run so.
-    fused_x_proj: bool,
+    fold_x_proj: bool,
     xproj_acc: RefCell<Option<block::Accumulators>>,
-    xproj_launches: Cell<u64>,
+    xproj_folded: Cell<u64>,
     /// The fused tail's grid barrier word.
     tail_barrier: DevBuf,
     /// The last shape's tail plan (`None`: the kernel does not fit it).
@@ -526,9 +526,9 @@ impl CudaBackend {
             split_greedy: std::env::var_os("MAMBA_SERVE_NO_SPLIT_GREEDY").is_none(),
             split_out: split_out_shape(),
             resend: std::env::var_os("MAMBA_SERVE_RESEND").is_some(),
-            fused_x_proj: std::env::var_os("MAMBA_SERVE_NO_FOLD_XPROJ").is_none(),
+            fold_x_proj: std::env::var_os("MAMBA_SERVE_NO_FOLD_XPROJ").is_none(),
             xproj_acc: RefCell::new(None),
-            xproj_launches: Cell::new(0),
+            xproj_folded: Cell::new(0),
             tail_barrier,
             tail_plans: RefCell::new(None),
             tail_launches: Cell::new(0),
@@ -558,8 +558,8 @@ impl CudaBackend {
     }
 
     /// Decode blocks run with x_proj folded in so far (`block.rs`).
-    pub fn fused_x_proj_blocks(&self) -> u64 {
-        self.xproj_launches.get()
+    pub fn x_proj_folded_blocks(&self) -> u64 {
+        self.xproj_folded.get()
     }
 
     /// Bytes of shared memory a block may opt in to (the fused kernels'
@@ -1724,7 +1724,7 @@ mod tests {
         assert_eq!(parse_split("4,128"), Some((4, 128)));
         assert_eq!(parse_split(" 2 , 100 "), Some((2, 128)), "threads are whole warps");
         assert_eq!(parse_split("1,999"), Some((1, 256)), "at most 8 warps");
-        assert_eq!(parse_split("4"), Some((4, 256)), "threads by the rule");
+        assert_eq!(parse_split("4"), Some((4, 256)), "SPLIT_THREADS when not given");
         assert_eq!(parse_split("0"), None, "streaming");
         assert_eq!(parse_split("3,128"), None, "no kernel takes 3 columns");
         assert_eq!(parse_split("x"), None);
