@@ -255,9 +255,11 @@ __device__ Cut last_within(const u32* keys, u32 vocab, Cut bound, Shared* sh) {
 // [token, logprob bits, n_top, (id, logprob bits) * n_top]. proc: `vocab`
 // floats per row for rows with P_MATERIALIZE set; keys/e: `vocab` per row
 // for rows with temperature > 0 (may be null when no row samples).
+// next_ids (may be null): row r's token is also written to next_ids[r],
+// where the next step's embedding reads it.
 extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logits, int lstride, u32 vocab,
                                                                  const u32* params, float* proc_all, u32* keys_all,
-                                                                 double* e_all, u32* outw) {
+                                                                 double* e_all, u32* outw, u32* next_ids) {
     TL_SCOPE(TL_SAMPLE);
     __shared__ Shared sh;
     const u32 r = blockIdx.x;
@@ -402,6 +404,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
     if (threadIdx.x == 0) {
         out[0] = token;
         out[1] = __float_as_uint((float)((double)logit_at(src, token, valid) - lse));
+        if (next_ids) next_ids[r] = token < vocab ? token : 0;
     }
     // The n most likely ids by processed logit (finite only), best first.
     const u32 ntop = P[P_NTOP];
@@ -443,7 +446,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
 #define GREEDY_UNROLL 8
 extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
     sample_greedy(const float* logits, int lstride, u32 vocab, const u32* params, float* part_max, u32* part_id,
-                  double* part_se, u32* counts, u32* outw) {
+                  double* part_se, u32* counts, u32* outw, u32* next_ids) {
     TL_SCOPE(TL_SAMPLE);
     __shared__ Shared sh;
     __shared__ u32 last;
@@ -500,6 +503,7 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
         out[0] = token;
         out[1] = __float_as_uint((float)((double)big - lse));
         out[2] = 0;
+        if (next_ids) next_ids[r] = token < vocab ? token : 0;
         counts[r] = 0;
     }
 }

@@ -62,6 +62,7 @@ pub struct BenchReport {
     pub weight_bytes: u64,
     pub state_bytes_per_seq: usize,
     pub graphs: bool,
+    pub step_ahead: bool,
     pub ceilings: Option<Ceilings>,
     pub prefill: Vec<PrefillResult>,
     pub decode: Vec<DecodeResult>,
@@ -75,6 +76,9 @@ pub struct BenchPlan<'a> {
     /// Timed prefill runs per length (the median is reported).
     pub prefill_runs: usize,
     pub graphs: bool,
+    /// Queue each decode step before reading the last one's tokens, fed
+    /// on the device (as the engine does).
+    pub step_ahead: bool,
     pub ceilings: Option<Ceilings>,
 }
 
@@ -151,15 +155,37 @@ pub fn run(
         step(runner)?;
         let first = runner.launches() - before;
         let kernels_per_step = (first > 0).then(|| first.saturating_sub(1 + plan.graphs as u64));
-        // Warm-up, long enough for the GPU's clocks to settle.
-        for _ in 0..8 {
-            step(runner)?;
-        }
-        let start = Instant::now();
-        for _ in 0..plan.steps {
-            step(runner)?;
-        }
-        let seconds = start.elapsed().as_secs_f64();
+        // Warm-up, long enough for the GPU's clocks to settle; then the
+        // timed steps. Ahead: each step is queued, fed the last one's
+        // tokens on the device, before those tokens are read.
+        let seconds = if plan.step_ahead {
+            let greedy: Vec<SampleRow> = (0..batch).map(|_| SampleRow::greedy(vocab)).collect();
+            let chunks: Vec<SeqChunk<'_>> = (0..batch).map(|s| SeqChunk { slot: s, tokens: &ids[s..s + 1], is_prompt: false }).collect();
+            runner.launch(&chunks, &rows)?;
+            let ahead = |runner: &mut dyn Runner| -> Result<(), ModelError> {
+                runner.launch_followup(&greedy)?;
+                runner.collect().map(|_| ())
+            };
+            for _ in 0..8 {
+                ahead(runner)?;
+            }
+            let start = Instant::now();
+            for _ in 0..plan.steps {
+                ahead(runner)?;
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            runner.collect()?;
+            seconds
+        } else {
+            for _ in 0..8 {
+                step(runner)?;
+            }
+            let start = Instant::now();
+            for _ in 0..plan.steps {
+                step(runner)?;
+            }
+            start.elapsed().as_secs_f64()
+        };
         let step_s = seconds / plan.steps as f64;
         let bytes = weight_bytes as f64 + (batch * 2 * cfg.state_bytes()) as f64;
         let limit_step_ms = plan.ceilings.map(|c| bytes / (c.copy_gb_per_s * 1e9) * 1e3);
@@ -181,6 +207,7 @@ pub fn run(
         weight_bytes,
         state_bytes_per_seq: cfg.state_bytes(),
         graphs: plan.graphs,
+        step_ahead: plan.step_ahead,
         ceilings: plan.ceilings,
         prefill,
         decode,
@@ -194,13 +221,14 @@ fn pct(f: Option<f64>) -> String {
 /// The report as a plain-text table.
 pub fn table(r: &BenchReport) -> String {
     let mut s = format!(
-        "model {} on {}\nparams {:.1} M, weights {:.1} MB as run, state {:.2} MB per sequence, graphs {}\n",
+        "model {} on {}\nparams {:.1} M, weights {:.1} MB as run, state {:.2} MB per sequence, graphs {}, step ahead {}\n",
         r.model,
         r.backend,
         r.params as f64 / 1e6,
         r.weight_bytes as f64 / 1e6,
         r.state_bytes_per_seq as f64 / 1e6,
-        if r.graphs { "on" } else { "off" }
+        if r.graphs { "on" } else { "off" },
+        if r.step_ahead { "on" } else { "off" }
     );
     if let Some(c) = r.ceilings {
         s.push_str(&format!("ceilings: copy {:.0} GB/s, bf16 matmul {:.0} TFLOP/s\n", c.copy_gb_per_s, c.bf16_tflop_per_s));

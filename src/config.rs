@@ -64,6 +64,7 @@ pub struct EngineSettings {
     pub max_batch_tokens: usize,
     pub prefill_chunk: usize,
     pub max_queue: usize,
+    pub step_ahead: bool,
     pub max_prompt_tokens: usize,
     pub max_total_tokens: usize,
     pub max_prompt_chars: usize,

@@ -125,7 +125,7 @@ pub fn build_from(settings: &Settings, dir: &Path) -> Result<Server, BuildError>
             tracing::info!(backend = %runner.backend_name(), "{why}");
             Ok(runner)
         },
-        EngineOptions { max_queue: e.max_queue, prefill_chunk: e.prefill_chunk, valid_vocab },
+        EngineOptions { max_queue: e.max_queue, prefill_chunk: e.prefill_chunk, valid_vocab, step_ahead: e.step_ahead },
         metrics.clone(),
     )?;
     let info = engine.info().clone();

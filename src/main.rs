@@ -152,6 +152,11 @@ struct BenchArgs {
     /// Run decode steps one op at a time instead of replaying recorded graphs.
     #[arg(long)]
     no_graphs: bool,
+    /// Run decode steps one at a time, each after the last one's tokens are
+    /// read, instead of queueing each before reading the last (as the
+    /// server does: `engine.step_ahead`).
+    #[arg(long)]
+    no_step_ahead: bool,
     /// Skip measuring the GPU's copy bandwidth and bf16 matrix rate (the
     /// limits every figure is set against).
     #[arg(long)]
@@ -398,6 +403,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         steps: a.steps,
         prefill_runs: a.prefill_runs,
         graphs: !a.no_graphs && !runner.backend_name().starts_with("cpu"),
+        step_ahead: !a.no_step_ahead,
         ceilings: ceilings.map(|c| mamba_serve::bench::Ceilings { copy_gb_per_s: c.copy_gb_per_s, bf16_tflop_per_s: c.bf16_tflop_per_s }),
     };
     let report = mamba_serve::bench::run(runner.as_mut(), name, params, weight_bytes, &plan)?;

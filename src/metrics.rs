@@ -66,6 +66,8 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     pub cancelled: AtomicU64,
     pub engine_errors: AtomicU64,
+    /// Decode steps queued before the last step's tokens were read.
+    pub steps_ahead: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub step: Histogram,
@@ -85,6 +87,7 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             engine_errors: AtomicU64::new(0),
+            steps_ahead: AtomicU64::new(0),
             ttft: Histogram::new(LATENCY_BOUNDS),
             inter_token: Histogram::new(LATENCY_BOUNDS),
             step: Histogram::new(LATENCY_BOUNDS),
@@ -121,6 +124,7 @@ impl Metrics {
             ("mamba_generated_tokens_total", "Tokens generated.", &self.generated_tokens),
             ("mamba_cancelled_total", "Sequences cancelled by their client.", &self.cancelled),
             ("mamba_engine_errors_total", "Failed engine steps.", &self.engine_errors),
+            ("mamba_steps_ahead_total", "Decode steps queued on the device before the last step's tokens were read.", &self.steps_ahead),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));

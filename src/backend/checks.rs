@@ -197,8 +197,12 @@ pub fn gated_rmsnorm<T: Buffer>(y: &View<'_, T>, z: &View<'_, T>, weight: &T, gr
     sized_out("gated_rmsnorm", out, y.rows, d)
 }
 
-pub fn sample<T: Buffer>(logits: &View<'_, T>, rows: &[&SampleRow]) -> Result<()> {
+/// `feed`, where given, takes a token a row.
+pub fn sample<T: Buffer, I: Buffer>(logits: &View<'_, T>, rows: &[&SampleRow], feed: Option<&I>) -> Result<()> {
     check("sample", logits.rows == rows.len(), || format!("{} logit rows for {} samples", logits.rows, rows.len()))?;
+    if let Some(f) = feed {
+        check("sample", f.len() >= rows.len(), || format!("{} tokens fed into a buffer of {}", rows.len(), f.len()))?;
+    }
     view("sample", "logits", logits)?;
     check("sample", rows.iter().all(|r| r.valid_vocab as usize <= logits.cols && r.valid_vocab > 0), || {
         format!("valid_vocab outside 1..={}", logits.cols)

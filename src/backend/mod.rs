@@ -689,6 +689,9 @@ pub trait Backend: Send + 'static {
     type Mat: Send + checks::Matrix;
     /// A recorded sequence of ops (see [`Backend::begin_capture`]).
     type Graph: Send;
+    /// A sampling started and not yet read back
+    /// ([`Backend::sample_start`]).
+    type Sampling: Send;
 
     /// One line for logs: which device, which precision.
     fn describe(&self) -> String;
@@ -804,7 +807,20 @@ pub trait Backend: Send + 'static {
 
     /// Samples one token from each row of `logits` (`[rows.len(), vocab]`);
     /// only ids and logprobs leave the device.
-    fn sample(&self, logits: View<'_, Self::Vec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>>;
+    fn sample(&self, logits: View<'_, Self::Vec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
+        let started = self.sample_start(logits, rows, None)?;
+        self.sample_finish(started)
+    }
+
+    /// Starts [`Backend::sample`] without waiting for its tokens: work
+    /// queued after it (the next step) runs while the host waits in
+    /// [`Backend::sample_finish`]. With `feed`, row i's token is also
+    /// written to `feed[i]`, where the next step's embedding reads it
+    /// without a round trip through the host.
+    fn sample_start(&self, logits: View<'_, Self::Vec>, rows: &[&SampleRow], feed: Option<&mut Self::Ids>) -> Result<Self::Sampling>;
+
+    /// Waits for a started sampling and returns its tokens.
+    fn sample_finish(&self, started: Self::Sampling) -> Result<Vec<SampledToken>>;
 
     /// `out[i, :] = src[rows[i], :]` for i < n.
     fn gather_rows(&self, src: View<'_, Self::Vec>, rows: &Self::Ids, n: usize, out: ViewMut<'_, Self::Vec>) -> Result<()>;

@@ -33,6 +33,9 @@ pub struct EngineOptions {
     pub prefill_chunk: usize,
     /// Ids at or above this are never sampled.
     pub valid_vocab: usize,
+    /// Queue the next decode step before reading the tokens of the last
+    /// (see `step_loop`).
+    pub step_ahead: bool,
 }
 
 /// Facts about the loaded model that the API and logs need.

@@ -5,7 +5,14 @@
 //! batched forward pass with sampling, and send every sequence its token or
 //! its end. A failed step fails the sequences in it and frees their slots;
 //! the loop goes on serving.
+//!
+//! Steps overlap the host: while the host waits for a step's tokens, the
+//! next step, when it is certain (every sequence decodes again), is already
+//! queued, fed the tokens on the device. A slot freed meanwhile is reset
+//! after that step in the device's order, and the sequence that takes it
+//! runs only once that step is collected.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -22,6 +29,8 @@ use crate::sampling::TokenHistory;
 
 /// A sequence holding a slot.
 struct Running {
+    /// Unique for the engine's life (slots are reused).
+    id: u64,
     request: Request,
     events: tokio::sync::mpsc::Sender<Event>,
     slot: usize,
@@ -32,6 +41,22 @@ struct Running {
     /// The last sampled token, to be fed next step.
     pending: Option<u32>,
     last_token_at: Option<Instant>,
+}
+
+/// A step queued on the device whose tokens are not yet read.
+struct Launched {
+    items: Vec<LaunchedItem>,
+    started: Instant,
+}
+
+/// One chunk of a launched step.
+struct LaunchedItem {
+    /// The sequence's `Running::id`.
+    seq: u64,
+    decode: bool,
+    tokens: usize,
+    /// Whether the chunk samples a token.
+    sampled: bool,
 }
 
 /// How a running sequence leaves the pool.
@@ -50,12 +75,29 @@ struct Loop {
     running: Vec<Running>,
     steps: usize,
     budget: Budget,
+    /// Ids given to admitted sequences.
+    admitted: u64,
+    /// The step queued ahead, collected next turn.
+    in_flight: Option<Launched>,
+    /// When the last step's tokens were read.
+    collected_at: Instant,
 }
 
 pub(super) fn run(runner: Box<dyn Runner>, queue: Receiver<Submission>, shared: Arc<Shared>, opts: EngineOptions) {
     let model = runner.options();
     let budget = Budget { max_tokens: model.max_batch_tokens, max_seqs: model.max_batch_seqs, prefill_chunk: opts.prefill_chunk };
-    let mut l = Loop { slots: SlotAllocator::new(model.n_slots), runner, shared, opts, running: vec![], steps: 0, budget };
+    let mut l = Loop {
+        slots: SlotAllocator::new(model.n_slots),
+        runner,
+        shared,
+        opts,
+        running: vec![],
+        steps: 0,
+        budget,
+        admitted: 0,
+        in_flight: None,
+        collected_at: Instant::now(),
+    };
     let mut queue_open = true;
     loop {
         l.beat();
@@ -77,7 +119,7 @@ pub(super) fn run(runner: Box<dyn Runner>, queue: Receiver<Submission>, shared: 
         }
         l.drop_cancelled();
         l.publish();
-        if l.running.is_empty() {
+        if l.running.is_empty() && l.in_flight.is_none() {
             if !queue_open {
                 break;
             }
@@ -151,7 +193,9 @@ impl Loop {
                 continue;
             }
             let history = TokenHistory::new(&sub.request.prompt);
+            self.admitted += 1;
             self.running.push(Running {
+                id: self.admitted,
                 request: sub.request,
                 events: sub.events,
                 slot,
@@ -207,46 +251,43 @@ impl Loop {
         }
     }
 
+    /// One turn of decoding: the step in flight (or a new one from the
+    /// plan) is collected and its tokens sent; where the next step is
+    /// certain to be one decode token for each of the same sequences, it
+    /// is queued first, fed on the device, so the device never waits for
+    /// the host between steps.
     fn step(&mut self) {
-        let states: Vec<SeqState> = self.running.iter().map(|r| SeqState { prompt_left: r.request.prompt.len() - r.fed }).collect();
-        let plan = scheduler::plan(&states, self.budget, self.steps);
-        self.steps += 1;
-        if plan.is_empty() {
-            return;
-        }
-        let valid_vocab = self.opts.valid_vocab;
-        let mut chunks = Vec::with_capacity(plan.len());
-        let mut rows: Vec<Option<SampleRow>> = Vec::with_capacity(plan.len());
-        for item in &plan {
-            let r = &self.running[item.seq];
-            if item.decode {
-                let token = r.pending.as_ref().expect("a decoding sequence has a pending token");
-                chunks.push(SeqChunk { slot: r.slot, tokens: std::slice::from_ref(token), is_prompt: false });
-                rows.push(Some(r.history.row(&r.request.params, r.generated as u64, valid_vocab)));
-            } else {
-                let end = r.fed + item.tokens;
-                chunks.push(SeqChunk { slot: r.slot, tokens: &r.request.prompt[r.fed..end], is_prompt: true });
-                let last = end == r.request.prompt.len();
-                rows.push(last.then(|| r.history.row(&r.request.params, 0, valid_vocab)));
-            }
-        }
-        let started = Instant::now();
-        let result = self.runner.forward_sample(&chunks, &rows);
-        drop(chunks);
-        self.shared.metrics.step.observe(started.elapsed().as_secs_f64());
+        let current = match self.in_flight.take() {
+            Some(l) => l,
+            None => match self.launch_planned() {
+                Some(l) => l,
+                None => return,
+            },
+        };
+        let ahead = self.launch_ahead(&current);
+        let result = self.runner.collect();
+        let now = Instant::now();
+        self.shared.metrics.step.observe(now.duration_since(current.started.max(self.collected_at)).as_secs_f64());
+        self.collected_at = now;
+        let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
         let sampled = match result {
             Ok(s) => s,
             Err(e) => {
+                // Nothing launched is left (`collect`'s contract): a step
+                // queued ahead fails with this one.
                 self.note_error(&e);
                 let msg = e.to_string();
-                self.retire(plan.iter().map(|i| (i.seq, Exit::Failed(EngineError::StepFailed(msg.clone())))).collect());
+                let failed = current.items.iter().filter_map(|i| index.get(&i.seq));
+                self.retire(failed.map(|&i| (i, Exit::Failed(EngineError::StepFailed(msg.clone())))).collect());
                 return;
             }
         };
-        let now = Instant::now();
         let mut done: Vec<(usize, Exit)> = vec![];
-        for (item, token) in plan.iter().zip(sampled) {
-            let r = &mut self.running[item.seq];
+        for (item, token) in current.items.iter().zip(sampled) {
+            // A sequence that ended while its step was queued behind
+            // another: its token is dropped.
+            let Some(&seq) = index.get(&item.seq) else { continue };
+            let r = &mut self.running[seq];
             if item.decode {
                 r.pending = None;
             } else {
@@ -255,7 +296,7 @@ impl Loop {
             }
             let Some(t) = token else { continue };
             if r.request.stop_ids.contains(&t.token) {
-                done.push((item.seq, Exit::Finished(FinishReason::StopToken(t.token))));
+                done.push((seq, Exit::Finished(FinishReason::StopToken(t.token))));
                 continue;
             }
             r.generated += 1;
@@ -271,13 +312,13 @@ impl Loop {
                 Ok(()) => {}
                 Err(TrySendError::Closed(_)) => {
                     self.shared.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                    done.push((item.seq, Exit::Cancelled));
+                    done.push((seq, Exit::Cancelled));
                     continue;
                 }
                 Err(TrySendError::Full(_)) => unreachable!("event channels hold max_tokens + 4 events"),
             }
             if r.generated >= r.request.max_tokens {
-                done.push((item.seq, Exit::Finished(FinishReason::Length)));
+                done.push((seq, Exit::Finished(FinishReason::Length)));
             } else {
                 r.pending = Some(t.token);
             }
@@ -285,5 +326,92 @@ impl Loop {
         if !done.is_empty() {
             self.retire(done);
         }
+        self.in_flight = ahead;
+    }
+
+    /// Plans a step and launches it. None when there is nothing to run or
+    /// the launch failed (its sequences are failed).
+    fn launch_planned(&mut self) -> Option<Launched> {
+        let states: Vec<SeqState> = self.running.iter().map(|r| SeqState { prompt_left: r.request.prompt.len() - r.fed }).collect();
+        let plan = scheduler::plan(&states, self.budget, self.steps);
+        self.steps += 1;
+        if plan.is_empty() {
+            return None;
+        }
+        let valid_vocab = self.opts.valid_vocab;
+        let mut chunks = Vec::with_capacity(plan.len());
+        let mut rows: Vec<Option<SampleRow>> = Vec::with_capacity(plan.len());
+        let mut items = Vec::with_capacity(plan.len());
+        for item in &plan {
+            let r = &self.running[item.seq];
+            let sampled = if item.decode {
+                let token = r.pending.as_ref().expect("a decoding sequence has a pending token");
+                chunks.push(SeqChunk { slot: r.slot, tokens: std::slice::from_ref(token), is_prompt: false });
+                rows.push(Some(r.history.row(&r.request.params, r.generated as u64, valid_vocab)));
+                true
+            } else {
+                let end = r.fed + item.tokens;
+                chunks.push(SeqChunk { slot: r.slot, tokens: &r.request.prompt[r.fed..end], is_prompt: true });
+                let last = end == r.request.prompt.len();
+                rows.push(last.then(|| r.history.row(&r.request.params, 0, valid_vocab)));
+                last
+            };
+            items.push(LaunchedItem { seq: r.id, decode: item.decode, tokens: item.tokens, sampled });
+        }
+        let started = Instant::now();
+        let result = self.runner.launch(&chunks, &rows);
+        drop(chunks);
+        if let Err(e) = result {
+            self.note_error(&e);
+            let msg = e.to_string();
+            self.retire(plan.iter().map(|i| (i.seq, Exit::Failed(EngineError::StepFailed(msg.clone())))).collect());
+            return None;
+        }
+        Some(Launched { items, started })
+    }
+
+    /// Queues the step after `current` when it is known: every running
+    /// sequence is in `current` and samples a token there, none has a
+    /// penalty (which needs that token first), one at least may want
+    /// another token, and nobody waits for a slot that could take them in.
+    /// A sequence that `current` ends (by length or a stop id) loses its
+    /// share of the step.
+    fn launch_ahead(&mut self, current: &Launched) -> Option<Launched> {
+        if !self.opts.step_ahead || current.items.len() != self.running.len() || !current.items.iter().all(|i| i.sampled) {
+            return None;
+        }
+        let s = &self.shared;
+        if s.draining.load(Ordering::SeqCst) || s.abort.load(Ordering::SeqCst) || s.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        if s.queued.load(Ordering::SeqCst) > 0 && self.slots.free() > 0 {
+            return None;
+        }
+        let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        let mut rows = Vec::with_capacity(current.items.len());
+        let mut wanted = false;
+        for item in &current.items {
+            let r = &self.running[*index.get(&item.seq)?];
+            if r.request.params.needs_history() || r.events.is_closed() {
+                return None;
+            }
+            // The token `current` samples is this sequence's number
+            // `generated`; this step samples the next, wasted on a sequence
+            // that `current` ends (its slot is reset after it, in order).
+            wanted |= r.generated + 1 < r.request.max_tokens;
+            rows.push(r.history.row(&r.request.params, r.generated as u64 + 1, self.opts.valid_vocab));
+        }
+        if !wanted {
+            return None;
+        }
+        let started = Instant::now();
+        if let Err(e) = self.runner.launch_followup(&rows) {
+            // `current` is still collected; its sequences carry on.
+            self.note_error(&e);
+            return None;
+        }
+        self.shared.metrics.steps_ahead.fetch_add(1, Ordering::Relaxed);
+        let items = current.items.iter().map(|i| LaunchedItem { seq: i.seq, decode: true, tokens: 1, sampled: true }).collect();
+        Some(Launched { items, started })
     }
 }

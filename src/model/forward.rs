@@ -7,7 +7,7 @@
 //! last token come back. A slot's state is reset by the caller when a new
 //! sequence takes it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use super::ModelError;
 use super::checkpoint::TensorSource;
@@ -162,7 +162,23 @@ pub struct Model<B: Backend> {
     /// Whether the backend runs a one-sequence decode step through all
     /// blocks as one op ([`Backend::mamba1_stack_step`]).
     stack: bool,
+    /// Steps launched and not yet collected, oldest first.
+    pending: VecDeque<PendingStep<B>>,
+    /// The slots of the last step run when every chunk of it sampled a
+    /// token and the tokens went into the workspace's ids on the device:
+    /// the sequences a follow-up step may decode.
+    fed_slots: Option<Vec<usize>>,
 }
+
+/// A launched step's samplings: each run of consecutive sampled chunks,
+/// from its first chunk.
+struct PendingStep<B: Backend> {
+    chunks: usize,
+    runs: Vec<(usize, B::Sampling)>,
+}
+
+/// The token a follow-up step's chunks name: the device feeds the real one.
+const FED: [u32; 1] = [0];
 
 impl<B: Backend> Model<B> {
     /// Settles dimensions from the tensors, uploads the weights and
@@ -271,7 +287,7 @@ impl<B: Backend> Model<B> {
             buckets: graph_buckets(opts.max_batch_seqs.min(opts.max_batch_tokens)),
             recorded: HashMap::new(),
         };
-        Ok(Model { backend, cfg, weights, pool, ws, opts, graphs, stack })
+        Ok(Model { backend, cfg, weights, pool, ws, opts, graphs, stack, pending: VecDeque::new(), fed_slots: None })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -349,7 +365,7 @@ impl<B: Backend> Model<B> {
         if chunks.is_empty() {
             return Ok(vec![]);
         }
-        self.run(chunks)?;
+        self.run(chunks, false)?;
         Ok(self.backend.read(&self.ws.logits, 0, chunks.len() * self.cfg.vocab_size)?)
     }
 
@@ -357,15 +373,76 @@ impl<B: Backend> Model<B> {
     /// `rows` is `Some` (the chunks that end a prompt or decode a token);
     /// the logits stay on the device.
     pub fn forward_sample(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<Vec<Option<SampledToken>>, ModelError> {
+        if !self.pending.is_empty() {
+            return Err(ModelError::Batch(format!("{} launched steps are not collected", self.pending.len())));
+        }
+        self.launch(chunks, rows)?;
+        self.collect()
+    }
+
+    /// [`Model::forward_sample`] without waiting for the tokens: the step
+    /// is queued on the device and [`Model::collect`] returns its tokens.
+    pub fn launch(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<(), ModelError> {
         if chunks.len() != rows.len() {
             return Err(ModelError::Batch(format!("{} chunks but {} sampling rows", chunks.len(), rows.len())));
         }
         if chunks.is_empty() {
-            return Ok(vec![]);
+            self.fed_slots = None;
+            self.pending.push_back(PendingStep { chunks: 0, runs: vec![] });
+            return Ok(());
         }
-        self.run(chunks)?;
+        self.run(chunks, false)?;
+        let rows: Vec<Option<&SampleRow>> = rows.iter().map(Option::as_ref).collect();
+        self.start_sampling(&rows, chunks.iter().map(|c| c.slot).collect())
+    }
+
+    /// Queues a decode step for every sequence of the last step run, each
+    /// fed the token that step sampled for it, straight from the device:
+    /// the host need not have read those tokens yet. `rows` samples the
+    /// step's tokens, one a sequence in the last step's order. Allowed only
+    /// when every chunk of the last step sampled a token.
+    pub fn launch_followup(&mut self, rows: &[SampleRow]) -> Result<(), ModelError> {
+        let slots = self
+            .fed_slots
+            .take()
+            .ok_or_else(|| ModelError::Batch("no step to follow: the last step did not sample a token for every chunk".into()))?;
+        if rows.len() != slots.len() {
+            return Err(ModelError::Batch(format!("a follow-up of {} sequences with {} sampling rows", slots.len(), rows.len())));
+        }
+        let chunks: Vec<SeqChunk<'_>> = slots.iter().map(|&slot| SeqChunk { slot, tokens: &FED, is_prompt: false }).collect();
+        self.run(&chunks, true)?;
+        self.start_sampling(&rows.iter().map(Some).collect::<Vec<_>>(), slots)
+    }
+
+    /// The tokens of the oldest launched step not yet collected, waiting
+    /// for them. After an error no launched step is left.
+    pub fn collect(&mut self) -> Result<Vec<Option<SampledToken>>, ModelError> {
+        let step = self.pending.pop_front().ok_or_else(|| ModelError::Batch("no launched step to collect".into()))?;
+        let mut out = vec![None; step.chunks];
+        for (start, started) in step.runs {
+            match self.backend.sample_finish(started) {
+                Ok(tokens) => {
+                    for (j, t) in tokens.into_iter().enumerate() {
+                        out[start + j] = Some(t);
+                    }
+                }
+                Err(e) => {
+                    self.pending.clear();
+                    self.fed_slots = None;
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts sampling the logits of the step just run and queues it as
+    /// pending. When every chunk samples, the tokens also go into the ids
+    /// a follow-up step embeds.
+    fn start_sampling(&mut self, rows: &[Option<&SampleRow>], slots: Vec<usize>) -> Result<(), ModelError> {
         let v = self.cfg.vocab_size;
-        let mut out = vec![None; rows.len()];
+        let every = rows.iter().all(Option::is_some);
+        let mut runs = vec![];
         // Consecutive runs of chunks that want a token share one call.
         let mut i = 0;
         while i < rows.len() {
@@ -377,18 +454,22 @@ impl<B: Backend> Model<B> {
             while i < rows.len() && rows[i].is_some() {
                 i += 1;
             }
-            let batch: Vec<&SampleRow> = rows[start..i].iter().map(|r| r.as_ref().expect("checked Some")).collect();
+            let batch: Vec<&SampleRow> = rows[start..i].iter().map(|r| r.expect("checked Some")).collect();
             let logits = View { buf: &self.ws.logits, offset: start * v, rows: i - start, cols: v, stride: v };
-            for (j, t) in self.backend.sample(logits, &batch)?.into_iter().enumerate() {
-                out[start + j] = Some(t);
-            }
+            let feed = every.then_some(&mut self.ws.ids);
+            runs.push((start, self.backend.sample_start(logits, &batch, feed)?));
         }
-        Ok(out)
+        self.pending.push_back(PendingStep { chunks: rows.len(), runs });
+        self.fed_slots = every.then_some(slots);
+        Ok(())
     }
 
     /// The forward pass proper: leaves `[chunks.len(), vocab]` logits in
     /// the workspace.
-    fn run(&mut self, chunks: &[SeqChunk<'_>]) -> Result<(), ModelError> {
+    /// With `fed`, the chunks' tokens are already in the workspace's ids
+    /// (sampled there by the step before) and are not uploaded.
+    fn run(&mut self, chunks: &[SeqChunk<'_>], fed: bool) -> Result<(), ModelError> {
+        self.fed_slots = None;
         let n_seqs = chunks.len();
         let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n_seqs > self.opts.max_batch_seqs || n_tokens > self.opts.max_batch_tokens {
@@ -410,7 +491,7 @@ impl<B: Backend> Model<B> {
             if std::mem::replace(&mut seen[c.slot], true) {
                 return Err(ModelError::Batch(format!("slot {} appears twice in one step", c.slot)));
             }
-            if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(&bad) = c.tokens.iter().filter(|_| !fed).find(|&&t| t as usize >= self.cfg.vocab_size) {
                 return Err(ModelError::Batch(format!("token id {bad} outside the vocabulary of {}", self.cfg.vocab_size)));
             }
             ids.extend_from_slice(c.tokens);
@@ -427,7 +508,7 @@ impl<B: Backend> Model<B> {
             slots.resize(bucket, PAD_SLOT);
             prompt.resize(bucket, 0);
             let cu: Vec<u32> = (0..=bucket as u32).collect();
-            self.upload_step(&ids, &cu, &slots, &prompt, &[])?;
+            self.upload_step((!fed).then_some(&ids[..]), &cu, &slots, &prompt, &[])?;
             if let Some(g) = self.graphs.recorded.get(&bucket) {
                 return Ok(self.backend.replay(g)?);
             }
@@ -448,14 +529,17 @@ impl<B: Backend> Model<B> {
             prompt.truncate(n_seqs);
         }
         let last_rows: Vec<u32> = cu[1..].iter().map(|&e| e - 1).collect();
-        self.upload_step(&ids, &cu, &slots, &prompt, &last_rows)?;
+        self.upload_step((!fed).then_some(&ids[..]), &cu, &slots, &prompt, &last_rows)?;
         self.ops(n_tokens, n_seqs, single_token)
     }
 
-    /// Writes a step's inputs to the workspace.
-    fn upload_step(&mut self, ids: &[u32], cu: &[u32], slots: &[u32], prompt: &[u32], last_rows: &[u32]) -> Result<(), ModelError> {
+    /// Writes a step's inputs to the workspace (the ids unless the device
+    /// has put them there).
+    fn upload_step(&mut self, ids: Option<&[u32]>, cu: &[u32], slots: &[u32], prompt: &[u32], last_rows: &[u32]) -> Result<(), ModelError> {
         let (b, ws) = (&self.backend, &mut self.ws);
-        b.write_ids(&mut ws.ids, ids)?;
+        if let Some(ids) = ids {
+            b.write_ids(&mut ws.ids, ids)?;
+        }
         b.write_ids(&mut ws.cu, cu)?;
         b.write_ids(&mut ws.slots, slots)?;
         b.write_ids(&mut ws.prompt, prompt)?;
@@ -701,6 +785,16 @@ pub trait Runner: Send {
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, ModelError>;
     /// One step, sampling on the device where `rows[i]` is `Some`.
     fn forward_sample(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<Vec<Option<SampledToken>>, ModelError>;
+    /// [`Runner::forward_sample`] without waiting for its tokens
+    /// ([`Runner::collect`] returns them).
+    fn launch(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<(), ModelError>;
+    /// Queues a decode step for every sequence of the last launched step,
+    /// fed on the device with the tokens that step sampled, before the host
+    /// has them: the step runs while the host reads the last one's tokens.
+    /// Only after a step that sampled a token for every chunk.
+    fn launch_followup(&mut self, rows: &[SampleRow]) -> Result<(), ModelError>;
+    /// Waits for the oldest launched step's tokens.
+    fn collect(&mut self) -> Result<Vec<Option<SampledToken>>, ModelError>;
     fn reset_slot(&mut self, slot: usize) -> Result<(), ModelError>;
     fn copy_slot(&mut self, from: usize, to: usize) -> Result<(), ModelError>;
     fn read_slot(&self, slot: usize) -> Result<Vec<f32>, ModelError>;
@@ -730,6 +824,15 @@ impl<B: Backend> Runner for Model<B> {
     }
     fn forward_sample(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<Vec<Option<SampledToken>>, ModelError> {
         Model::forward_sample(self, chunks, rows)
+    }
+    fn launch(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<(), ModelError> {
+        Model::launch(self, chunks, rows)
+    }
+    fn launch_followup(&mut self, rows: &[SampleRow]) -> Result<(), ModelError> {
+        Model::launch_followup(self, rows)
+    }
+    fn collect(&mut self) -> Result<Vec<Option<SampledToken>>, ModelError> {
+        Model::collect(self)
     }
     fn reset_slot(&mut self, slot: usize) -> Result<(), ModelError> {
         Model::reset_slot(self, slot)

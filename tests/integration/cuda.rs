@@ -1565,3 +1565,31 @@ fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
     }
     fused_fixture_steps("fused tail", |g| g.set_fused_tail(true), CudaBackend::fused_tail_launches, |c| c.n_layers as u64)
 }
+
+/// Decode steps queued ahead on the GPU, each fed on the device with the
+/// tokens the step before sampled (the sampling kernels write them into the
+/// ids the next step's graph embeds), give what host-fed steps give: one
+/// sequence (the folded decode blocks), three and five (graphs padded to
+/// buckets of 4 and 8), greedy, drawn, with alternatives and with a logit
+/// bias. The greedy sequences' tokens also equal the CPU's.
+#[test]
+fn follow_up_steps_fed_on_the_device_match_host_fed_steps_on_the_gpu() -> TestResult {
+    use crate::ahead::{ahead_and_stepped, assert_same_tokens};
+    for dir in fixture_models() {
+        let r = reference(&dir);
+        let Some(mut m) = load_gpu(&dir, 10, 256)? else { return Ok(()) };
+        let mut cpu = load_cpu(&dir, opts(10, 256))?;
+        for n in [1, 3, 5] {
+            let prompts: Vec<Vec<u32>> = (0..n).map(|i| r.prompts[i % r.prompts.len()].ids.clone()).collect();
+            let what = format!("{}: {n} sequences", name(&dir));
+            let (ahead, stepped) = ahead_and_stepped(&mut m, &prompts, 10)?;
+            assert_same_tokens(&ahead, &stepped, 1e-3, &what);
+            let (cpu_ahead, _) = ahead_and_stepped(&mut cpu, &prompts, 10)?;
+            for seq in (0..n).filter(|s| s % 4 == 0 || s % 4 == 2) {
+                let ids = |v: &[SampledToken]| v.iter().map(|t| t.token).collect::<Vec<_>>();
+                assert_eq!(ids(&ahead[seq]), ids(&cpu_ahead[seq]), "{what}: sequence {seq}, GPU vs CPU");
+            }
+        }
+    }
+    Ok(())
+}

@@ -68,6 +68,8 @@ impl Backend for CpuBackend {
     type Ids = Vec<u32>;
     type Mat = CpuMat;
     type Graph = ();
+    /// Sampling on the host is done when it starts.
+    type Sampling = Vec<SampledToken>;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads, f32 compute)", rayon::current_num_threads())
@@ -208,9 +210,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn sample(&self, logits: View<'_, Vec<f32>>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
-        checks::sample(&logits, rows)?;
-        Ok(rows
+    fn sample_start(&self, logits: View<'_, Vec<f32>>, rows: &[&SampleRow], feed: Option<&mut Vec<u32>>) -> Result<Vec<SampledToken>> {
+        checks::sample(&logits, rows, feed.as_deref())?;
+        let tokens: Vec<SampledToken> = rows
             .iter()
             .enumerate()
             .map(|(i, row)| {
@@ -218,7 +220,16 @@ impl Backend for CpuBackend {
                 let mut l = logits.buf[start..start + logits.cols].to_vec();
                 sample::sample_row(&mut l, row)
             })
-            .collect())
+            .collect();
+        if let Some(feed) = feed {
+            let ids: Vec<u32> = tokens.iter().map(|t| t.token).collect();
+            self.write_ids(feed, &ids)?;
+        }
+        Ok(tokens)
+    }
+
+    fn sample_finish(&self, started: Vec<SampledToken>) -> Result<Vec<SampledToken>> {
+        Ok(started)
     }
 
     fn gather_rows(&self, src: View<'_, Vec<f32>>, rows: &Vec<u32>, n: usize, out: ViewMut<'_, Vec<f32>>) -> Result<()> {

@@ -337,6 +337,8 @@ pub struct CudaBackend {
     _blas_workspace: DevBuf,
     staging: RefCell<Staging>,
     scratch: RefCell<Scratch>,
+    /// Pinned memory for sampled tokens, kept between samplings.
+    readbacks: RefCell<Vec<sample::Readback>>,
     /// Time steps of a large decode batch (`mamba1_step`), `[rows, d_inner]`.
     step_dt: RefCell<CudaVec>,
     /// Per-part summaries of a time-split prefill scan.
@@ -502,6 +504,7 @@ impl CudaBackend {
             _blas_workspace: workspace,
             staging,
             scratch,
+            readbacks: RefCell::new(vec![]),
             step_dt,
             scan_parts,
             capturing: Cell::new(false),
@@ -1062,6 +1065,7 @@ impl Backend for CudaBackend {
     type Ids = CudaIds;
     type Mat = CudaMat;
     type Graph = CudaGraphHandle;
+    type Sampling = sample::CudaSampling;
 
     fn describe(&self) -> String {
         format!("{} (weights as stored, f32 activations and state)", self.name)
@@ -1072,7 +1076,14 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_ids(&self, len: usize) -> Result<CudaIds> {
-        Ok(CudaIds { buf: DevBuf::alloc(&self.ctx, len * 4, "ids")?, len, written: vec![] })
+        let buf = DevBuf::alloc(&self.ctx, len * 4, "ids")?;
+        if buf.ptr != 0 {
+            // Zeroed, so that every id the buffer holds is a valid token (a
+            // padded graph step may embed ids past the ones written).
+            // SAFETY: zeroes the buffer just allocated.
+            unsafe { result::memset_d8_sync(buf.ptr, 0, buf.bytes) }.map_err(dev("ids"))?;
+        }
+        Ok(CudaIds { buf, len, written: vec![] })
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaVec> {
@@ -1566,10 +1577,15 @@ impl Backend for CudaBackend {
         self.launch(Kernel::GatedRmsNorm, a, (y.rows as u32, (d / group_size) as u32, 1), ROW_THREADS)
     }
 
-    fn sample(&self, logits: View<'_, CudaVec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
-        checks::sample(&logits, rows)?;
+    fn sample_start(&self, logits: View<'_, CudaVec>, rows: &[&SampleRow], feed: Option<&mut CudaIds>) -> Result<sample::CudaSampling> {
+        checks::sample(&logits, rows, feed.as_deref())?;
         self.no_capture("sample")?;
-        sample::sample(self, logits, rows)
+        sample::start(self, logits, rows, feed)
+    }
+
+    fn sample_finish(&self, started: sample::CudaSampling) -> Result<Vec<SampledToken>> {
+        self.bind()?;
+        sample::finish(self, started)
     }
 
     fn gather_rows(&self, src: View<'_, CudaVec>, rows: &CudaIds, n: usize, out: ViewMut<'_, CudaVec>) -> Result<()> {

@@ -1,9 +1,13 @@
 //! Host side of device sampling (`kernels/sample.cu`): packs each row's
 //! parameters and lists into one upload, launches one block per row, and
-//! reads back only the tokens and logprobs.
+//! reads back only the tokens and logprobs, into pinned memory the host
+//! waits on only when it wants them (so the next step can be queued
+//! first).
+
+use cudarc::driver::{CudaEvent, result, sys};
 
 use super::kernels::{Args, Kernel};
-use super::{CudaBackend, CudaVec, Scratch};
+use super::{CudaBackend, CudaIds, CudaVec, Scratch};
 use crate::backend::{Result, SampleRow, SampledToken, View};
 
 /// u32 words of parameters per row (the P_* layout in sample.cu).
@@ -91,9 +95,68 @@ fn param_words(rows: &[&SampleRow]) -> (Vec<u32>, usize) {
     (words, out_words)
 }
 
-pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
+/// Pinned host memory a started sampling's output words are copied into,
+/// with the event recorded after the copy. Kept by the backend between
+/// samplings.
+pub struct Readback {
+    ptr: *mut u32,
+    /// Words the memory holds.
+    cap: usize,
+    event: CudaEvent,
+}
+
+// SAFETY: the pinned memory is owned by this value; the event is Send.
+unsafe impl Send for Readback {}
+
+impl Drop for Readback {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host, freed only here (a sampling
+        // that still copies into it waits first: CudaSampling's drop).
+        unsafe {
+            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+/// A sampling whose words are on their way to the host.
+pub struct CudaSampling {
+    readback: Option<Readback>,
+    words: usize,
+    /// Alternatives asked for, a row.
+    tops: Vec<u32>,
+}
+
+impl Drop for CudaSampling {
+    fn drop(&mut self) {
+        // Never finished: let the copy land before the memory is freed.
+        if let Some(rb) = &self.readback {
+            let _ = rb.event.synchronize();
+        }
+    }
+}
+
+/// Pinned memory for `words` output words: a kept one large enough, or a
+/// new one.
+fn readback(be: &CudaBackend, words: usize) -> Result<Readback> {
+    let mut kept = be.readbacks.borrow_mut();
+    if let Some(i) = kept.iter().position(|r| r.cap >= words) {
+        return Ok(kept.swap_remove(i));
+    }
+    drop(kept);
+    let cap = words.max(1024).next_power_of_two();
+    let event = be.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(super::dev("event"))?;
+    // SAFETY: a plain pinned allocation, freed by Readback's drop.
+    let ptr = unsafe { result::malloc_host(cap * 4, 0) }.map_err(super::dev("pinned host memory"))? as *mut u32;
+    Ok(Readback { ptr, cap, event })
+}
+
+/// Launches the sampling kernels for `rows` and the copy of their output
+/// words to the host; with `feed`, the kernels also write row i's token
+/// to `feed[i]`.
+pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], feed: Option<&mut CudaIds>) -> Result<CudaSampling> {
+    let tops: Vec<u32> = rows.iter().map(|r| r.top_logprobs).collect();
     if rows.is_empty() {
-        return Ok(vec![]);
+        return Ok(CudaSampling { readback: None, words: 0, tops });
     }
     let vocab = logits.cols;
     let (words, out_words) = param_words(rows);
@@ -123,6 +186,14 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
         be.upload_bytes(params, super::bytes_of(&words))?;
         be.scratch.borrow_mut().params_words = words;
     }
+    let next_ids = match feed {
+        Some(ids) => {
+            // The device writes these ids: the host no longer knows them.
+            ids.written.clear();
+            ids.buf.ptr
+        }
+        None => 0,
+    };
     // Both kernels start with the logits, the vocabulary and the parameters.
     let inputs = || Args::new().ptr(logits.buf.at(logits.offset)).i32(logits.stride).u32(vocab as u32).ptr(params);
     let parts = vocab.div_ceil(GREEDY_PART);
@@ -130,13 +201,41 @@ pub fn sample(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow]) 
     let split = parts > 1 && parts <= GREEDY_THREADS as usize && be.split_greedy;
     if split && rows.iter().all(|r| plain_greedy(r)) {
         let (part_max, part_id, part_se, counts) = greedy_scratch(be, rows.len(), parts)?;
-        let a = inputs().ptr(part_max).ptr(part_id).ptr(part_se).ptr(counts).ptr(out);
+        let a = inputs().ptr(part_max).ptr(part_id).ptr(part_se).ptr(counts).ptr(out).ptr(next_ids);
         be.launch(Kernel::SampleGreedy, a, (rows.len() as u32, parts as u32, 1), GREEDY_THREADS)?;
-        return read_back(be, out, out_words, rows);
+    } else {
+        let a = inputs().ptr(proc).ptr(keys).ptr(weights).ptr(out).ptr(next_ids);
+        be.launch(Kernel::SampleRows, a, (rows.len() as u32, 1, 1), THREADS)?;
     }
-    let a = inputs().ptr(proc).ptr(keys).ptr(weights).ptr(out);
-    be.launch(Kernel::SampleRows, a, (rows.len() as u32, 1, 1), THREADS)?;
-    read_back(be, out, out_words, rows)
+    let rb = readback(be, out_words)?;
+    be.bind()?;
+    // SAFETY: the pinned memory holds at least out_words words and is not
+    // read, reused or freed before the event recorded after the copy has
+    // completed (finish, or CudaSampling's drop).
+    let dst = unsafe { std::slice::from_raw_parts_mut(rb.ptr, out_words) };
+    unsafe { result::memcpy_dtoh_async(dst, out, be.cu_stream()) }.map_err(super::dev("read"))?;
+    rb.event.record(&be.stream).map_err(super::dev("event record"))?;
+    Ok(CudaSampling { readback: Some(rb), words: out_words, tops })
+}
+
+/// Waits for a started sampling's words and reads each row's token,
+/// logprob and alternatives.
+pub fn finish(be: &CudaBackend, mut s: CudaSampling) -> Result<Vec<SampledToken>> {
+    let Some(rb) = s.readback.take() else { return Ok(vec![]) };
+    let waited = rb.event.synchronize().map_err(super::dev("synchronize"));
+    // SAFETY: the copy into these words completed (the event above).
+    let got = waited.map(|()| unsafe { std::slice::from_raw_parts(rb.ptr, s.words) }.to_vec());
+    be.readbacks.borrow_mut().push(rb);
+    let got = got?;
+    let mut result = Vec::with_capacity(s.tops.len());
+    let mut o = 0;
+    for &asked in &s.tops {
+        let n_top = (got[o + 2] as usize).min(asked as usize);
+        let top = (0..n_top).map(|j| (got[o + 3 + 2 * j], f32::from_bits(got[o + 4 + 2 * j]))).collect();
+        result.push(SampledToken { token: got[o], logprob: f32::from_bits(got[o + 1]), top });
+        o += 3 + 2 * asked as usize;
+    }
+    Ok(result)
 }
 
 /// The split greedy kernel's part results (f64 sums, f32 maxima, u32 ids)
@@ -149,20 +248,6 @@ fn greedy_scratch(be: &CudaBackend, rows: usize, parts: usize) -> Result<(u64, u
     zeroed_counters(be, &mut s, rows)?;
     let base = s.greedy.ptr;
     Ok((base + n as u64 * 8, base + n as u64 * 12, base, s.greedy_counts.ptr))
-}
-
-/// Each row's token, logprob and alternatives from the output words.
-fn read_back(be: &CudaBackend, out: u64, out_words: usize, rows: &[&SampleRow]) -> Result<Vec<SampledToken>> {
-    let got: Vec<u32> = be.download(out, out_words)?;
-    let mut result = Vec::with_capacity(rows.len());
-    let mut o = 0;
-    for row in rows {
-        let n_top = (got[o + 2] as usize).min(row.top_logprobs as usize);
-        let top = (0..n_top).map(|j| (got[o + 3 + 2 * j], f32::from_bits(got[o + 4 + 2 * j]))).collect();
-        result.push(SampledToken { token: got[o], logprob: f32::from_bits(got[o + 1]), top });
-        o += 3 + 2 * row.top_logprobs as usize;
-    }
-    Ok(result)
 }
 
 #[cfg(test)]
