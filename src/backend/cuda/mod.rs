@@ -406,6 +406,9 @@ pub struct CudaBackend {
     /// holds are sent again, and small reads go through pageable memory
     /// (`MAMBA_SERVE_RESEND`, for comparisons).
     resend: bool,
+    /// Sampled tokens reach the host by a copy after the kernels instead
+    /// of being written into mapped host memory (for comparisons).
+    copy_readback: bool,
     /// Whether one-sequence Mamba-1 decode blocks fold x_proj into
     /// in_proj's conv epilogue (`block.rs`; `MAMBA_SERVE_NO_FOLD_XPROJ`
     /// turns it off, for comparisons), the per-layer accumulators it adds
@@ -529,6 +532,7 @@ impl CudaBackend {
             split_greedy: std::env::var_os("MAMBA_SERVE_NO_SPLIT_GREEDY").is_none(),
             split_out: split_out_shape(),
             resend: std::env::var_os("MAMBA_SERVE_RESEND").is_some(),
+            copy_readback: std::env::var_os("MAMBA_SERVE_COPY_READBACK").is_some(),
             fold_x_proj: std::env::var_os("MAMBA_SERVE_NO_FOLD_XPROJ").is_none(),
             xproj_acc: RefCell::new(None),
             xproj_folded: Cell::new(0),

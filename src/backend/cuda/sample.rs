@@ -1,8 +1,8 @@
 //! Host side of device sampling (`kernels/sample.cu`): packs each row's
 //! parameters and lists into one upload, launches one block per row, and
-//! reads back only the tokens and logprobs, into pinned memory the host
-//! waits on only when it wants them (so the next step can be queued
-//! first).
+//! reads back only the tokens and logprobs: the kernels write them into
+//! mapped pinned memory, which the host reads once an event says they are
+//! there, only when it wants them (so the next step can be queued first).
 
 use cudarc::driver::{CudaEvent, result, sys};
 
@@ -100,6 +100,9 @@ fn param_words(rows: &[&SampleRow]) -> (Vec<u32>, usize) {
 /// samplings.
 pub struct Readback {
     ptr: *mut u32,
+    /// The memory's address on the device (it is mapped): the kernels
+    /// write their words there, with no copy after them.
+    dev: u64,
     /// Words the memory holds.
     cap: usize,
     event: CudaEvent,
@@ -145,9 +148,16 @@ fn readback(be: &CudaBackend, words: usize) -> Result<Readback> {
     drop(kept);
     let cap = words.max(1024).next_power_of_two();
     let event = be.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(super::dev("event"))?;
-    // SAFETY: a plain pinned allocation, freed by Readback's drop.
-    let ptr = unsafe { result::malloc_host(cap * 4, 0) }.map_err(super::dev("pinned host memory"))? as *mut u32;
-    Ok(Readback { ptr, cap, event })
+    // SAFETY: a pinned allocation mapped into the device's address space,
+    // freed by Readback's drop (which owns it from the next line on).
+    let ptr =
+        unsafe { result::malloc_host(cap * 4, sys::CU_MEMHOSTALLOC_DEVICEMAP) }.map_err(super::dev("pinned host memory"))? as *mut u32;
+    let mut rb = Readback { ptr, dev: 0, cap, event };
+    // SAFETY: ptr was allocated with CU_MEMHOSTALLOC_DEVICEMAP just above.
+    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut rb.dev, ptr as *mut std::ffi::c_void, 0) }
+        .result()
+        .map_err(super::dev("mapped host memory"))?;
+    Ok(rb)
 }
 
 /// Launches the sampling kernels for `rows` and the copy of their output
@@ -186,6 +196,11 @@ pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], f
         be.upload_bytes(params, super::bytes_of(&words))?;
         be.scratch.borrow_mut().params_words = words;
     }
+    let rb = readback(be, out_words)?;
+    // The kernels write the words straight into the host's mapped memory,
+    // or (MAMBA_SERVE_COPY_READBACK, for comparison) into device memory
+    // and a copy takes them to the host.
+    let out = if be.copy_readback { out } else { rb.dev };
     let next_ids = match feed {
         Some(ids) => {
             // The device writes these ids: the host no longer knows them.
@@ -207,13 +222,14 @@ pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], f
         let a = inputs().ptr(proc).ptr(keys).ptr(weights).ptr(out).ptr(next_ids);
         be.launch(Kernel::SampleRows, a, (rows.len() as u32, 1, 1), THREADS)?;
     }
-    let rb = readback(be, out_words)?;
     be.bind()?;
-    // SAFETY: the pinned memory holds at least out_words words and is not
-    // read, reused or freed before the event recorded after the copy has
-    // completed (finish, or CudaSampling's drop).
-    let dst = unsafe { std::slice::from_raw_parts_mut(rb.ptr, out_words) };
-    unsafe { result::memcpy_dtoh_async(dst, out, be.cu_stream()) }.map_err(super::dev("read"))?;
+    if be.copy_readback {
+        // SAFETY: the pinned memory holds at least out_words words and is
+        // not read, reused or freed before the event recorded after the
+        // copy has completed (finish, or CudaSampling's drop).
+        let dst = unsafe { std::slice::from_raw_parts_mut(rb.ptr, out_words) };
+        unsafe { result::memcpy_dtoh_async(dst, out, be.cu_stream()) }.map_err(super::dev("read"))?;
+    }
     rb.event.record(&be.stream).map_err(super::dev("event record"))?;
     Ok(CudaSampling { readback: Some(rb), words: out_words, tops })
 }
@@ -223,7 +239,8 @@ pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], f
 pub fn finish(be: &CudaBackend, mut s: CudaSampling) -> Result<Vec<SampledToken>> {
     let Some(rb) = s.readback.take() else { return Ok(vec![]) };
     let waited = rb.event.synchronize().map_err(super::dev("synchronize"));
-    // SAFETY: the copy into these words completed (the event above).
+    // SAFETY: the kernels' writes (or the copy) into these words completed
+    // before the event above.
     let got = waited.map(|()| unsafe { std::slice::from_raw_parts(rb.ptr, s.words) }.to_vec());
     be.readbacks.borrow_mut().push(rb);
     let got = got?;
