@@ -526,10 +526,7 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
 }
 
 // sample_greedy as the last kernel of a recorded decode step (a dependent
-// launch; every row greedy over `valid` ids). With `table` (an embedding of
-// `d` columns, dtype code table_dt) the token's row goes into row r of
-// `residual` as well, so a follow-up step needs no embedding. Row r's
-// three words go to
+// launch; every row greedy over `valid` ids): row r's three words go to
 // ring + (*turn % 2) * slot_words + 3 r, in mapped host memory, so that the
 // host reads one step's tokens while the next step writes the other slot.
 // The row that finishes last advances *turn (rows_done counts them; every
@@ -538,7 +535,7 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
 extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
     sample_greedy_recorded(const float* logits, int lstride, u32 vocab, u32 valid, float* part_max, u32* part_id,
                            double* part_se, u32* counts, u32* ring, u32 slot_words, u32* turn, u32* rows_done,
-                           u32* next_ids, const void* table, u32 table_dt, int d, float* residual) {
+                           u32* next_ids) {
     TL_SCOPE(TL_SAMPLE);
     __shared__ Shared sh;
     __shared__ u32 last;
@@ -549,19 +546,6 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
     if (!greedy_row(logits + (u64)r * lstride, vocab, min(valid, vocab), part_max, part_id, part_se, counts, sh, last,
                     &token, &logprob))
         return;
-    if (table) {
-        // The next step's residual row: the token's embedding (the logits,
-        // read from the residual stream's norm, are done with it).
-        __shared__ u32 tok;
-        if (threadIdx.x == 0) tok = token;
-        __syncthreads();
-        const u64 base = (u64)tok * d;
-        float* o = residual + (u64)r * d;
-        for (int c = threadIdx.x; c < d; c += blockDim.x)
-            o[c] = table_dt == 0 ? load_weight<0>(table, base + c)
-                   : table_dt == 1 ? load_weight<1>(table, base + c)
-                                   : load_weight<2>(table, base + c);
-    }
     if (threadIdx.x == 0) {
         u32* out = ring + (u64)(*(volatile u32*)turn % 2) * slot_words + 3 * (u64)r;
         out[0] = token;

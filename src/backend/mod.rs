@@ -837,19 +837,10 @@ pub trait Backend: Send + 'static {
 
     /// Greedy sampling over ids below `valid_vocab` of every row of
     /// `logits`, as an op a graph can record: each row's token goes into
-    /// `feed`, and with `embed` = (table, out) its row of the table into
-    /// row i of `out` (the next step's residual stream, so that the next
-    /// step needs no embedding op); [`Backend::recorded_sampling`], after
-    /// each run of the op (recorded or not), reads the tokens. At most two
-    /// such runs may be unread.
-    fn sample_recorded(
-        &self,
-        logits: View<'_, Self::Vec>,
-        valid_vocab: u32,
-        feed: &mut Self::Ids,
-        embed: Option<(&Self::Mat, &mut Self::Vec)>,
-    ) -> Result<()> {
-        let _ = (logits, valid_vocab, feed, embed);
+    /// `feed`; [`Backend::recorded_sampling`], after each run of the op
+    /// (recorded or not), reads them. At most two such runs may be unread.
+    fn sample_recorded(&self, logits: View<'_, Self::Vec>, valid_vocab: u32, feed: &mut Self::Ids) -> Result<()> {
+        let _ = (logits, valid_vocab, feed);
         Err(BackendError::Shape { op: "sample_recorded", detail: "this backend does not record sampling".into() })
     }
 

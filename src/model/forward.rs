@@ -147,11 +147,9 @@ struct Graphs<B: Backend> {
     /// `None` until the backend was asked whether it records graphs.
     supported: Option<bool>,
     buckets: Vec<usize>,
-    /// By bucket; for graphs that end with greedy sampling
-    /// ([`Backend::sample_recorded`]), the valid vocabulary they sample;
-    /// and whether they start with the embedding (not when the step before
-    /// embedded the tokens it sampled).
-    recorded: HashMap<(usize, Option<u32>, bool), B::Graph>,
+    /// By bucket and, for graphs that end with greedy sampling
+    /// ([`Backend::sample_recorded`]), the valid vocabulary they sample.
+    recorded: HashMap<(usize, Option<u32>), B::Graph>,
 }
 
 /// A loaded model on a backend, with its state pool.
@@ -168,37 +166,10 @@ pub struct Model<B: Backend> {
     stack: bool,
     /// Steps launched and not yet collected, oldest first.
     pending: VecDeque<PendingStep<B>>,
-    /// The last step run, when every chunk of it sampled a token and the
-    /// tokens went into the workspace's ids on the device: what a follow-up
-    /// step may decode.
-    fed: Option<Fed>,
-}
-
-/// The sequences a follow-up step decodes, fed on the device.
-struct Fed {
-    slots: Vec<usize>,
-    /// The residual stream's rows already hold the tokens' embeddings (the
-    /// step's recorded sampling wrote them).
-    embedded: bool,
-}
-
-/// Where a step's token ids come from.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Feed {
-    /// Uploaded from the host.
-    Host,
-    /// Already in the workspace's ids, sampled there by the step before.
-    Ids,
-    /// The same, and already embedded into the residual stream.
-    Embedded,
-}
-
-/// What a step's run did besides the forward pass.
-struct Ran {
-    /// Sampled every row inside the recorded step.
-    sampled: bool,
-    /// And wrote each sampled token's embedding into the residual stream.
-    embedded: bool,
+    /// The slots of the last step run when every chunk of it sampled a
+    /// token and the tokens went into the workspace's ids on the device:
+    /// the sequences a follow-up step may decode.
+    fed_slots: Option<Vec<usize>>,
 }
 
 impl<B: Backend> Drop for Model<B> {
@@ -326,7 +297,7 @@ impl<B: Backend> Model<B> {
             buckets: graph_buckets(opts.max_batch_seqs.min(opts.max_batch_tokens)),
             recorded: HashMap::new(),
         };
-        Ok(Model { backend, cfg, weights, pool, ws, opts, graphs, stack, pending: VecDeque::new(), fed: None })
+        Ok(Model { backend, cfg, weights, pool, ws, opts, graphs, stack, pending: VecDeque::new(), fed_slots: None })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -404,7 +375,7 @@ impl<B: Backend> Model<B> {
         if chunks.is_empty() {
             return Ok(vec![]);
         }
-        self.run(chunks, Feed::Host, &[])?;
+        self.run(chunks, false, &[])?;
         Ok(self.backend.read(&self.ws.logits, 0, chunks.len() * self.cfg.vocab_size)?)
     }
 
@@ -427,13 +398,13 @@ impl<B: Backend> Model<B> {
             return Err(ModelError::Batch(format!("{} chunks but {} sampling rows", chunks.len(), rows.len())));
         }
         if chunks.is_empty() {
-            self.fed = None;
+            self.fed_slots = None;
             self.pending.push_back(PendingStep { chunks: 0, runs: vec![] });
             return Ok(());
         }
         let rows: Vec<Option<&SampleRow>> = rows.iter().map(Option::as_ref).collect();
-        let ran = self.run(chunks, Feed::Host, &rows)?;
-        self.start_sampling(&rows, chunks.iter().map(|c| c.slot).collect(), ran)
+        let sampled = self.run(chunks, false, &rows)?;
+        self.start_sampling(&rows, chunks.iter().map(|c| c.slot).collect(), sampled)
     }
 
     /// Queues a decode step for every sequence of the last step run, each
@@ -443,8 +414,8 @@ impl<B: Backend> Model<B> {
     /// when every chunk of the last step sampled a token.
     pub fn launch_followup(&mut self, rows: &[SampleRow]) -> Result<(), ModelError> {
         self.check_in_flight()?;
-        let Fed { slots, embedded } = self
-            .fed
+        let slots = self
+            .fed_slots
             .take()
             .ok_or_else(|| ModelError::Batch("no step to follow: the last step did not sample a token for every chunk".into()))?;
         if rows.len() != slots.len() {
@@ -452,8 +423,8 @@ impl<B: Backend> Model<B> {
         }
         let chunks: Vec<SeqChunk<'_>> = slots.iter().map(|&slot| SeqChunk { slot, tokens: &FED, is_prompt: false }).collect();
         let rows: Vec<Option<&SampleRow>> = rows.iter().map(Some).collect();
-        let ran = self.run(&chunks, if embedded { Feed::Embedded } else { Feed::Ids }, &rows)?;
-        self.start_sampling(&rows, slots, ran)
+        let sampled = self.run(&chunks, true, &rows)?;
+        self.start_sampling(&rows, slots, sampled)
     }
 
     /// The tokens of the oldest launched step not yet collected, waiting
@@ -470,7 +441,7 @@ impl<B: Backend> Model<B> {
                 }
                 Err(e) => {
                     self.pending.clear();
-                    self.fed = None;
+                    self.fed_slots = None;
                     return Err(e.into());
                 }
             }
@@ -490,16 +461,16 @@ impl<B: Backend> Model<B> {
     }
 
     /// Starts sampling the logits of the step just run and queues it as
-    /// pending (unless the step's graph sampled every row already). When
-    /// every chunk samples, the tokens also go into the ids a follow-up
-    /// step embeds.
-    fn start_sampling(&mut self, rows: &[Option<&SampleRow>], slots: Vec<usize>, ran: Ran) -> Result<(), ModelError> {
+    /// pending (`recorded`: the step's graph sampled every row already).
+    /// When every chunk samples, the tokens also go into the ids a
+    /// follow-up step embeds.
+    fn start_sampling(&mut self, rows: &[Option<&SampleRow>], slots: Vec<usize>, recorded: bool) -> Result<(), ModelError> {
         let v = self.cfg.vocab_size;
         let every = rows.iter().all(Option::is_some);
-        if ran.sampled {
+        if recorded {
             let started = self.backend.recorded_sampling(rows.len())?;
             self.pending.push_back(PendingStep { chunks: rows.len(), runs: vec![(0, started)] });
-            self.fed = Some(Fed { slots, embedded: ran.embedded });
+            self.fed_slots = Some(slots);
             return Ok(());
         }
         let mut runs = vec![];
@@ -520,19 +491,18 @@ impl<B: Backend> Model<B> {
             runs.push((start, self.backend.sample_start(logits, &batch, feed)?));
         }
         self.pending.push_back(PendingStep { chunks: rows.len(), runs });
-        self.fed = every.then_some(Fed { slots, embedded: false });
+        self.fed_slots = every.then_some(slots);
         Ok(())
     }
 
     /// The forward pass proper: leaves `[chunks.len(), vocab]` logits in
     /// the workspace.
-    /// `feed` says where the chunks' tokens come from (with a device feed,
-    /// the chunks' own tokens are placeholders). Says whether the step
-    /// sampled `rows` too (a recorded step whose rows the backend samples
-    /// inside the graph).
-    fn run(&mut self, chunks: &[SeqChunk<'_>], feed: Feed, rows: &[Option<&SampleRow>]) -> Result<Ran, ModelError> {
-        self.fed = None;
-        let fed = feed != Feed::Host;
+    /// With `fed`, the chunks' tokens are already in the workspace's ids
+    /// (sampled there by the step before) and are not uploaded. Returns
+    /// whether the step sampled `rows` too (a recorded step whose rows the
+    /// backend samples inside the graph).
+    fn run(&mut self, chunks: &[SeqChunk<'_>], fed: bool, rows: &[Option<&SampleRow>]) -> Result<bool, ModelError> {
+        self.fed_slots = None;
         let n_seqs = chunks.len();
         let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n_seqs > self.opts.max_batch_seqs || n_tokens > self.opts.max_batch_tokens {
@@ -572,26 +542,20 @@ impl<B: Backend> Model<B> {
             prompt.resize(bucket, 0);
             let cu: Vec<u32> = (0..=bucket as u32).collect();
             self.upload_step((!fed).then_some(&ids[..]), &cu, &slots, &prompt, &[])?;
-            // Every row greedy: the graph samples them too, after the logits,
-            // and embeds the tokens for a follow-up step, which then starts
-            // at its first block.
+            // Every row greedy: the graph samples them too, after the logits.
             let every: Option<Vec<&SampleRow>> = rows.iter().copied().collect();
             let greedy = every.filter(|r| self.backend.records_sampling(r)).map(|r| r[0].valid_vocab);
-            let embed = feed != Feed::Embedded;
-            let ran = Ran { sampled: greedy.is_some(), embedded: greedy.is_some() };
-            let key = (bucket, greedy, embed);
+            let key = (bucket, greedy);
             if let Some(g) = self.graphs.recorded.get(&key) {
                 self.backend.replay(g)?;
-                return Ok(ran);
+                return Ok(greedy.is_some());
             }
             if self.backend.begin_capture()? {
                 self.graphs.supported = Some(true);
-                let mut recorded = self.ops(bucket, bucket, true, embed);
+                let mut recorded = self.ops(bucket, bucket, true);
                 if let (Ok(()), Some(valid)) = (&recorded, greedy) {
-                    let Model { backend, cfg, weights, ws, .. } = self;
-                    let logits = View::dense(&ws.logits, bucket, cfg.vocab_size);
-                    let next = Some((&weights.embed, &mut ws.residual));
-                    recorded = backend.sample_recorded(logits, valid, &mut ws.ids, next).map_err(ModelError::from);
+                    let logits = View::dense(&self.ws.logits, bucket, self.cfg.vocab_size);
+                    recorded = self.backend.sample_recorded(logits, valid, &mut self.ws.ids).map_err(ModelError::from);
                 }
                 // End the recording whatever happened, so the device is usable.
                 let graph = self.backend.end_capture();
@@ -599,7 +563,7 @@ impl<B: Backend> Model<B> {
                 let graph = graph?;
                 self.backend.replay(&graph)?;
                 self.graphs.recorded.insert(key, graph);
-                return Ok(ran);
+                return Ok(greedy.is_some());
             }
             self.graphs.supported = Some(false);
             ids.truncate(n_seqs);
@@ -608,8 +572,8 @@ impl<B: Backend> Model<B> {
         }
         let last_rows: Vec<u32> = cu[1..].iter().map(|&e| e - 1).collect();
         self.upload_step((!fed).then_some(&ids[..]), &cu, &slots, &prompt, &last_rows)?;
-        self.ops(n_tokens, n_seqs, single_token, true)?;
-        Ok(Ran { sampled: false, embedded: false })
+        self.ops(n_tokens, n_seqs, single_token)?;
+        Ok(false)
     }
 
     /// Writes a step's inputs to the workspace (the ids unless the device
@@ -630,16 +594,12 @@ impl<B: Backend> Model<B> {
 
     /// The device work of one step over the uploaded inputs: only backend
     /// ops, so it can be recorded as a graph.
-    /// Without `embed`, the residual stream's rows already hold the
-    /// tokens' embeddings.
-    fn ops(&mut self, n_tokens: usize, n_seqs: usize, single_token: bool, embed: bool) -> Result<(), ModelError> {
+    fn ops(&mut self, n_tokens: usize, n_seqs: usize, single_token: bool) -> Result<(), ModelError> {
         let Model { backend: b, cfg, weights: w, pool, ws, stack, .. } = self;
         let d = cfg.hidden_size;
         // The residual stream: each block reads its RMS norm (fused into
         // in_proj) and adds its mixer's output back (fused into out_proj).
-        if embed {
-            b.embed(&w.embed, &ws.ids, n_tokens, &mut ws.residual)?;
-        }
+        b.embed(&w.embed, &ws.ids, n_tokens, &mut ws.residual)?;
         let (p, cd) = (cfg.in_proj_dim(), cfg.conv_dim());
         // Mamba-1 splits in_proj into x | z, Mamba-2 into z | xBC | dt; the
         // conv runs over x (xBC).

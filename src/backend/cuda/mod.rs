@@ -1606,24 +1606,13 @@ impl Backend for CudaBackend {
         sample::records(self, rows)
     }
 
-    fn sample_recorded(
-        &self,
-        logits: View<'_, CudaVec>,
-        valid_vocab: u32,
-        feed: &mut CudaIds,
-        embed: Option<(&CudaMat, &mut CudaVec)>,
-    ) -> Result<()> {
+    fn sample_recorded(&self, logits: View<'_, CudaVec>, valid_vocab: u32, feed: &mut CudaIds) -> Result<()> {
         let View { buf, offset, rows, cols, stride } = logits;
         let inside = rows == 0 || (stride >= cols && offset + (rows - 1) * stride + cols <= buf.len);
         check("sample_recorded", inside && feed.len >= rows && valid_vocab > 0 && valid_vocab as usize <= cols, || {
             format!("[{rows}, {cols}] logits (stride {stride}) into {} ids, valid_vocab {valid_vocab}", feed.len)
         })?;
-        if let Some((table, out)) = &embed {
-            check("sample_recorded", table.rows >= cols && out.len >= rows * table.cols, || {
-                format!("a [{}, {}] embedding into {} floats for {rows} rows of {cols} logits", table.rows, table.cols, out.len)
-            })?;
-        }
-        sample::launch_recorded(self, logits, valid_vocab, feed, embed)
+        sample::launch_recorded(self, logits, valid_vocab, feed)
     }
 
     fn recorded_sampling(&self, rows: usize) -> Result<sample::CudaSampling> {

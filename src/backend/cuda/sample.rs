@@ -7,7 +7,7 @@
 use cudarc::driver::{CudaEvent, result, sys};
 
 use super::kernels::{Args, Kernel};
-use super::{CudaBackend, CudaIds, CudaMat, CudaVec, Scratch};
+use super::{CudaBackend, CudaIds, CudaVec, Scratch};
 use crate::backend::{Result, SampleRow, SampledToken, View};
 
 /// u32 words of parameters per row (the P_* layout in sample.cu).
@@ -76,13 +76,7 @@ pub fn records(be: &CudaBackend, rows: &[&SampleRow]) -> bool {
 
 /// Launches `sample_greedy_recorded` over every row of `logits` (a
 /// dependent launch, recordable).
-pub fn launch_recorded(
-    be: &CudaBackend,
-    logits: View<'_, CudaVec>,
-    valid: u32,
-    feed: &mut CudaIds,
-    embed: Option<(&CudaMat, &mut CudaVec)>,
-) -> Result<()> {
+pub fn launch_recorded(be: &CudaBackend, logits: View<'_, CudaVec>, valid: u32, feed: &mut CudaIds) -> Result<()> {
     let (ring_dev, slot_words, turn) = {
         let ring = be.recorded.borrow();
         let ring = ring.as_ref().filter(|r| r.vocab == logits.cols && logits.rows * 3 <= r.slot_words);
@@ -109,10 +103,6 @@ pub fn launch_recorded(
         .ptr(turn)
         .ptr(turn + 4)
         .ptr(feed.buf.ptr);
-    let a = match embed {
-        Some((table, out)) => a.ptr(table.buf.ptr).u32(super::kernels::dtype_code(table.dtype)).i32(table.cols).ptr(out.buf.ptr),
-        None => a.ptr(0).i32(0).i32(0).ptr(0),
-    };
     be.launch_dependent(Kernel::SampleGreedyRecorded, a, (logits.rows as u32, parts as u32, 1), GREEDY_THREADS)
 }
 
