@@ -444,12 +444,16 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
 // sample_rows writes them.
 #define GREEDY_THREADS 256
 #define GREEDY_UNROLL 8
-// Both greedy kernels' work for row r: true in the row's last block, where
-// thread 0 gets the token and its logprob (and the row's counter is reset).
-__device__ __forceinline__ bool greedy_row(const float* src, u32 vocab, u32 valid, float* part_max, u32* part_id,
-                                           double* part_se, u32* counts, Shared& sh, u32& last, u32* token_out,
-                                           float* logprob_out) {
+extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
+    sample_greedy(const float* logits, int lstride, u32 vocab, const u32* params, float* part_max, u32* part_id,
+                  double* part_se, u32* counts, u32* outw, u32* next_ids) {
+    TL_SCOPE(TL_SAMPLE);
+    __shared__ Shared sh;
+    __shared__ u32 last;
     const u32 r = blockIdx.x, part = blockIdx.y, parts = gridDim.y, tid = threadIdx.x;
+    const u32* P = params + (u64)r * P_WORDS;
+    const u32 valid = min(P[P_VALID], vocab);
+    const float* src = logits + (u64)r * lstride;
     const u32 lo = (u32)((u64)vocab * part / parts), hi = (u32)((u64)vocab * (part + 1) / parts);
     float v[GREEDY_UNROLL];
 #pragma unroll
@@ -482,7 +486,7 @@ __device__ __forceinline__ bool greedy_row(const float* src, u32 vocab, u32 vali
         last = atomicAdd(counts + r, 1u) == parts - 1;
     }
     __syncthreads();
-    if (!last) return false;
+    if (!last) return;
     __threadfence();
     // The row's last block: the parts, one a thread (parts <= threads).
     const u64 row0 = (u64)r * parts;
@@ -495,67 +499,11 @@ __device__ __forceinline__ bool greedy_row(const float* src, u32 vocab, u32 vali
     s = block_sum(s, sh.dsh);
     if (tid == 0) {
         const double lse = (double)big + log(s);
-        *token_out = token;
-        *logprob_out = (float)((double)big - lse);
-        counts[r] = 0;
-    }
-    return true;
-}
-
-extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
-    sample_greedy(const float* logits, int lstride, u32 vocab, const u32* params, float* part_max, u32* part_id,
-                  double* part_se, u32* counts, u32* outw, u32* next_ids) {
-    TL_SCOPE(TL_SAMPLE);
-    __shared__ Shared sh;
-    __shared__ u32 last;
-    const u32 r = blockIdx.x;
-    const u32* P = params + (u64)r * P_WORDS;
-    const u32 valid = min(P[P_VALID], vocab);
-    u32 token;
-    float logprob;
-    if (!greedy_row(logits + (u64)r * lstride, vocab, valid, part_max, part_id, part_se, counts, sh, last, &token,
-                    &logprob))
-        return;
-    if (threadIdx.x == 0) {
         u32* out = outw + P[P_OUT_OFF];
         out[0] = token;
-        out[1] = __float_as_uint(logprob);
+        out[1] = __float_as_uint((float)((double)big - lse));
         out[2] = 0;
         if (next_ids) next_ids[r] = token < vocab ? token : 0;
-    }
-}
-
-// sample_greedy as the last kernel of a recorded decode step (a dependent
-// launch; every row greedy over `valid` ids): row r's three words go to
-// ring + (*turn % 2) * slot_words + 3 r, in mapped host memory, so that the
-// host reads one step's tokens while the next step writes the other slot.
-// The row that finishes last advances *turn (rows_done counts them; every
-// row has read *turn before it counts), for the next step: the host counts
-// the recorded steps it launches the same way.
-extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
-    sample_greedy_recorded(const float* logits, int lstride, u32 vocab, u32 valid, float* part_max, u32* part_id,
-                           double* part_se, u32* counts, u32* ring, u32 slot_words, u32* turn, u32* rows_done,
-                           u32* next_ids) {
-    TL_SCOPE(TL_SAMPLE);
-    __shared__ Shared sh;
-    __shared__ u32 last;
-    grid_dep_sync();
-    const u32 r = blockIdx.x;
-    u32 token;
-    float logprob;
-    if (!greedy_row(logits + (u64)r * lstride, vocab, min(valid, vocab), part_max, part_id, part_se, counts, sh, last,
-                    &token, &logprob))
-        return;
-    if (threadIdx.x == 0) {
-        u32* out = ring + (u64)(*(volatile u32*)turn % 2) * slot_words + 3 * (u64)r;
-        out[0] = token;
-        out[1] = __float_as_uint(logprob);
-        out[2] = 0;
-        next_ids[r] = token < vocab ? token : 0;
-        __threadfence_system();
-        if (atomicAdd(rows_done, 1u) == gridDim.x - 1) {
-            *rows_done = 0;
-            *turn += 1;
-        }
+        counts[r] = 0;
     }
 }

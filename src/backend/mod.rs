@@ -628,12 +628,6 @@ pub struct SampleRow {
 }
 
 impl SampleRow {
-    /// Greedy with no alternatives asked for and no logit processing (bias,
-    /// penalties): the row of a plain decode step.
-    pub fn is_plain_greedy(&self) -> bool {
-        self.temperature == 0.0 && self.top_logprobs == 0 && self.logit_bias.is_empty() && self.seen.is_empty()
-    }
-
     /// Greedy, every processor off, over `valid_vocab` ids: the row other
     /// settings start from.
     pub fn greedy(valid_vocab: usize) -> Self {
@@ -827,30 +821,6 @@ pub trait Backend: Send + 'static {
 
     /// Waits for a started sampling and returns its tokens.
     fn sample_finish(&self, started: Self::Sampling) -> Result<Vec<SampledToken>>;
-
-    /// Whether [`Backend::sample_recorded`] can sample these rows (all
-    /// greedy, no alternatives, no logit processing, one `valid_vocab`).
-    fn records_sampling(&self, rows: &[&SampleRow]) -> bool {
-        let _ = rows;
-        false
-    }
-
-    /// Greedy sampling over ids below `valid_vocab` of every row of
-    /// `logits`, as an op a graph can record: each row's token goes into
-    /// `feed`; [`Backend::recorded_sampling`], after each run of the op
-    /// (recorded or not), reads them. At most two such runs may be unread.
-    fn sample_recorded(&self, logits: View<'_, Self::Vec>, valid_vocab: u32, feed: &mut Self::Ids) -> Result<()> {
-        let _ = (logits, valid_vocab, feed);
-        Err(BackendError::Shape { op: "sample_recorded", detail: "this backend does not record sampling".into() })
-    }
-
-    /// The tokens of the first `rows` rows of the last run of
-    /// [`Backend::sample_recorded`], to wait for with
-    /// [`Backend::sample_finish`].
-    fn recorded_sampling(&self, rows: usize) -> Result<Self::Sampling> {
-        let _ = rows;
-        Err(BackendError::Shape { op: "recorded_sampling", detail: "this backend does not record sampling".into() })
-    }
 
     /// `out[i, :] = src[rows[i], :]` for i < n.
     fn gather_rows(&self, src: View<'_, Self::Vec>, rows: &Self::Ids, n: usize, out: ViewMut<'_, Self::Vec>) -> Result<()>;

@@ -147,9 +147,7 @@ struct Graphs<B: Backend> {
     /// `None` until the backend was asked whether it records graphs.
     supported: Option<bool>,
     buckets: Vec<usize>,
-    /// By bucket and, for graphs that end with greedy sampling
-    /// ([`Backend::sample_recorded`]), the valid vocabulary they sample.
-    recorded: HashMap<(usize, Option<u32>), B::Graph>,
+    recorded: HashMap<usize, B::Graph>,
 }
 
 /// A loaded model on a backend, with its state pool.
@@ -170,14 +168,6 @@ pub struct Model<B: Backend> {
     /// token and the tokens went into the workspace's ids on the device:
     /// the sequences a follow-up step may decode.
     fed_slots: Option<Vec<usize>>,
-}
-
-impl<B: Backend> Drop for Model<B> {
-    fn drop(&mut self) {
-        // Samplings not collected wait for their tokens to land before the
-        // backend (and the memory they land in) goes.
-        self.pending.clear();
-    }
 }
 
 /// A launched step's samplings: each run of consecutive sampled chunks,
@@ -375,7 +365,7 @@ impl<B: Backend> Model<B> {
         if chunks.is_empty() {
             return Ok(vec![]);
         }
-        self.run(chunks, false, &[])?;
+        self.run(chunks, false)?;
         Ok(self.backend.read(&self.ws.logits, 0, chunks.len() * self.cfg.vocab_size)?)
     }
 
@@ -393,7 +383,6 @@ impl<B: Backend> Model<B> {
     /// [`Model::forward_sample`] without waiting for the tokens: the step
     /// is queued on the device and [`Model::collect`] returns its tokens.
     pub fn launch(&mut self, chunks: &[SeqChunk<'_>], rows: &[Option<SampleRow>]) -> Result<(), ModelError> {
-        self.check_in_flight()?;
         if chunks.len() != rows.len() {
             return Err(ModelError::Batch(format!("{} chunks but {} sampling rows", chunks.len(), rows.len())));
         }
@@ -402,9 +391,9 @@ impl<B: Backend> Model<B> {
             self.pending.push_back(PendingStep { chunks: 0, runs: vec![] });
             return Ok(());
         }
+        self.run(chunks, false)?;
         let rows: Vec<Option<&SampleRow>> = rows.iter().map(Option::as_ref).collect();
-        let sampled = self.run(chunks, false, &rows)?;
-        self.start_sampling(&rows, chunks.iter().map(|c| c.slot).collect(), sampled)
+        self.start_sampling(&rows, chunks.iter().map(|c| c.slot).collect())
     }
 
     /// Queues a decode step for every sequence of the last step run, each
@@ -413,7 +402,6 @@ impl<B: Backend> Model<B> {
     /// step's tokens, one a sequence in the last step's order. Allowed only
     /// when every chunk of the last step sampled a token.
     pub fn launch_followup(&mut self, rows: &[SampleRow]) -> Result<(), ModelError> {
-        self.check_in_flight()?;
         let slots = self
             .fed_slots
             .take()
@@ -422,9 +410,8 @@ impl<B: Backend> Model<B> {
             return Err(ModelError::Batch(format!("a follow-up of {} sequences with {} sampling rows", slots.len(), rows.len())));
         }
         let chunks: Vec<SeqChunk<'_>> = slots.iter().map(|&slot| SeqChunk { slot, tokens: &FED, is_prompt: false }).collect();
-        let rows: Vec<Option<&SampleRow>> = rows.iter().map(Some).collect();
-        let sampled = self.run(&chunks, true, &rows)?;
-        self.start_sampling(&rows, slots, sampled)
+        self.run(&chunks, true)?;
+        self.start_sampling(&rows.iter().map(Some).collect::<Vec<_>>(), slots)
     }
 
     /// The tokens of the oldest launched step not yet collected, waiting
@@ -449,30 +436,12 @@ impl<B: Backend> Model<B> {
         Ok(out)
     }
 
-    /// Steps in flight at once, at most: the one the host waits for and
-    /// the one queued behind it (recorded sampling has two slots).
-    const MAX_IN_FLIGHT: usize = 2;
-
-    fn check_in_flight(&self) -> Result<(), ModelError> {
-        if self.pending.len() >= Self::MAX_IN_FLIGHT {
-            return Err(ModelError::Batch(format!("{} launched steps are not collected", self.pending.len())));
-        }
-        Ok(())
-    }
-
     /// Starts sampling the logits of the step just run and queues it as
-    /// pending (`recorded`: the step's graph sampled every row already).
-    /// When every chunk samples, the tokens also go into the ids a
-    /// follow-up step embeds.
-    fn start_sampling(&mut self, rows: &[Option<&SampleRow>], slots: Vec<usize>, recorded: bool) -> Result<(), ModelError> {
+    /// pending. When every chunk samples, the tokens also go into the ids
+    /// a follow-up step embeds.
+    fn start_sampling(&mut self, rows: &[Option<&SampleRow>], slots: Vec<usize>) -> Result<(), ModelError> {
         let v = self.cfg.vocab_size;
         let every = rows.iter().all(Option::is_some);
-        if recorded {
-            let started = self.backend.recorded_sampling(rows.len())?;
-            self.pending.push_back(PendingStep { chunks: rows.len(), runs: vec![(0, started)] });
-            self.fed_slots = Some(slots);
-            return Ok(());
-        }
         let mut runs = vec![];
         // Consecutive runs of chunks that want a token share one call.
         let mut i = 0;
@@ -498,10 +467,8 @@ impl<B: Backend> Model<B> {
     /// The forward pass proper: leaves `[chunks.len(), vocab]` logits in
     /// the workspace.
     /// With `fed`, the chunks' tokens are already in the workspace's ids
-    /// (sampled there by the step before) and are not uploaded. Returns
-    /// whether the step sampled `rows` too (a recorded step whose rows the
-    /// backend samples inside the graph).
-    fn run(&mut self, chunks: &[SeqChunk<'_>], fed: bool, rows: &[Option<&SampleRow>]) -> Result<bool, ModelError> {
+    /// (sampled there by the step before) and are not uploaded.
+    fn run(&mut self, chunks: &[SeqChunk<'_>], fed: bool) -> Result<(), ModelError> {
         self.fed_slots = None;
         let n_seqs = chunks.len();
         let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
@@ -542,28 +509,19 @@ impl<B: Backend> Model<B> {
             prompt.resize(bucket, 0);
             let cu: Vec<u32> = (0..=bucket as u32).collect();
             self.upload_step((!fed).then_some(&ids[..]), &cu, &slots, &prompt, &[])?;
-            // Every row greedy: the graph samples them too, after the logits.
-            let every: Option<Vec<&SampleRow>> = rows.iter().copied().collect();
-            let greedy = every.filter(|r| self.backend.records_sampling(r)).map(|r| r[0].valid_vocab);
-            let key = (bucket, greedy);
-            if let Some(g) = self.graphs.recorded.get(&key) {
-                self.backend.replay(g)?;
-                return Ok(greedy.is_some());
+            if let Some(g) = self.graphs.recorded.get(&bucket) {
+                return Ok(self.backend.replay(g)?);
             }
             if self.backend.begin_capture()? {
                 self.graphs.supported = Some(true);
-                let mut recorded = self.ops(bucket, bucket, true);
-                if let (Ok(()), Some(valid)) = (&recorded, greedy) {
-                    let logits = View::dense(&self.ws.logits, bucket, self.cfg.vocab_size);
-                    recorded = self.backend.sample_recorded(logits, valid, &mut self.ws.ids).map_err(ModelError::from);
-                }
+                let recorded = self.ops(bucket, bucket, true);
                 // End the recording whatever happened, so the device is usable.
                 let graph = self.backend.end_capture();
                 recorded?;
                 let graph = graph?;
                 self.backend.replay(&graph)?;
-                self.graphs.recorded.insert(key, graph);
-                return Ok(greedy.is_some());
+                self.graphs.recorded.insert(bucket, graph);
+                return Ok(());
             }
             self.graphs.supported = Some(false);
             ids.truncate(n_seqs);
@@ -572,8 +530,7 @@ impl<B: Backend> Model<B> {
         }
         let last_rows: Vec<u32> = cu[1..].iter().map(|&e| e - 1).collect();
         self.upload_step((!fed).then_some(&ids[..]), &cu, &slots, &prompt, &last_rows)?;
-        self.ops(n_tokens, n_seqs, single_token)?;
-        Ok(false)
+        self.ops(n_tokens, n_seqs, single_token)
     }
 
     /// Writes a step's inputs to the workspace (the ids unless the device

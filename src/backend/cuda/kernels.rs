@@ -240,7 +240,6 @@ kernels! {
     GemvStreamNormXprojF16R4 = "gemv" / "gemv_stream_norm_xproj_f16_r4",
     SampleRows = "sample" / "sample_rows",
     SampleGreedy = "sample" / "sample_greedy",
-    SampleGreedyRecorded = "sample" / "sample_greedy_recorded",
 }
 
 /// The (rows a tile, columns a block) shapes each GEMV family is built for,

@@ -339,11 +339,6 @@ pub struct CudaBackend {
     scratch: RefCell<Scratch>,
     /// Pinned memory for sampled tokens, kept between samplings.
     readbacks: RefCell<Vec<sample::Readback>>,
-    /// Events of finished recorded samplings, kept for the next.
-    events: RefCell<Vec<cudarc::driver::CudaEvent>>,
-    /// Where recorded greedy sampling leaves its tokens (allocated with the
-    /// sampling scratch).
-    recorded: RefCell<Option<sample::RecordedRing>>,
     /// Time steps of a large decode batch (`mamba1_step`), `[rows, d_inner]`.
     step_dt: RefCell<CudaVec>,
     /// Per-part summaries of a time-split prefill scan.
@@ -414,8 +409,6 @@ pub struct CudaBackend {
     /// Sampled tokens reach the host by a copy after the kernels instead
     /// of being written into mapped host memory (for comparisons).
     copy_readback: bool,
-    /// Greedy decode steps record their sampling in the step's graph.
-    record_sampling: bool,
     /// Whether one-sequence Mamba-1 decode blocks fold x_proj into
     /// in_proj's conv epilogue (`block.rs`; `MAMBA_SERVE_NO_FOLD_XPROJ`
     /// turns it off, for comparisons), the per-layer accumulators it adds
@@ -515,8 +508,6 @@ impl CudaBackend {
             staging,
             scratch,
             readbacks: RefCell::new(vec![]),
-            events: RefCell::new(vec![]),
-            recorded: RefCell::new(None),
             step_dt,
             scan_parts,
             capturing: Cell::new(false),
@@ -542,7 +533,6 @@ impl CudaBackend {
             split_out: split_out_shape(),
             resend: std::env::var_os("MAMBA_SERVE_RESEND").is_some(),
             copy_readback: std::env::var_os("MAMBA_SERVE_COPY_READBACK").is_some(),
-            record_sampling: std::env::var_os("MAMBA_SERVE_NO_RECORDED_SAMPLING").is_none(),
             fold_x_proj: std::env::var_os("MAMBA_SERVE_NO_FOLD_XPROJ").is_none(),
             xproj_acc: RefCell::new(None),
             xproj_folded: Cell::new(0),
@@ -1600,25 +1590,6 @@ impl Backend for CudaBackend {
     fn sample_finish(&self, started: sample::CudaSampling) -> Result<Vec<SampledToken>> {
         self.bind()?;
         sample::finish(self, started)
-    }
-
-    fn records_sampling(&self, rows: &[&SampleRow]) -> bool {
-        sample::records(self, rows)
-    }
-
-    fn sample_recorded(&self, logits: View<'_, CudaVec>, valid_vocab: u32, feed: &mut CudaIds) -> Result<()> {
-        let View { buf, offset, rows, cols, stride } = logits;
-        let inside = rows == 0 || (stride >= cols && offset + (rows - 1) * stride + cols <= buf.len);
-        check("sample_recorded", inside && feed.len >= rows && valid_vocab > 0 && valid_vocab as usize <= cols, || {
-            format!("[{rows}, {cols}] logits (stride {stride}) into {} ids, valid_vocab {valid_vocab}", feed.len)
-        })?;
-        sample::launch_recorded(self, logits, valid_vocab, feed)
-    }
-
-    fn recorded_sampling(&self, rows: usize) -> Result<sample::CudaSampling> {
-        self.no_capture("recorded_sampling")?;
-        self.bind()?;
-        sample::recorded(self, rows)
     }
 
     fn gather_rows(&self, src: View<'_, CudaVec>, rows: &CudaIds, n: usize, out: ViewMut<'_, CudaVec>) -> Result<()> {

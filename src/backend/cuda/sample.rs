@@ -18,6 +18,12 @@ const THREADS: u32 = 1024;
 const GREEDY_PART: usize = 2048;
 const GREEDY_THREADS: u32 = 256;
 
+/// A row the split greedy kernel (`sample_greedy`) takes: temperature 0,
+/// no logit bias or penalties, no alternatives.
+fn plain_greedy(row: &SampleRow) -> bool {
+    row.temperature == 0.0 && row.top_logprobs == 0 && !materialize(row)
+}
+
 /// Whether the row's logits must be copied and modified (bias, penalties).
 fn materialize(row: &SampleRow) -> bool {
     !row.logit_bias.is_empty() || !row.seen.is_empty()
@@ -32,104 +38,7 @@ pub fn reserve(be: &CudaBackend, s: &mut Scratch, rows: usize, vocab: usize) -> 
     be.ensure(&mut s.params, rows * P_WORDS * 4, "sampling parameters")?;
     be.ensure(&mut s.out, rows * 8 * 4, "sampling output")?;
     be.ensure(&mut s.greedy, n.div_ceil(GREEDY_PART) * 16 + rows * 16, "greedy sampling parts")?;
-    zeroed_counters(be, s, rows)?;
-    let mut ring = be.recorded.borrow_mut();
-    if ring.as_ref().is_none_or(|r| r.slot_words < rows * 3 || r.vocab != vocab) {
-        let slot_words = rows * 3;
-        let memory = readback(be, 2 * slot_words)?;
-        let counters = super::DevBuf::alloc(&be.ctx, 8, "recorded sampling counters")?;
-        // SAFETY: zeroes the two counters just allocated.
-        unsafe { result::memset_d8_sync(counters.ptr, 0, 8) }.map_err(super::dev("recorded sampling counters"))?;
-        *ring = Some(RecordedRing { memory, slot_words, vocab, counters, runs: std::cell::Cell::new(0) });
-    }
-    Ok(())
-}
-
-/// Where recorded greedy sampling (`sample_greedy_recorded`) leaves its
-/// tokens: two slots of mapped host memory that its runs take in turn, and
-/// the device's turn counter.
-pub struct RecordedRing {
-    memory: Readback,
-    /// Words a slot: three a row.
-    slot_words: usize,
-    vocab: usize,
-    /// Device words: the turn (its parity is the slot the next run writes)
-    /// and the rows done in the current run.
-    counters: super::DevBuf,
-    /// Runs whose tokens were asked for: the host's copy of the turn.
-    runs: std::cell::Cell<u64>,
-}
-
-/// Whether `sample_recorded` takes these rows (see Backend::records_sampling).
-pub fn records(be: &CudaBackend, rows: &[&SampleRow]) -> bool {
-    let ring = be.recorded.borrow();
-    let Some(ring) = ring.as_ref() else { return false };
-    let parts = ring.vocab.div_ceil(GREEDY_PART);
-    be.record_sampling
-        && be.split_greedy
-        && parts > 1
-        && parts <= GREEDY_THREADS as usize
-        && !rows.is_empty()
-        && rows.len() * 3 <= ring.slot_words
-        && rows.iter().all(|r| r.is_plain_greedy() && r.valid_vocab == rows[0].valid_vocab)
-}
-
-/// Launches `sample_greedy_recorded` over every row of `logits` (a
-/// dependent launch, recordable).
-pub fn launch_recorded(be: &CudaBackend, logits: View<'_, CudaVec>, valid: u32, feed: &mut CudaIds) -> Result<()> {
-    let (ring_dev, slot_words, turn) = {
-        let ring = be.recorded.borrow();
-        let ring = ring.as_ref().filter(|r| r.vocab == logits.cols && logits.rows * 3 <= r.slot_words);
-        let ring = ring.ok_or_else(|| crate::backend::BackendError::Shape {
-            op: "sample_recorded",
-            detail: format!("{} rows of {} logits outside what was reserved", logits.rows, logits.cols),
-        })?;
-        (ring.memory.dev, ring.slot_words, ring.counters.ptr)
-    };
-    let parts = logits.cols.div_ceil(GREEDY_PART);
-    let (part_max, part_id, part_se, counts) = greedy_scratch(be, logits.rows, parts)?;
-    feed.written.clear();
-    let a = Args::new()
-        .ptr(logits.buf.at(logits.offset))
-        .i32(logits.stride)
-        .u32(logits.cols as u32)
-        .u32(valid)
-        .ptr(part_max)
-        .ptr(part_id)
-        .ptr(part_se)
-        .ptr(counts)
-        .ptr(ring_dev)
-        .u32(slot_words as u32)
-        .ptr(turn)
-        .ptr(turn + 4)
-        .ptr(feed.buf.ptr);
-    be.launch_dependent(Kernel::SampleGreedyRecorded, a, (logits.rows as u32, parts as u32, 1), GREEDY_THREADS)
-}
-
-/// The tokens of the first `rows` rows of the last run of
-/// `sample_greedy_recorded`: its slot of the ring, and an event recorded now.
-pub fn recorded(be: &CudaBackend, rows: usize) -> Result<CudaSampling> {
-    let ring = be.recorded.borrow();
-    let ring = ring.as_ref().ok_or_else(|| crate::backend::BackendError::Shape {
-        op: "recorded_sampling",
-        detail: "no recorded sampling was reserved".into(),
-    })?;
-    let slot = (ring.runs.get() % 2) as usize;
-    ring.runs.set(ring.runs.get() + 1);
-    let event = event(be)?;
-    event.record(&be.stream).map_err(super::dev("event record"))?;
-    // SAFETY: the slot lies inside the ring's memory, which lives as long
-    // as the backend (the model drops its pending samplings first).
-    let at = unsafe { ring.memory.ptr.add(slot * ring.slot_words) } as *const u32;
-    Ok(CudaSampling { landing: Some(Landing::Ring { at, event }), words: 3 * rows, tops: vec![0; rows] })
-}
-
-/// An event from the backend's pool, or a new one.
-fn event(be: &CudaBackend) -> Result<CudaEvent> {
-    match be.events.borrow_mut().pop() {
-        Some(e) => Ok(e),
-        None => be.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(super::dev("event")),
-    }
+    zeroed_counters(be, s, rows)
 }
 
 /// The split greedy kernel's row counters, at least `rows` of them: zeroed
@@ -214,34 +123,17 @@ impl Drop for Readback {
 
 /// A sampling whose words are on their way to the host.
 pub struct CudaSampling {
-    landing: Option<Landing>,
+    readback: Option<Readback>,
     words: usize,
     /// Alternatives asked for, a row.
     tops: Vec<u32>,
 }
 
-/// Where a sampling's words land, with the event that says they have.
-enum Landing {
-    /// Pinned memory of its own, back to the backend's pool once read.
-    Own(Readback),
-    /// A slot of the recorded sampling's ring.
-    Ring { at: *const u32, event: CudaEvent },
-}
-
-// SAFETY: the ring pointer is only read, by the thread holding the backend.
-unsafe impl Send for CudaSampling {}
-
 impl Drop for CudaSampling {
     fn drop(&mut self) {
-        // Never finished: let the words land before their memory is freed.
-        match &self.landing {
-            Some(Landing::Own(rb)) => {
-                let _ = rb.event.synchronize();
-            }
-            Some(Landing::Ring { event, .. }) => {
-                let _ = event.synchronize();
-            }
-            None => {}
+        // Never finished: let the copy land before the memory is freed.
+        if let Some(rb) = &self.readback {
+            let _ = rb.event.synchronize();
         }
     }
 }
@@ -274,7 +166,7 @@ fn readback(be: &CudaBackend, words: usize) -> Result<Readback> {
 pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], feed: Option<&mut CudaIds>) -> Result<CudaSampling> {
     let tops: Vec<u32> = rows.iter().map(|r| r.top_logprobs).collect();
     if rows.is_empty() {
-        return Ok(CudaSampling { landing: None, words: 0, tops });
+        return Ok(CudaSampling { readback: None, words: 0, tops });
     }
     let vocab = logits.cols;
     let (words, out_words) = param_words(rows);
@@ -322,7 +214,7 @@ pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], f
     let parts = vocab.div_ceil(GREEDY_PART);
     // The last block of a row combines the parts with one thread a part.
     let split = parts > 1 && parts <= GREEDY_THREADS as usize && be.split_greedy;
-    if split && rows.iter().all(|r| r.is_plain_greedy()) {
+    if split && rows.iter().all(|r| plain_greedy(r)) {
         let (part_max, part_id, part_se, counts) = greedy_scratch(be, rows.len(), parts)?;
         let a = inputs().ptr(part_max).ptr(part_id).ptr(part_se).ptr(counts).ptr(out).ptr(next_ids);
         be.launch(Kernel::SampleGreedy, a, (rows.len() as u32, parts as u32, 1), GREEDY_THREADS)?;
@@ -339,30 +231,19 @@ pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], f
         unsafe { result::memcpy_dtoh_async(dst, out, be.cu_stream()) }.map_err(super::dev("read"))?;
     }
     rb.event.record(&be.stream).map_err(super::dev("event record"))?;
-    Ok(CudaSampling { landing: Some(Landing::Own(rb)), words: out_words, tops })
+    Ok(CudaSampling { readback: Some(rb), words: out_words, tops })
 }
 
 /// Waits for a started sampling's words and reads each row's token,
 /// logprob and alternatives.
 pub fn finish(be: &CudaBackend, mut s: CudaSampling) -> Result<Vec<SampledToken>> {
-    let got = match s.landing.take() {
-        None => return Ok(vec![]),
-        Some(Landing::Own(rb)) => {
-            let waited = rb.event.synchronize().map_err(super::dev("synchronize"));
-            // SAFETY: the kernels' writes (or the copy) into these words
-            // completed before the event above.
-            let got = waited.map(|()| unsafe { std::slice::from_raw_parts(rb.ptr, s.words) }.to_vec());
-            be.readbacks.borrow_mut().push(rb);
-            got?
-        }
-        Some(Landing::Ring { at, event }) => {
-            let waited = event.synchronize().map_err(super::dev("synchronize"));
-            // SAFETY: as above; the slot holds at least s.words words.
-            let got = waited.map(|()| unsafe { std::slice::from_raw_parts(at, s.words) }.to_vec());
-            be.events.borrow_mut().push(event);
-            got?
-        }
-    };
+    let Some(rb) = s.readback.take() else { return Ok(vec![]) };
+    let waited = rb.event.synchronize().map_err(super::dev("synchronize"));
+    // SAFETY: the kernels' writes (or the copy) into these words completed
+    // before the event above.
+    let got = waited.map(|()| unsafe { std::slice::from_raw_parts(rb.ptr, s.words) }.to_vec());
+    be.readbacks.borrow_mut().push(rb);
+    let got = got?;
     let mut result = Vec::with_capacity(s.tops.len());
     let mut o = 0;
     for &asked in &s.tops {
@@ -405,12 +286,12 @@ mod tests {
     #[test]
     fn only_unprocessed_greedy_rows_without_alternatives_take_the_split_kernel() {
         let g = SampleRow::greedy(50_280);
-        assert!(g.is_plain_greedy());
-        assert!(!SampleRow { temperature: 0.7, ..g.clone() }.is_plain_greedy());
-        assert!(!SampleRow { top_logprobs: 1, ..g.clone() }.is_plain_greedy());
-        assert!(!SampleRow { logit_bias: vec![(3, 1.0)], ..g.clone() }.is_plain_greedy());
-        assert!(!SampleRow { seen: vec![(3, 0)], ..g.clone() }.is_plain_greedy());
+        assert!(plain_greedy(&g));
+        assert!(!plain_greedy(&SampleRow { temperature: 0.7, ..g.clone() }));
+        assert!(!plain_greedy(&SampleRow { top_logprobs: 1, ..g.clone() }));
+        assert!(!plain_greedy(&SampleRow { logit_bias: vec![(3, 1.0)], ..g.clone() }));
+        assert!(!plain_greedy(&SampleRow { seen: vec![(3, 0)], ..g.clone() }));
         // A masked tail of ids is still plain: the kernel masks it.
-        assert!(SampleRow { valid_vocab: 50_000, ..g }.is_plain_greedy());
+        assert!(plain_greedy(&SampleRow { valid_vocab: 50_000, ..g }));
     }
 }
