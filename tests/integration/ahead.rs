@@ -33,10 +33,16 @@ pub fn mixed_row(seq: usize, step: u64, vocab: usize) -> SampleRow {
 /// `0..n` with every decode step a follow-up queued before the last
 /// step's tokens are read, and in slots `n..2n` one step at a time, the
 /// tokens fed back from the host. Returns both, by sequence.
-pub fn ahead_and_stepped(m: &mut dyn Runner, prompts: &[Vec<u32>], steps: usize) -> Result<(Tokens, Tokens), Box<dyn std::error::Error>> {
+/// `row(seq, step, vocab)` is each token's sampling row.
+pub fn ahead_and_stepped(
+    m: &mut dyn Runner,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    row: &dyn Fn(usize, u64, usize) -> SampleRow,
+) -> Result<(Tokens, Tokens), Box<dyn std::error::Error>> {
     let n = prompts.len();
     let vocab = m.config().vocab_size;
-    let rows = |step: u64| -> Vec<SampleRow> { (0..n).map(|i| mixed_row(i, step, vocab)).collect() };
+    let rows = |step: u64| -> Vec<SampleRow> { (0..n).map(|i| row(i, step, vocab)).collect() };
     let some = |r: Vec<SampleRow>| -> Vec<Option<SampleRow>> { r.into_iter().map(Some).collect() };
     let take = |got: Vec<Option<SampledToken>>, into: &mut Vec<Vec<SampledToken>>| {
         for (i, t) in got.into_iter().enumerate() {
@@ -89,7 +95,7 @@ fn follow_up_steps_fed_on_the_device_match_host_fed_steps() -> TestResult {
         let r = reference(&dir);
         let prompts: Vec<Vec<u32>> = r.prompts.iter().take(4).map(|p| p.ids.clone()).collect();
         let mut m = load_cpu(&dir, opts(2 * prompts.len(), 256))?;
-        let (ahead, stepped) = ahead_and_stepped(&mut m, &prompts, 12)?;
+        let (ahead, stepped) = ahead_and_stepped(&mut m, &prompts, 12, &mixed_row)?;
         assert_same_tokens(&ahead, &stepped, 0.0, &name(&dir));
     }
     Ok(())

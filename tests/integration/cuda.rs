@@ -1570,11 +1570,13 @@ fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
 /// tokens the step before sampled (the sampling kernels write them into the
 /// ids the next step's graph embeds), give what host-fed steps give: one
 /// sequence (the folded decode blocks), three and five (graphs padded to
-/// buckets of 4 and 8), greedy, drawn, with alternatives and with a logit
-/// bias. The greedy sequences' tokens also equal the CPU's.
+/// buckets of 4 and 8), with mixed rows (greedy, drawn, with alternatives,
+/// with a logit bias: the one-block-a-row kernel) and with all rows greedy
+/// (the split greedy kernel), whose tokens and logprobs equal the CPU's.
 #[test]
 fn follow_up_steps_fed_on_the_device_match_host_fed_steps_on_the_gpu() -> TestResult {
-    use crate::ahead::{ahead_and_stepped, assert_same_tokens};
+    use crate::ahead::{ahead_and_stepped, assert_same_tokens, mixed_row};
+    let greedy = |_: usize, step: u64, vocab: usize| SampleRow { step, ..SampleRow::greedy(vocab) };
     for dir in fixture_models() {
         let r = reference(&dir);
         let Some(mut m) = load_gpu(&dir, 10, 256)? else { return Ok(()) };
@@ -1582,13 +1584,18 @@ fn follow_up_steps_fed_on_the_device_match_host_fed_steps_on_the_gpu() -> TestRe
         for n in [1, 3, 5] {
             let prompts: Vec<Vec<u32>> = (0..n).map(|i| r.prompts[i % r.prompts.len()].ids.clone()).collect();
             let what = format!("{}: {n} sequences", name(&dir));
-            let (ahead, stepped) = ahead_and_stepped(&mut m, &prompts, 10)?;
+            let (ahead, stepped) = ahead_and_stepped(&mut m, &prompts, 10, &mixed_row)?;
             assert_same_tokens(&ahead, &stepped, 1e-3, &what);
-            let (cpu_ahead, _) = ahead_and_stepped(&mut cpu, &prompts, 10)?;
+            let (cpu_ahead, _) = ahead_and_stepped(&mut cpu, &prompts, 10, &mixed_row)?;
             for seq in (0..n).filter(|s| s % 4 == 0 || s % 4 == 2) {
                 let ids = |v: &[SampledToken]| v.iter().map(|t| t.token).collect::<Vec<_>>();
                 assert_eq!(ids(&ahead[seq]), ids(&cpu_ahead[seq]), "{what}: sequence {seq}, GPU vs CPU");
             }
+            let what = format!("{what}, all greedy");
+            let (ahead, stepped) = ahead_and_stepped(&mut m, &prompts, 10, &greedy)?;
+            assert_same_tokens(&ahead, &stepped, 1e-3, &what);
+            let (cpu_ahead, _) = ahead_and_stepped(&mut cpu, &prompts, 10, &greedy)?;
+            assert_same_tokens(&ahead, &cpu_ahead, 1e-3, &format!("{what}, GPU vs CPU"));
         }
     }
     Ok(())
