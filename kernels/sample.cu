@@ -72,39 +72,32 @@ struct Shared {
     double dbcast[2];
 };
 
-// Warp-wide (value desc, id asc) maximum, in place; every lane gets it.
-__device__ __forceinline__ void warp_argmax(float& v, u32& id) {
+// Block-wide (value desc, id asc) maximum: returns the winning id; every
+// thread gets it. Threads pass (-inf, 0xffffffff) for nothing.
+__device__ u32 block_argmax(float v, u32 id, Shared* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float v2 = __shfl_xor_sync(FULL_MASK, v, o);
         const u32 i2 = __shfl_xor_sync(FULL_MASK, id, o);
         if (v2 > v || (v2 == v && i2 < id)) { v = v2; id = i2; }
     }
-}
-
-// Block-wide (value desc, id asc) maximum: returns the winning id, and its
-// value in *value; every thread gets them. Threads pass (-inf, 0xffffffff)
-// for nothing.
-__device__ u32 block_argmax_value(float v, u32 id, Shared* sh, float* value) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    warp_argmax(v, id);
     __syncthreads();
     if (lane == 0) { sh->fsh[w] = v; sh->ush[w] = id; }
     __syncthreads();
     if (w == 0) {
         v = lane < nw ? sh->fsh[lane] : NEG_INF;
         id = lane < nw ? sh->ush[lane] : 0xffffffffu;
-        warp_argmax(v, id);
-        if (lane == 0) { sh->bcast[0] = id; sh->bcast[2] = __float_as_uint(v); }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float v2 = __shfl_xor_sync(FULL_MASK, v, o);
+            const u32 i2 = __shfl_xor_sync(FULL_MASK, id, o);
+            if (v2 > v || (v2 == v && i2 < id)) { v = v2; id = i2; }
+        }
+        if (lane == 0) sh->bcast[0] = id;
     }
     __syncthreads();
-    *value = __uint_as_float(sh->bcast[2]);
     return sh->bcast[0];
-}
-
-__device__ u32 block_argmax(float v, u32 id, Shared* sh) {
-    float value;
-    return block_argmax_value(v, id, sh, &value);
 }
 
 __device__ u32 block_min_u32(u32 v, Shared* sh) {
@@ -444,81 +437,66 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
 // are split over gridDim.y blocks of GREEDY_THREADS threads, each thread
 // reading at most GREEDY_UNROLL logits at once (the host sizes the parts),
 // so a row costs one round trip to L2 instead of one block's long walk.
-// Each warp keeps its share's maximum (lowest id among equals) and the sum
-// of exp(l - that maximum) in f64, with shuffles only; the row's last
-// block to finish (a per-row counter, which it resets) combines the warps'
-// parts: the maximum M over them, sum_p se_p * exp(m_p - M), the token and
-// its logprob, as sample_rows writes them. next_ids as in sample_rows.
+// Each block keeps its part's maximum (lowest id among equals) and the sum
+// of exp(l - that maximum) in f64; the row's last block to finish (a
+// per-row counter, which it resets) combines them: the maximum M over the
+// parts, sum_p se_p * exp(m_p - M), the token and its logprob, as
+// sample_rows writes them.
 #define GREEDY_THREADS 256
 #define GREEDY_UNROLL 8
-#define GREEDY_WARPS (GREEDY_THREADS / 32)
 extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
     sample_greedy(const float* logits, int lstride, u32 vocab, const u32* params, float* part_max, u32* part_id,
                   double* part_se, u32* counts, u32* outw, u32* next_ids) {
     TL_SCOPE(TL_SAMPLE);
     __shared__ Shared sh;
     __shared__ u32 last;
-    const u32 r = blockIdx.x, part = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
-    const u32 parts = gridDim.y * GREEDY_WARPS;
+    const u32 r = blockIdx.x, part = blockIdx.y, parts = gridDim.y, tid = threadIdx.x;
     const u32* P = params + (u64)r * P_WORDS;
     const u32 valid = min(P[P_VALID], vocab);
     const float* src = logits + (u64)r * lstride;
-    const u32 lo = (u32)((u64)vocab * part / gridDim.y), hi = (u32)((u64)vocab * (part + 1) / gridDim.y);
+    const u32 lo = (u32)((u64)vocab * part / parts), hi = (u32)((u64)vocab * (part + 1) / parts);
     float v[GREEDY_UNROLL];
 #pragma unroll
     for (int u = 0; u < GREEDY_UNROLL; ++u) {
         const u32 i = lo + tid + u * GREEDY_THREADS;
         v[u] = i < hi ? logit_at(src, i, valid) : NEG_INF;
     }
-    float mx = NEG_INF;
-    u32 amax = 0xffffffffu;
+    float best = NEG_INF;
+    u32 best_id = 0xffffffffu;
 #pragma unroll
     for (int u = 0; u < GREEDY_UNROLL; ++u) {
         const u32 i = lo + tid + u * GREEDY_THREADS;
-        if (i < hi && (v[u] > mx || (v[u] == mx && i < amax))) { mx = v[u]; amax = i; }
+        if (i < hi && (v[u] > best || (v[u] == best && i < best_id))) { best = v[u]; best_id = i; }
     }
-    warp_argmax(mx, amax);
+    const u32 amax = block_argmax(best, best_id, &sh);
+    const float mx = logit_at(src, amax, valid);
     double se = 0.0;
     if (mx != NEG_INF) {
 #pragma unroll
         for (int u = 0; u < GREEDY_UNROLL; ++u)
             if (lo + tid + u * GREEDY_THREADS < hi) se += (double)expf(v[u] - mx);
     }
-    se = warp_sum(se);
-    const u64 row0 = (u64)r * parts;
-    if (lane == 0) {
-        const u64 at = row0 + part * GREEDY_WARPS + (tid >> 5);
+    se = block_sum(se, sh.dsh);
+    const u64 at = (u64)r * parts + part;
+    if (tid == 0) {
         part_max[at] = mx;
         part_id[at] = amax;
         part_se[at] = se;
         __threadfence();
+        last = atomicAdd(counts + r, 1u) == parts - 1;
     }
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(counts + r, 1u) == gridDim.y - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // The row's last block: each thread merges the parts p = tid, tid +
-    // threads, ... (one for vocabularies up to 64 Ki ids), then the block.
-    float m = NEG_INF;
-    u32 id = 0xffffffffu;
+    // The row's last block: the parts, one a thread (parts <= threads).
+    const u64 row0 = (u64)r * parts;
+    const float m = tid < parts ? __ldcg(part_max + row0 + tid) : NEG_INF;
+    const u32 id = tid < parts ? __ldcg(part_id + row0 + tid) : 0xffffffffu;
+    const u32 token = block_argmax(m, id, &sh);
+    const float big = block_max(m, sh.fsh, NEG_INF);
     double s = 0.0;
-    for (u32 p = tid; p < parts; p += GREEDY_THREADS) {
-        const float mp = __ldcg(part_max + row0 + p);
-        const u32 ip = __ldcg(part_id + row0 + p);
-        if (mp == NEG_INF) continue;
-        const double sp = __ldcg(part_se + row0 + p);
-        if (mp > m || (mp == m && ip < id)) {
-            s = (m == NEG_INF ? 0.0 : s * exp((double)m - (double)mp)) + sp;
-            m = mp;
-            id = ip;
-        } else {
-            s += sp * exp((double)mp - (double)m);
-        }
-    }
-    float big;
-    const u32 token = block_argmax_value(m, id, &sh, &big);
-    s = block_sum(m == NEG_INF ? 0.0 : s * exp((double)m - (double)big), sh.dsh);
+    if (tid < parts && m != NEG_INF) s = __ldcg(part_se + row0 + tid) * exp((double)m - (double)big);
+    s = block_sum(s, sh.dsh);
     if (tid == 0) {
         const double lse = (double)big + log(s);
         u32* out = outw + P[P_OUT_OFF];

@@ -17,8 +17,6 @@ const THREADS: u32 = 1024;
 /// (GREEDY_THREADS * GREEDY_UNROLL), and its threads.
 const GREEDY_PART: usize = 2048;
 const GREEDY_THREADS: u32 = 256;
-/// Parts a block of the split greedy kernel leaves: one a warp.
-const GREEDY_WARPS: usize = GREEDY_THREADS as usize / 32;
 
 /// A row the split greedy kernel (`sample_greedy`) takes: temperature 0,
 /// no logit bias or penalties, no alternatives.
@@ -39,7 +37,7 @@ pub fn reserve(be: &CudaBackend, s: &mut Scratch, rows: usize, vocab: usize) -> 
     be.ensure(&mut s.weights, n * 8, "sampling weights")?;
     be.ensure(&mut s.params, rows * P_WORDS * 4, "sampling parameters")?;
     be.ensure(&mut s.out, rows * 8 * 4, "sampling output")?;
-    be.ensure(&mut s.greedy, (n.div_ceil(GREEDY_PART) + rows) * GREEDY_WARPS * 16, "greedy sampling parts")?;
+    be.ensure(&mut s.greedy, n.div_ceil(GREEDY_PART) * 16 + rows * 16, "greedy sampling parts")?;
     zeroed_counters(be, s, rows)
 }
 
@@ -214,7 +212,8 @@ pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], f
     // Both kernels start with the logits, the vocabulary and the parameters.
     let inputs = || Args::new().ptr(logits.buf.at(logits.offset)).i32(logits.stride).u32(vocab as u32).ptr(params);
     let parts = vocab.div_ceil(GREEDY_PART);
-    let split = parts > 1 && be.split_greedy;
+    // The last block of a row combines the parts with one thread a part.
+    let split = parts > 1 && parts <= GREEDY_THREADS as usize && be.split_greedy;
     if split && rows.iter().all(|r| plain_greedy(r)) {
         let (part_max, part_id, part_se, counts) = greedy_scratch(be, rows.len(), parts)?;
         let a = inputs().ptr(part_max).ptr(part_id).ptr(part_se).ptr(counts).ptr(out).ptr(next_ids);
@@ -256,12 +255,12 @@ pub fn finish(be: &CudaBackend, mut s: CudaSampling) -> Result<Vec<SampledToken>
     Ok(result)
 }
 
-/// The split greedy kernel's part results (f64 sums, f32 maxima, u32 ids;
-/// one a warp) and row counters for `rows` rows of `parts` blocks. The
-/// counters are zeroed when allocated; the kernel leaves them at zero.
+/// The split greedy kernel's part results (f64 sums, f32 maxima, u32 ids)
+/// and row counters for `rows` rows of `parts` parts. The counters are
+/// zeroed when allocated; the kernel leaves them at zero.
 fn greedy_scratch(be: &CudaBackend, rows: usize, parts: usize) -> Result<(u64, u64, u64, u64)> {
     let mut s = be.scratch.borrow_mut();
-    let n = rows * parts * GREEDY_WARPS;
+    let n = rows * parts;
     be.ensure(&mut s.greedy, n * 16, "greedy sampling parts")?;
     zeroed_counters(be, &mut s, rows)?;
     let base = s.greedy.ptr;
