@@ -95,9 +95,10 @@ fn param_words(rows: &[&SampleRow]) -> (Vec<u32>, usize) {
     (words, out_words)
 }
 
-/// Pinned host memory a started sampling's output words are copied into,
-/// with the event recorded after the copy. Kept by the backend between
-/// samplings.
+/// Pinned host memory, mapped into the device's address space, that a
+/// started sampling's kernels write their output words into (or a copy
+/// after them, with `MAMBA_SERVE_COPY_READBACK`), with the event recorded
+/// after them. Kept by the backend between samplings.
 pub struct Readback {
     ptr: *mut u32,
     /// The memory's address on the device (it is mapped): the kernels
@@ -114,7 +115,8 @@ unsafe impl Send for Readback {}
 impl Drop for Readback {
     fn drop(&mut self) {
         // SAFETY: allocated by malloc_host, freed only here (a sampling
-        // that still copies into it waits first: CudaSampling's drop).
+        // whose words may still land in it waits first: CudaSampling's
+        // drop).
         unsafe {
             let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
         }
@@ -131,7 +133,7 @@ pub struct CudaSampling {
 
 impl Drop for CudaSampling {
     fn drop(&mut self) {
-        // Never finished: let the copy land before the memory is freed.
+        // Never finished: let the words land before the memory is freed.
         if let Some(rb) = &self.readback {
             let _ = rb.event.synchronize();
         }
@@ -160,9 +162,9 @@ fn readback(be: &CudaBackend, words: usize) -> Result<Readback> {
     Ok(rb)
 }
 
-/// Launches the sampling kernels for `rows` and the copy of their output
-/// words to the host; with `feed`, the kernels also write row i's token
-/// to `feed[i]`.
+/// Launches the sampling kernels for `rows`, which write their output
+/// words into a readback's mapped memory, and records its event; with
+/// `feed`, the kernels also write row i's token to `feed[i]`.
 pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], feed: Option<&mut CudaIds>) -> Result<CudaSampling> {
     let tops: Vec<u32> = rows.iter().map(|r| r.top_logprobs).collect();
     if rows.is_empty() {
