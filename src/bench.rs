@@ -145,47 +145,41 @@ pub fn run(
         }
         let ids = tokens(batch, ids_below, 7 + batch as u64);
         let rows: Vec<Option<SampleRow>> = (0..batch).map(|_| Some(SampleRow::greedy(vocab))).collect();
-        let step = |runner: &mut dyn Runner| -> Result<(), ModelError> {
-            let chunks: Vec<SeqChunk<'_>> = (0..batch).map(|s| SeqChunk { slot: s, tokens: &ids[s..s + 1], is_prompt: false }).collect();
-            runner.forward_sample(&chunks, &rows).map(|_| ())
-        };
+        let chunks: Vec<SeqChunk<'_>> = (0..batch).map(|s| SeqChunk { slot: s, tokens: &ids[s..s + 1], is_prompt: false }).collect();
         // The first step records the graph (when graphs are on): its launch
         // count is the forward pass's, plus the replay and the sampler.
         let before = runner.launches();
-        step(runner)?;
+        runner.forward_sample(&chunks, &rows)?;
         let first = runner.launches() - before;
         let kernels_per_step = (first > 0).then(|| first.saturating_sub(1 + plan.graphs as u64));
         // Warm-up, long enough for the GPU's clocks to settle; then the
-        // timed steps. Ahead: each step is queued, fed the last one's
-        // tokens on the device, before those tokens are read.
-        let seconds = if plan.step_ahead {
-            let greedy: Vec<SampleRow> = (0..batch).map(|_| SampleRow::greedy(vocab)).collect();
-            let chunks: Vec<SeqChunk<'_>> = (0..batch).map(|s| SeqChunk { slot: s, tokens: &ids[s..s + 1], is_prompt: false }).collect();
+        // timed steps. Ahead, each step is queued, fed the last one's tokens
+        // on the device, before those tokens are read (one step stays in
+        // flight throughout, collected at the end).
+        let ahead = plan.step_ahead;
+        let greedy: Vec<SampleRow> = rows.iter().flatten().cloned().collect();
+        if ahead {
             runner.launch(&chunks, &rows)?;
-            let ahead = |runner: &mut dyn Runner| -> Result<(), ModelError> {
+        }
+        let step = |runner: &mut dyn Runner| -> Result<(), ModelError> {
+            if ahead {
                 runner.launch_followup(&greedy)?;
                 runner.collect().map(|_| ())
-            };
-            for _ in 0..8 {
-                ahead(runner)?;
+            } else {
+                runner.forward_sample(&chunks, &rows).map(|_| ())
             }
-            let start = Instant::now();
-            for _ in 0..plan.steps {
-                ahead(runner)?;
-            }
-            let seconds = start.elapsed().as_secs_f64();
-            runner.collect()?;
-            seconds
-        } else {
-            for _ in 0..8 {
-                step(runner)?;
-            }
-            let start = Instant::now();
-            for _ in 0..plan.steps {
-                step(runner)?;
-            }
-            start.elapsed().as_secs_f64()
         };
+        for _ in 0..8 {
+            step(runner)?;
+        }
+        let start = Instant::now();
+        for _ in 0..plan.steps {
+            step(runner)?;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        if ahead {
+            runner.collect()?;
+        }
         let step_s = seconds / plan.steps as f64;
         let bytes = weight_bytes as f64 + (batch * 2 * cfg.state_bytes()) as f64;
         let limit_step_ms = plan.ceilings.map(|c| bytes / (c.copy_gb_per_s * 1e9) * 1e3);

@@ -264,12 +264,14 @@ impl Loop {
                 None => return,
             },
         };
-        let ahead = self.launch_ahead(&current);
+        // Each running sequence's index by id; nothing leaves `running`
+        // before the tokens below are sent.
+        let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        let ahead = self.launch_ahead(&current, &index);
         let result = self.runner.collect();
         let now = Instant::now();
         self.shared.metrics.step.observe(now.duration_since(current.started.max(self.collected_at)).as_secs_f64());
         self.collected_at = now;
-        let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
         let sampled = match result {
             Ok(s) => s,
             Err(e) => {
@@ -376,7 +378,7 @@ impl Loop {
     /// another token, and nobody waits for a slot that could take them in.
     /// A sequence that `current` ends (by length or a stop id) loses its
     /// share of the step.
-    fn launch_ahead(&mut self, current: &Launched) -> Option<Launched> {
+    fn launch_ahead(&mut self, current: &Launched, index: &HashMap<u64, usize>) -> Option<Launched> {
         if !self.opts.step_ahead || current.items.len() != self.running.len() || !current.items.iter().all(|i| i.sampled) {
             return None;
         }
@@ -387,7 +389,6 @@ impl Loop {
         if s.queued.load(Ordering::SeqCst) > 0 && self.slots.free() > 0 {
             return None;
         }
-        let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
         let mut rows = Vec::with_capacity(current.items.len());
         let mut wanted = false;
         for item in &current.items {

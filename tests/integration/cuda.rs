@@ -1445,6 +1445,24 @@ fn random_pair(g: CudaBackend, cfg: ModelConfig, dtype: DType, graphs: bool, see
     Ok((gpu, cpu))
 }
 
+/// [`random_pair`] (`cfg`'s vocabulary 1000) with a 9-token prompt run in
+/// slot 1 on both and checked: the models, the tolerance for `dtype`, and
+/// the prompt's greedy next token.
+fn prompted_pair(
+    g: CudaBackend,
+    cfg: ModelConfig,
+    dtype: DType,
+    graphs: bool,
+    seed: u64,
+    what: &str,
+) -> R<(Model<CudaBackend>, Model<CpuBackend>, f64, u32)> {
+    let (mut m, mut cpu) = random_pair(g, cfg, dtype, graphs, seed)?;
+    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
+    let want = step_both(&mut m, &mut cpu, &[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }], &format!("{what}: prompt"), tol)?;
+    Ok((m, cpu, tol, argmax(&want) as u32))
+}
+
 /// One step of `chunks` on both models: checks the GPU's logits against
 /// the CPU's and returns the CPU's.
 fn step_both(m: &mut Model<CudaBackend>, cpu: &mut Model<CpuBackend>, chunks: &[SeqChunk<'_>], what: &str, tol: f64) -> R<Vec<f32>> {
@@ -1487,13 +1505,9 @@ fn decode_blocks_with_x_proj_folded_in_match_the_cpu() -> TestResult {
         cfg.n_layers = layers;
         cfg.vocab_size = 1000;
         cfg.arch = arch;
-        let (mut m, mut cpu) = random_pair(g, cfg, dtype, graphs, 13)?;
         let what = format!("{shape} widths ({width:?}), {layers} blocks, {arch:?}, {dtype:?}, graphs {graphs}");
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
-        let want = step_both(&mut m, &mut cpu, &[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }], &format!("{what}: prompt"), tol)?;
+        let (mut m, mut cpu, tol, mut token) = prompted_pair(g, cfg, dtype, graphs, 13, &what)?;
         let before = m.backend().x_proj_folded_blocks();
-        let mut token = argmax(&want) as u32;
         for step in 0..8 {
             if step == 4 {
                 // Another sequence's prompt, then a step of both.
@@ -1545,13 +1559,9 @@ fn the_fused_decode_tail_matches_the_cpu() -> TestResult {
         cfg.n_layers = layers;
         cfg.vocab_size = 1000;
         cfg.arch = arch;
-        let (mut m, mut cpu) = random_pair(g, cfg, dtype, graphs, 11)?;
         let what = format!("{shape} widths, {layers} blocks, {arch:?}, {dtype:?}, graphs {graphs}");
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % 1000).collect();
-        let want = step_both(&mut m, &mut cpu, &[SeqChunk { slot: 1, tokens: &prompt, is_prompt: true }], &format!("{what}: prompt"), tol)?;
+        let (mut m, mut cpu, tol, mut token) = prompted_pair(g, cfg, dtype, graphs, 11, &what)?;
         let before = m.backend().fused_tail_launches();
-        let mut token = argmax(&want) as u32;
         for step in 0..8 {
             let one = [SeqChunk { slot: 1, tokens: &[token], is_prompt: false }];
             let want = step_both(&mut m, &mut cpu, &one, &format!("{what}: step {step}"), tol)?;

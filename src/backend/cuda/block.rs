@@ -46,27 +46,13 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
     if !be.fold_x_proj || layers < 2 || width > XPROJ_MAX || width % 4 != 0 || shape.d_inner % group != 0 {
         return Ok(());
     }
-    let mut buf = match be.alloc(layers * width) {
-        Ok(buf) => buf,
-        Err(e @ BackendError::OutOfMemory { .. }) => {
-            tracing::warn!("x_proj runs as its own kernel at decode: {e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
+    let Some(mut buf) = unless_short(be.alloc(layers * width))? else { return Ok(()) };
     be.fill(&mut buf, 0, layers * width, 0.0)?;
     let mut grouped = Vec::with_capacity(layers);
     for b in blocks {
         let m = b.x_proj;
         let esize = m.dtype.size();
-        let copy = match DevBuf::alloc(&be.ctx, m.rows * m.cols * esize, "grouped x_proj") {
-            Ok(copy) => copy,
-            Err(e @ BackendError::OutOfMemory { .. }) => {
-                tracing::warn!("x_proj runs as its own kernel at decode: {e}");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
+        let Some(copy) = unless_short(DevBuf::alloc(&be.ctx, m.rows * m.cols * esize, "grouped x_proj"))? else { return Ok(()) };
         let args = Args::new().ptr(m.buf.ptr).ptr(copy.ptr).i32(m.rows).i32(m.cols).i32(esize).i32(group);
         let grid = (m.rows * m.cols).div_ceil(ROW_THREADS as usize).min(4096) as u32;
         be.launch(Kernel::GroupColumns, args, (grid, 1, 1), ROW_THREADS)?;
@@ -74,6 +60,19 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
     }
     *be.xproj_acc.borrow_mut() = Some(Accumulators { buf, layers, width, group, grouped });
     Ok(())
+}
+
+/// An allocation for the fold, or `None` (with a warning: the blocks run
+/// unfolded) when the device is short of memory.
+fn unless_short<T>(allocated: Result<T>) -> Result<Option<T>> {
+    match allocated {
+        Ok(t) => Ok(Some(t)),
+        Err(e @ BackendError::OutOfMemory { .. }) => {
+            tracing::warn!("x_proj runs as its own kernel at decode: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether this block runs with x_proj folded in.

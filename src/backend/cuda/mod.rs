@@ -403,8 +403,7 @@ pub struct CudaBackend {
     /// shape and `MAMBA_SERVE_SPLIT_OUT=0` streams them, for comparisons).
     split_out: Option<(usize, u32)>,
     /// Whether step inputs and sampling parameters equal to what the device
-    /// holds are sent again, and small reads go through pageable memory
-    /// (`MAMBA_SERVE_RESEND`, for comparisons).
+    /// holds are sent again (`MAMBA_SERVE_RESEND`, for comparisons).
     resend: bool,
     /// Sampled tokens reach the host by a copy after the kernels instead
     /// of being written into mapped host memory (for comparisons).
@@ -676,23 +675,6 @@ impl CudaBackend {
         self.no_capture("read")?;
         self.bind()?;
         let mut out = vec![T::default(); len];
-        let bytes = std::mem::size_of_val(&out[..]);
-        let st = self.staging.borrow();
-        if len > 0 && !self.resend && st.used + bytes <= st.cap {
-            // Small reads (sampled tokens) land in the pinned staging area
-            // past what queued uploads still read: a pinned copy returns
-            // sooner than a pageable one.
-            // SAFETY: [used, used + bytes) lies inside the pinned
-            // allocation and no queued copy touches it; it is read only
-            // after the sync below, and reused only after a sync.
-            let staged = unsafe { std::slice::from_raw_parts_mut(st.ptr.add(st.used) as *mut T, len) };
-            drop(st);
-            unsafe { result::memcpy_dtoh_async(&mut staged[..], src, self.cu_stream()) }.map_err(dev("read"))?;
-            self.sync()?;
-            out.copy_from_slice(staged);
-            return Ok(out);
-        }
-        drop(st);
         if len > 0 {
             // SAFETY: src holds len elements (checked by callers); `out` is
             // pageable, so the copy has finished when the call returns.

@@ -241,20 +241,23 @@ pub fn start(be: &CudaBackend, logits: View<'_, CudaVec>, rows: &[&SampleRow], f
 pub fn finish(be: &CudaBackend, mut s: CudaSampling) -> Result<Vec<SampledToken>> {
     let Some(rb) = s.readback.take() else { return Ok(vec![]) };
     let waited = rb.event.synchronize().map_err(super::dev("synchronize"));
-    // SAFETY: the kernels' writes (or the copy) into these words completed
-    // before the event above.
-    let got = waited.map(|()| unsafe { std::slice::from_raw_parts(rb.ptr, s.words) }.to_vec());
+    let result = waited.map(|()| {
+        // SAFETY: the kernels' writes (or the copy) into these words
+        // completed before the event above; the memory goes back to the
+        // pool only after they are read.
+        let got = unsafe { std::slice::from_raw_parts(rb.ptr, s.words) };
+        let mut result = Vec::with_capacity(s.tops.len());
+        let mut o = 0;
+        for &asked in &s.tops {
+            let n_top = (got[o + 2] as usize).min(asked as usize);
+            let top = (0..n_top).map(|j| (got[o + 3 + 2 * j], f32::from_bits(got[o + 4 + 2 * j]))).collect();
+            result.push(SampledToken { token: got[o], logprob: f32::from_bits(got[o + 1]), top });
+            o += 3 + 2 * asked as usize;
+        }
+        result
+    });
     be.readbacks.borrow_mut().push(rb);
-    let got = got?;
-    let mut result = Vec::with_capacity(s.tops.len());
-    let mut o = 0;
-    for &asked in &s.tops {
-        let n_top = (got[o + 2] as usize).min(asked as usize);
-        let top = (0..n_top).map(|j| (got[o + 3 + 2 * j], f32::from_bits(got[o + 4 + 2 * j]))).collect();
-        result.push(SampledToken { token: got[o], logprob: f32::from_bits(got[o + 1]), top });
-        o += 3 + 2 * asked as usize;
-    }
-    Ok(result)
+    result
 }
 
 /// The split greedy kernel's part results (f64 sums, f32 maxima, u32 ids)
