@@ -39,17 +39,49 @@ struct ConvEpilogue {
     int os;
 };
 
-// Runs channel c's conv step on its new input v; returns the output it wrote.
-__device__ __forceinline__ float conv_step_one(const ConvEpilogue& cv, int row, int c, float v) {
-    const int hist = cv.k - 1;
+#ifndef CONV_PREFETCH
+#define CONV_PREFETCH 1
+#endif
+// Conv operands staged in shared memory (`conv_stage`): the taps at 0, the
+// window at CONV_STAGED_K, the bias at 2 * CONV_STAGED_K - 1 (kernels of
+// up to CONV_STAGED_K taps).
+#define CONV_STAGED_K 4
+#define CONV_STAGED_FLOATS (2 * CONV_STAGED_K)
+
+// Channel c's conv window of row `row` in the slot pool (null for a
+// padding row).
+__device__ __forceinline__ float* conv_window(const ConvEpilogue& cv, int row, int c) {
     const u32 slot = cv.slots[row];
-    float* st = slot == PAD_SLOT ? 0 : cv.state + (u64)slot * cv.slot_stride + cv.layer_off + (u64)c * hist;
-    const float* w = cv.w + (u64)c * cv.k;
-    float acc = cv.b ? cv.b[c] : 0.0f;
-    for (int j = 0; j < hist; ++j) acc += w[j] * (st ? st[j] : 0.0f);
+    return slot == PAD_SLOT ? 0 : cv.state + (u64)slot * cv.slot_stride + cv.layer_off + (u64)c * (cv.k - 1);
+}
+
+// Starts copying channel c's conv operands for row `row` into `pre`
+// (CONV_STAGED_FLOATS floats of shared memory; cv.k <= CONV_STAGED_K) by
+// asynchronous copies, one group. Safe before the dependent-launch wait:
+// the taps and bias are weights, and the window is written only by this
+// layer's conv, a token earlier.
+__device__ __forceinline__ void conv_stage(const ConvEpilogue& cv, int row, int c, float* pre) {
+    const float* st = conv_window(cv, row, c);
+    for (int j = 0; j < cv.k; ++j) cp_async4(pre + j, cv.w + (u64)c * cv.k + j, true);
+    for (int j = 0; j + 1 < cv.k; ++j) cp_async4(pre + CONV_STAGED_K + j, st ? st + j : cv.w, st != 0);
+    cp_async4(pre + CONV_STAGED_FLOATS - 1, cv.b ? cv.b + c : cv.w, cv.b != 0);
+    cp_async_commit();
+}
+
+// Runs channel c's conv step on its new input v; returns the output it
+// wrote. `pre` holds the operands `conv_stage` copied, or is null (then
+// they are read from global memory).
+__device__ __forceinline__ float conv_step_one(const ConvEpilogue& cv, int row, int c, float v, const float* pre) {
+    const int hist = cv.k - 1;
+    float* st = conv_window(cv, row, c);
+    const float* w = pre ? pre : cv.w + (u64)c * cv.k;
+    const float* win = pre ? pre + CONV_STAGED_K : st;
+    if (pre) cp_async_wait<0>();
+    float acc = pre ? pre[CONV_STAGED_FLOATS - 1] : cv.b ? cv.b[c] : 0.0f;
+    for (int j = 0; j < hist; ++j) acc += w[j] * (win ? win[j] : 0.0f);
     acc += w[hist] * v;
     if (st) {
-        for (int j = 0; j + 1 < hist; ++j) st[j] = st[j + 1];
+        for (int j = 0; j + 1 < hist; ++j) st[j] = win[j + 1];
         if (hist > 0) st[hist - 1] = v;
     }
     const float y = activate(cv.act, acc);
@@ -127,12 +159,13 @@ __device__ __forceinline__ void gemv_zero(float (&acc)[R][MT], float (&ss)[MT]) 
 }
 
 // The finished sum v of output (row, n): plus the bias, then the conv step
-// when n is a conv column, else stored or added to `out`.
+// when n is a conv column (its operands staged in `pre`, when not null),
+// else stored or added to `out`.
 // Returns the conv's output for a conv column, else 0.
 __device__ __forceinline__ float gemv_finish(float v, const float* bias, float* out, int os, int accumulate,
-                                             const ConvEpilogue& conv, int row, int n) {
+                                             const ConvEpilogue& conv, int row, int n, const float* pre) {
     if (bias) v += bias[n];
-    if (conv.w && n >= conv.start && n < conv.start + conv.len) return conv_step_one(conv, row, n - conv.start, v);
+    if (conv.w && n >= conv.start && n < conv.start + conv.len) return conv_step_one(conv, row, n - conv.start, v, pre);
     float* o = out + (u64)row * os + n;
     *o = accumulate ? *o + v : v;
     return 0.0f;
@@ -231,6 +264,24 @@ __device__ __forceinline__ void red_add_v4(float* acc, const float* v) {
 #define GEMV_STREAM_WARPS 4
 #define GEMV_U 2
 
+#ifndef EARLY_VEC
+#define EARLY_VEC 1
+#endif
+// One round of the block-split kernel's loads: chunk k0 + u * step of each
+// of the R weight rows from n0 (zeros past N or K).
+template <int DT, int R>
+__device__ __forceinline__ void gemv_vec_load(Chunk<DT> (&c)[GEMV_U][R], const void* __restrict__ w, int N, int K, int n0,
+                                              int k0, int step) {
+#pragma unroll
+    for (int u = 0; u < GEMV_U; ++u)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int k = k0 + u * step;
+            if (k < K && n0 + r < N) c[u][r] = load_chunk<DT>(w, (u64)(n0 + r) * K + k);
+            else c[u][r].a = c[u][r].b = make_uint4(0, 0, 0, 0);
+        }
+}
+
 template <int DT, int MT, int R, bool NORM>
 __device__ void gemv_vec_impl(const float* x, int xs, int M, const void* __restrict__ w, int N, int K,
                               const float* __restrict__ bias, float* __restrict__ out, int os, int accumulate,
@@ -245,25 +296,24 @@ __device__ void gemv_vec_impl(const float* x, int xs, int M, const void* __restr
     const float* xb = x + (u64)m0 * xs;
     float acc[R][MT], ss[MT];
     gemv_zero<MT, R>(acc, ss);
+    const int step = blockDim.x * 8;
+    int k0 = tid * 8;
+    Chunk<DT> c[GEMV_U][R];
+    // The first round's weights (often all of them) are on their way while
+    // the previous kernel ends.
+    if (EARLY_VEC) gemv_vec_load<DT, R>(c, w, N, K, n0, k0, step);
     grid_dep_sync();
     TL_WAITED(NORM ? TL_GEMV_NORM : TL_GEMV);
-    const int step = blockDim.x * 8;
-    for (int k0 = tid * 8; k0 < K; k0 += step * GEMV_U) {
-        Chunk<DT> c[GEMV_U][R];
-#pragma unroll
-        for (int u = 0; u < GEMV_U; ++u)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int k = k0 + u * step;
-                if (k < K && n0 + r < N) c[u][r] = load_chunk<DT>(w, (u64)(n0 + r) * K + k);
-                else c[u][r].a = c[u][r].b = make_uint4(0, 0, 0, 0);
-            }
+    if (!EARLY_VEC) gemv_vec_load<DT, R>(c, w, N, K, n0, k0, step);
+    while (k0 < K) {
 #pragma unroll
         for (int u = 0; u < GEMV_U; ++u) {
             const int k = k0 + u * step;
             if (k >= K) continue;
             gemv_accumulate<DT, MT, R, NORM>(c[u], xb, xs, mc, k, nw, acc, ss);
         }
+        k0 += step * GEMV_U;
+        if (k0 < K) gemv_vec_load<DT, R>(c, w, N, K, n0, k0, step);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -290,7 +340,7 @@ __device__ void gemv_vec_impl(const float* x, int xs, int M, const void* __restr
                 for (int i = 0; i < nwarps; ++i) s2 += red[i][R * MT + m];
                 v *= (float)(1.0 / sqrt((double)s2 / K + (double)eps));
             }
-            gemv_finish(v, bias, out, os, accumulate, conv, m0 + m, n);
+            gemv_finish(v, bias, out, os, accumulate, conv, m0 + m, n, 0);
         }
     }
 }
@@ -324,7 +374,7 @@ __device__ __forceinline__ void gemv_stream_walk(const float* x, int xs, int M, 
                                                  const float* __restrict__ bias, float* __restrict__ out, int os,
                                                  int accumulate, const float* __restrict__ nw, float eps,
                                                  const ConvEpilogue& conv, const XProjEpilogue& xp, float* xsum,
-                                                 int* xany, int g, int warps, int groups) {
+                                                 int* xany, float* cpre, int g, int warps, int groups) {
     constexpr int U = R >= 4 ? 1 : 4 / R;
     const int lane = threadIdx.x & 31;
     const int m0 = blockIdx.y * MT;
@@ -336,6 +386,12 @@ __device__ __forceinline__ void gemv_stream_walk(const float* x, int xs, int M, 
     stream_load<DT, U, R>(cur, w, N, K, g * R, lane * 8);
     XProjRegs<DT, R> xw;
     if (XP) xproj_load<DT, R>(xw, xp, conv, g * R, lane);
+    // With x_proj folded in (one row), lane r < R stages column g * R + r's
+    // conv operands, so that the group's end reads none from memory.
+    const bool staged = XP && CONV_PREFETCH && conv.k <= CONV_STAGED_K;
+    float* pre = cpre + lane * CONV_STAGED_FLOATS;
+    if (staged && lane < R && g * R + lane - conv.start >= 0 && g * R + lane - conv.start < conv.len)
+        conv_stage(conv, m0, g * R + lane - conv.start, pre);
     // The first weights are on their way while the previous kernel ends.
     grid_dep_sync();
     TL_WAITED(NORM ? TL_STREAM_NORM : TL_STREAM);
@@ -379,12 +435,16 @@ __device__ __forceinline__ void gemv_stream_walk(const float* x, int xs, int M, 
                 const int r = lane / MT, m = lane % MT, n = g * R + r;
                 if (m < mc && n < N) {
                     float v = NORM ? mine * scale : mine;
-                    y = gemv_finish(v, bias, out, os, accumulate, conv, m0 + m, n);
+                    y = gemv_finish(v, bias, out, os, accumulate, conv, m0 + m, n, staged ? pre : 0);
                 }
             }
             if (XP) {
                 xproj_terms<DT, R>(xw, xp, conv, g * R, lane, y, xsum, xany);
                 if (more) xproj_load<DT, R>(xw, xp, conv, g2 * R, lane);
+                // The staged operands were used (y depends on them) before
+                // the next group's overwrite them.
+                if (staged && more && lane < R && g2 * R + lane - conv.start >= 0 && g2 * R + lane - conv.start < conv.len)
+                    conv_stage(conv, m0, g2 * R + lane - conv.start, pre);
             }
         }
         if (!more) break;
@@ -411,6 +471,8 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
     // sequence, MT = 1).
     __shared__ __align__(16) float xsum[XP ? GEMV_STREAM_WARPS : 1][XP ? XPROJ_MAX : 4];
     __shared__ int xany;
+    // Each warp's staged conv operands (XP: R lanes a warp).
+    __shared__ float cpre[XP ? GEMV_STREAM_WARPS : 1][XP ? R * CONV_STAGED_FLOATS : 1];
     const int warp = threadIdx.x >> 5;
     if (XP) {
         for (int j = lane; j < xp.n; j += 32) xsum[warp][j] = 0.0f;
@@ -418,7 +480,7 @@ __device__ void gemv_stream_impl(const float* x, int xs, int M, const void* __re
         __syncthreads();
     }
     if (g < groups) gemv_stream_walk<DT, MT, R, NORM, XP>(x, xs, M, w, N, K, bias, out, os, accumulate, nw, eps, conv, xp,
-                                                          xsum[warp], &xany, g, warps, groups);
+                                                          xsum[warp], &xany, cpre[warp], g, warps, groups);
     if (XP) {
         if (g >= groups) grid_dep_sync();
         if (blockIdx.x == 0)

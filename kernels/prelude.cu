@@ -16,10 +16,17 @@ typedef unsigned long long u64;
 
 // Programmatic dependent launch (sm_90+): a kernel launched with it may
 // start while the previous kernel in the stream is still running. Such a
-// kernel reads only constant data (weights) before `grid_dep_wait`, which
-// returns once the previous kernel has finished and its writes are
-// visible; it then lets the next kernel start (`grid_dep_launch`), so at
-// most one kernel runs ahead. Both are no-ops for a plain launch.
+// kernel reads before `grid_dep_wait` only constant data (weights) and
+// data no kernel since the one before the previous has written (the
+// fused in_proj's conv window: only that layer's conv writes it, a token
+// earlier); the wait returns once the previous kernel has finished and
+// its writes are visible. Every kernel lets the next one start
+// (`grid_dep_launch`) only after its own wait, so when a kernel starts,
+// all but the previous kernel have finished, and at most one kernel runs
+// ahead. (The opt-in fused tail lets the next kernel start before its
+// wait; what follows it reads only weights early: the conv-window read
+// belongs to the x_proj fold, which the fused tail replaces.) Both are
+// no-ops for a plain launch.
 __device__ __forceinline__ void grid_dep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -312,9 +312,11 @@ impl Kernels {
         stream: &Arc<CudaStream>,
     ) -> Result<Self> {
         let arch = format!("--gpu-architecture=compute_{major}{minor}");
+        let defines = experiment_defines();
         let mut modules = Vec::with_capacity(FAMILIES.len());
         for &(family, body) in FAMILIES {
             let mut options = vec![arch.clone(), "--std=c++17".into()];
+            options.extend(defines.iter().cloned());
             if let Some((_, records)) = timeline {
                 options.extend(["-DMS_TIMELINE".into(), format!("-DTL_CAP={records}ull")]);
             }
@@ -388,6 +390,19 @@ impl Kernels {
         self.resident.borrow_mut().push((key, blocks));
         Ok(blocks)
     }
+}
+
+/// Preprocessor definitions for every family from
+/// `MAMBA_SERVE_KERNEL_DEFINES` (`NAME=VALUE` words): the kernels' switches
+/// for variants kept for comparisons (`EARLY_VEC`, `STEP_EARLY`,
+/// `CONV_PREFETCH`, each 1 by default).
+fn experiment_defines() -> Vec<String> {
+    let words = std::env::var("MAMBA_SERVE_KERNEL_DEFINES").unwrap_or_default();
+    let valid = |w: &&str| {
+        w.split_once('=')
+            .is_some_and(|(n, v)| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && v.parse::<i64>().is_ok())
+    };
+    words.split_whitespace().filter(valid).map(|w| format!("-D{w}")).collect()
 }
 
 fn compile_error(family: &str, e: CompileError) -> BackendError {
