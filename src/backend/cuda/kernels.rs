@@ -393,16 +393,27 @@ impl Kernels {
 }
 
 /// Preprocessor definitions for every family from
-/// `MAMBA_SERVE_KERNEL_DEFINES` (`NAME=VALUE` words): the kernels' switches
-/// for variants kept for comparisons (`EARLY_VEC`, `STEP_EARLY`,
-/// `CONV_PREFETCH`, each 1 by default).
+/// `MAMBA_SERVE_KERNEL_DEFINES`: the kernels' switches for variants kept for
+/// comparisons (`EARLY_VEC`, `CONV_PREFETCH`, each 1 by default).
 fn experiment_defines() -> Vec<String> {
-    let words = std::env::var("MAMBA_SERVE_KERNEL_DEFINES").unwrap_or_default();
-    let valid = |w: &&str| {
-        w.split_once('=')
-            .is_some_and(|(n, v)| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && v.parse::<i64>().is_ok())
+    defines_from(&std::env::var("MAMBA_SERVE_KERNEL_DEFINES").unwrap_or_default())
+}
+
+/// `-DNAME=VALUE` options from whitespace-separated `NAME=VALUE` words (an
+/// identifier and an integer); other words are ignored, with a warning.
+fn defines_from(words: &str) -> Vec<String> {
+    let valid = |w: &str| {
+        w.split_once('=').is_some_and(|(n, v)| {
+            n.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && v.parse::<i64>().is_ok()
+        })
     };
-    words.split_whitespace().filter(valid).map(|w| format!("-D{w}")).collect()
+    let (good, bad): (Vec<&str>, Vec<&str>) = words.split_whitespace().partition(|w| valid(w));
+    if !bad.is_empty() {
+        tracing::warn!("MAMBA_SERVE_KERNEL_DEFINES: ignoring {bad:?} (want NAME=INTEGER words)");
+    }
+    good.into_iter().map(|w| format!("-D{w}")).collect()
 }
 
 fn compile_error(family: &str, e: CompileError) -> BackendError {
@@ -510,6 +521,15 @@ impl Args {
 mod tests {
     use super::*;
     use crate::backend::DType;
+
+    #[test]
+    fn kernel_defines_take_name_and_integer_words_only() {
+        assert_eq!(defines_from(" EARLY_VEC=0  CONV_PREFETCH=1 "), ["-DEARLY_VEC=0", "-DCONV_PREFETCH=1"]);
+        assert_eq!(defines_from("A=-2 _B1=7"), ["-DA=-2", "-D_B1=7"]);
+        assert!(defines_from("").is_empty());
+        // Nothing that could smuggle another compiler option or code in.
+        assert!(defines_from("X -DY=1 =1 1A=2 B=x C=1;D=2 E=1=2").is_empty());
+    }
 
     #[test]
     fn gemv_lookup_names_the_kernel_asked_for() {
