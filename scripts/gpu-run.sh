@@ -7,10 +7,10 @@
 #            executables built with `--features gpu-tests`.
 #   LOG_DIR  receives env.log, tests.log, bench.log (tables and JSON lines)
 #            and hf.log.
-#   PHASE    any of: env tests server e2e profile ncu ab bench bench-quick hf hf-quick hf-rest
+#   PHASE    any of: env tests tests-parallel server e2e profile ncu ab bench bench-quick hf hf-quick hf-rest
 #            (default: env tests bench hf).
 # Environment: SHAPES (bench/hf shapes, comma separated), BENCH_ARGS (extra
-# flags for `mamba-serve bench`).
+# flags for `mamba-serve bench`), THREADS and BASE_TESTS (tests-parallel).
 #
 # cudarc looks for unversioned (or .so.12) CUDA libraries; on machines that
 # only ship libcublas.so.13 and friends this script links them under those
@@ -60,6 +60,18 @@ for phase in $phases; do
       ;;
     tests)
       MAMBA_TEST_REQUIRE_GPU=1 run tests 300 "$integration" cuda:: --test-threads=1 --nocapture
+      ;;
+    tests-parallel)
+      # The same tests THREADS (3) at a time in one process, after a pass
+      # one at a time has filled the driver's compile cache: two of them
+      # have failed this way at their first prompt (docs/perf-notes.md,
+      # version 17); BASE_TESTS, another build's test executable, runs the
+      # same way for comparison.
+      MAMBA_TEST_REQUIRE_GPU=1 run tests 300 "$integration" cuda:: --test-threads=1
+      MAMBA_TEST_REQUIRE_GPU=1 run tests-parallel 300 "$integration" cuda:: --test-threads="${THREADS:-3}"
+      if [ -n "${BASE_TESTS:-}" ]; then
+        MAMBA_TEST_REQUIRE_GPU=1 run tests-parallel-base 300 "$BASE_TESTS" cuda:: --test-threads="${THREADS:-3}"
+      fi
       ;;
     server)
       # The server's integration tests on the GPU backend. The deployment
