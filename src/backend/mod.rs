@@ -696,7 +696,10 @@ pub trait Backend: Send + 'static {
     /// One line for logs: which device, which precision.
     fn describe(&self) -> String;
 
+    /// `len` f32 values, their contents unspecified (a device buffer holds
+    /// what a freed one left there).
     fn alloc(&self, len: usize) -> Result<Self::Vec>;
+    /// `len` ids, all zero.
     fn alloc_ids(&self, len: usize) -> Result<Self::Ids>;
     fn upload(&self, data: &[f32]) -> Result<Self::Vec>;
     fn upload_matrix(&self, m: &HostMatrix<'_>) -> Result<Self::Mat>;

@@ -272,7 +272,12 @@ impl<B: Backend> Model<B> {
         }
         let conv_layout = PoolLayout { n_slots: opts.n_slots, n_layers: cfg.n_layers, per_layer: cfg.conv_state_len() };
         let ssm_layout = PoolLayout { n_slots: opts.n_slots, n_layers: cfg.n_layers, per_layer: cfg.ssm_state_len() };
-        let pool = StatePool { conv: backend.alloc(conv_layout.len())?, ssm: backend.alloc(ssm_layout.len())?, conv_layout, ssm_layout };
+        let mut pool =
+            StatePool { conv: backend.alloc(conv_layout.len())?, ssm: backend.alloc(ssm_layout.len())?, conv_layout, ssm_layout };
+        // Every slot starts at the zero state: device memory comes back
+        // holding whatever a freed buffer left there.
+        backend.fill(&mut pool.conv, 0, conv_layout.len(), 0.0)?;
+        backend.fill(&mut pool.ssm, 0, ssm_layout.len(), 0.0)?;
         tracing::info!(
             slots = opts.n_slots,
             bytes_per_slot = slot_bytes,

@@ -52,7 +52,7 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
     for b in blocks {
         let m = b.x_proj;
         let esize = m.dtype.size();
-        let Some(copy) = unless_short(DevBuf::alloc(&be.ctx, m.rows * m.cols * esize, "grouped x_proj"))? else { return Ok(()) };
+        let Some(copy) = unless_short(DevBuf::alloc(&be.stream, m.rows * m.cols * esize, "grouped x_proj"))? else { return Ok(()) };
         let args = Args::new().ptr(m.buf.ptr).ptr(copy.ptr).i32(m.rows).i32(m.cols).i32(esize).i32(group);
         let grid = (m.rows * m.cols).div_ceil(ROW_THREADS as usize).min(4096) as u32;
         be.launch(Kernel::GroupColumns, args, (grid, 1, 1), ROW_THREADS)?;

@@ -76,8 +76,8 @@ pub fn measure(ordinal: usize) -> Result<Ceilings> {
     let be = CudaBackend::new(ordinal)?;
     be.bind()?;
     let copy_bytes = 2usize << 30;
-    let src = DevBuf::alloc(&be.ctx, copy_bytes, "copy test")?;
-    let dst = DevBuf::alloc(&be.ctx, copy_bytes, "copy test")?;
+    let src = DevBuf::alloc(&be.stream, copy_bytes, "copy test")?;
+    let dst = DevBuf::alloc(&be.stream, copy_bytes, "copy test")?;
     let fill = (copy_bytes / 4) as u32;
     be.launch(
         super::kernels::Kernel::Fill,
@@ -93,9 +93,9 @@ pub fn measure(ordinal: usize) -> Result<Ceilings> {
     drop((src, dst));
 
     let n = 8192usize;
-    let a = DevBuf::alloc(&be.ctx, n * n * 2, "gemm test")?;
-    let b = DevBuf::alloc(&be.ctx, n * n * 2, "gemm test")?;
-    let c = DevBuf::alloc(&be.ctx, n * n * 4, "gemm test")?;
+    let a = DevBuf::alloc(&be.stream, n * n * 2, "gemm test")?;
+    let b = DevBuf::alloc(&be.stream, n * n * 2, "gemm test")?;
+    let c = DevBuf::alloc(&be.stream, n * n * 4, "gemm test")?;
     be.upload_bytes(a.ptr, &random_bf16(n * n, 1))?;
     be.upload_bytes(b.ptr, &random_bf16(n * n, 2))?;
     let g = Gemm { m: n, n, k: n, x: a.ptr, x_stride: n, w: b.ptr, dtype: DType::BF16, out: c.ptr, out_stride: n, beta: 0.0 };
@@ -122,9 +122,9 @@ pub fn gemm_survey(ordinal: usize, shapes: &[(usize, usize, usize)]) -> Result<V
     be.bind()?;
     let mut lines = vec![];
     for &(m, n, k) in shapes {
-        let x = DevBuf::alloc(&be.ctx, m * k * 2, "gemm survey")?;
-        let w = DevBuf::alloc(&be.ctx, n * k * 2, "gemm survey")?;
-        let c = DevBuf::alloc(&be.ctx, m * n * 4, "gemm survey")?;
+        let x = DevBuf::alloc(&be.stream, m * k * 2, "gemm survey")?;
+        let w = DevBuf::alloc(&be.stream, n * k * 2, "gemm survey")?;
+        let c = DevBuf::alloc(&be.stream, m * n * 4, "gemm survey")?;
         be.upload_bytes(x.ptr, &random_bf16(m * k, 3))?;
         be.upload_bytes(w.ptr, &random_bf16(n * k, 4))?;
         let g = Gemm { m, n, k, x: x.ptr, x_stride: k, w: w.ptr, dtype: DType::BF16, out: c.ptr, out_stride: n, beta: 0.0 };

@@ -169,33 +169,59 @@ impl GemmInput<'_> {
     }
 }
 
-/// Device memory owned by the backend: freed on drop.
+/// Device memory owned by the backend: freed on drop, once the backend's
+/// stream has finished with it.
 pub struct DevBuf {
     ptr: u64,
     bytes: usize,
-    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
 }
 
 impl DevBuf {
-    fn alloc(ctx: &Arc<CudaContext>, bytes: usize, what: &'static str) -> Result<Self> {
+    fn alloc(stream: &Arc<CudaStream>, bytes: usize, what: &'static str) -> Result<Self> {
         if bytes == 0 {
-            return Ok(DevBuf { ptr: 0, bytes, ctx: ctx.clone() });
+            return Ok(DevBuf { ptr: 0, bytes, stream: stream.clone() });
         }
-        ctx.bind_to_thread().map_err(dev("bind context"))?;
+        stream.context().bind_to_thread().map_err(dev("bind context"))?;
         // SAFETY: a plain allocation; the pointer is freed once, on drop.
         let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| match e.0 {
             sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => BackendError::OutOfMemory { what, bytes },
             _ => BackendError::Device { op: "alloc", detail: e.to_string() },
         })?;
-        Ok(DevBuf { ptr, bytes, ctx: ctx.clone() })
+        Ok(DevBuf { ptr, bytes, stream: stream.clone() })
+    }
+
+    /// Zeroes the first `bytes` bytes in stream order. (The synchronous
+    /// memset runs on the legacy default stream, which the backend's
+    /// non-blocking stream does not wait for: a zeroing queued there behind
+    /// other work, another backend's in the same process included, could
+    /// land after the writes and launches that follow it.)
+    fn zero(&self, bytes: usize, what: &'static str) -> Result<()> {
+        check(what, bytes <= self.bytes, || format!("zeroing {bytes} bytes of {}", self.bytes))?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: [ptr, ptr + bytes) lies inside this allocation (checked).
+        unsafe { result::memset_d8_async(self.ptr, 0, bytes, self.stream.cu_stream()) }.map_err(dev(what))
     }
 }
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        if self.ptr != 0 && self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: allocated by malloc_sync and freed only here.
-            let _ = unsafe { result::free_sync(self.ptr) };
+        if self.ptr == 0 || self.stream.context().bind_to_thread().is_err() {
+            return;
+        }
+        // cuMemFree need not wait for queued work: without this wait a
+        // buffer replaced while a launch still reads or writes it (a scratch
+        // buffer grown, a stack table rebuilt) could be handed to another
+        // allocation, another backend's in the same process included, and
+        // the late launch would corrupt it. Buffers are dropped only outside
+        // graph recording, rarely (growth, re-preparation, unloading).
+        // SAFETY: plain stream synchronisation; the pointer was allocated by
+        // malloc_sync and is freed only here.
+        unsafe {
+            let _ = result::stream::synchronize(self.stream.cu_stream());
+            let _ = result::free_sync(self.ptr);
         }
     }
 }
@@ -465,25 +491,23 @@ impl CudaBackend {
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(dev("device attribute"))?;
         let timeline = match std::env::var_os("MAMBA_SERVE_TIMELINE") {
             Some(path) => {
-                let ring = DevBuf::alloc(&ctx, TIMELINE_BYTES, "timeline ring")?;
-                // SAFETY: zeroes the ring's record count (its first word), in
-                // the ring just allocated.
-                unsafe { result::memset_d8_sync(ring.ptr, 0, 8) }.map_err(dev("timeline ring"))?;
+                let ring = DevBuf::alloc(&stream, TIMELINE_BYTES, "timeline ring")?;
+                // The ring's record count, its first word.
+                ring.zero(8, "timeline ring")?;
                 Some((ring, std::path::PathBuf::from(path)))
             }
             None => None,
         };
-        let tail_barrier = DevBuf::alloc(&ctx, 4, "tail barrier")?;
-        // SAFETY: zeroes the barrier word just allocated.
-        unsafe { result::memset_d8_sync(tail_barrier.ptr, 0, 4) }.map_err(dev("tail barrier"))?;
+        let tail_barrier = DevBuf::alloc(&stream, 4, "tail barrier")?;
+        tail_barrier.zero(4, "tail barrier")?;
         let kernels = Kernels::compile(&ctx, sm.0, sm.1, timeline.as_ref().map(|(ring, _)| (ring.ptr, TIMELINE_RECORDS)), &stream)?;
-        let workspace = DevBuf::alloc(&ctx, blas::WORKSPACE_BYTES, "cuBLAS workspace")?;
+        let workspace = DevBuf::alloc(&stream, blas::WORKSPACE_BYTES, "cuBLAS workspace")?;
         let blas = Blas::new(stream.cu_stream(), workspace.ptr)?;
         const STAGING: usize = 4 << 20;
         // SAFETY: pinned host allocation, freed by Staging's drop.
         let ptr = unsafe { result::malloc_host(STAGING, 0) }.map_err(dev("pinned host memory"))? as *mut u8;
         let staging = RefCell::new(Staging { ptr, cap: STAGING, used: 0 });
-        let empty = || DevBuf::alloc(&ctx, 0, "scratch");
+        let empty = || DevBuf::alloc(&stream, 0, "scratch");
         let step_dt = RefCell::new(CudaVec { buf: empty()?, len: 0 });
         let scan_parts = RefCell::new(empty()?);
         let scratch = RefCell::new(Scratch {
@@ -697,7 +721,7 @@ impl CudaBackend {
             return Ok(());
         }
         self.no_capture(what)?;
-        *buf = DevBuf::alloc(&self.ctx, bytes, what)?;
+        *buf = DevBuf::alloc(&self.stream, bytes, what)?;
         Ok(())
     }
 
@@ -1058,17 +1082,14 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<CudaVec> {
-        Ok(CudaVec { buf: DevBuf::alloc(&self.ctx, len * 4, "activations")?, len })
+        Ok(CudaVec { buf: DevBuf::alloc(&self.stream, len * 4, "activations")?, len })
     }
 
     fn alloc_ids(&self, len: usize) -> Result<CudaIds> {
-        let buf = DevBuf::alloc(&self.ctx, len * 4, "ids")?;
-        if buf.ptr != 0 {
-            // Zeroed, so that every id the buffer holds is a valid token (a
-            // padded graph step may embed ids past the ones written).
-            // SAFETY: zeroes the buffer just allocated.
-            unsafe { result::memset_d8_sync(buf.ptr, 0, buf.bytes) }.map_err(dev("ids"))?;
-        }
+        let buf = DevBuf::alloc(&self.stream, len * 4, "ids")?;
+        // Zeroed, so that every id the buffer holds is a valid token (a
+        // padded graph step may embed ids past the ones written).
+        buf.zero(buf.bytes, "ids")?;
         Ok(CudaIds { buf, len, written: vec![] })
     }
 
@@ -1083,7 +1104,7 @@ impl Backend for CudaBackend {
         check("upload_matrix", m.bytes.len() == expected, || {
             format!("{}: {} bytes for [{}, {}] {}", m.name, m.bytes.len(), m.rows, m.cols, m.dtype)
         })?;
-        let buf = DevBuf::alloc(&self.ctx, expected, "weights")?;
+        let buf = DevBuf::alloc(&self.stream, expected, "weights")?;
         self.upload_bytes(buf.ptr, m.bytes)?;
         // The source may be a memory map that goes away: finish the copy.
         self.sync()?;

@@ -46,9 +46,8 @@ pub fn reserve(be: &CudaBackend, s: &mut Scratch, rows: usize, vocab: usize) -> 
 fn zeroed_counters(be: &CudaBackend, s: &mut Scratch, rows: usize) -> Result<()> {
     if s.greedy_counts.bytes < rows * 4 {
         be.ensure(&mut s.greedy_counts, rows * 4, "greedy sampling counters")?;
-        // SAFETY: zeroes the counters just allocated, before any launch uses them.
-        unsafe { cudarc::driver::result::memset_d8_sync(s.greedy_counts.ptr, 0, s.greedy_counts.bytes) }
-            .map_err(super::dev("greedy sampling counters"))?;
+        // Before any launch uses them (in stream order).
+        s.greedy_counts.zero(s.greedy_counts.bytes, "greedy sampling counters")?;
     }
     Ok(())
 }

@@ -238,14 +238,14 @@ pub fn prepare(be: &CudaBackend, blocks: &[Mamba1Block<'_, CudaBackend>], shape:
     };
     be.kernels.allow_shared(plan.kernel, plan.shared)?;
     let key: Vec<u64> = table_words(blocks).collect();
-    let table = DevBuf::alloc(&be.ctx, key.len() * 8, "stack table")?;
+    let table = DevBuf::alloc(&be.stream, key.len() * 8, "stack table")?;
     be.upload_bytes(table.ptr, bytes_of(&key))?;
     // Tags of all ones: no launch's (its first layer's tags start at 0).
     let (d, e, n, r) = (shape.d_model, shape.d_inner, shape.d_state, shape.dt_rank);
     let words = d + 3 * e + r + 2 * n;
-    let tagged = DevBuf::alloc(&be.ctx, words * 8, "stack activations")?;
+    let tagged = DevBuf::alloc(&be.stream, words * 8, "stack activations")?;
     be.upload_bytes(tagged.ptr, &vec![0xff; words * 8])?;
-    let sync = DevBuf::alloc(&be.ctx, 12, "stack launch counter")?;
+    let sync = DevBuf::alloc(&be.stream, 12, "stack launch counter")?;
     be.upload_bytes(sync.ptr, &[0; 12])?;
     be.sync()?;
     tracing::info!(
