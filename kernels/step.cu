@@ -25,6 +25,38 @@ __device__ __forceinline__ void falcon_inv_norms(const float* row, int rank, int
     inv_c = (float)(1.0 / sqrt((double)sc / d_state + (double)eps));
 }
 
+// The NPL states from st (zeros for a null st).
+template <int NPL>
+__device__ __forceinline__ void step_load_state(float (&hv)[NPL], const float* st) {
+    if (NPL == 4) {
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (st) v = *(const float4*)st;
+        hv[0] = v.x;
+        hv[NPL > 1 ? 1 : 0] = v.y;
+        hv[NPL > 2 ? 2 : 0] = v.z;
+        hv[NPL > 3 ? 3 : 0] = v.w;
+    } else {
+        hv[0] = st ? st[0] : 0.0f;
+    }
+}
+
+// 8 16-bit dt_proj weights (one 16-byte chunk) dotted with row[0..8) * s.
+template <int DT>
+__device__ __forceinline__ float step_dot8(uint4 q, const float* row, float s) {
+    const u32 words[4] = {q.x, q.y, q.z, q.w};
+    float wv[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
+        wv[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
+        wv[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
+    }
+    const float4* xp = (const float4*)row;
+    const float4 p = xp[0], q2 = xp[1];
+    return wv[0] * (p.x * s) + wv[1] * (p.y * s) + wv[2] * (p.z * s) + wv[3] * (p.w * s) + wv[4] * (q2.x * s) +
+           wv[5] * (q2.y * s) + wv[6] * (q2.z * s) + wv[7] * (q2.w * s);
+}
+
 // Mamba-1 decode: one token per sequence (row s), with the dt projection,
 // softplus, D skip and SiLU(z) gate fused in, and Falcon-Mamba's weightless
 // norms of dt, B and C when `norm` is set.
@@ -60,20 +92,15 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
     float av[NPL];
 #pragma unroll
     for (int q = 0; q < NPL; ++q) av[q] = valid ? a[(u64)cc * d_state + n0 + q] : 0.0f;
+    const u64 wrow = (u64)cc * rank;
     grid_dep_sync();
     TL_WAITED(TL_STEP);
-    // Issue the state load first: it is the one that must come from memory.
+    // The state first (it is the one load that must come from memory), and
+    // with it the channel's dt bias and D skip, so that neither is a round
+    // trip of its own where it is used, at the end of the step.
     float hv[NPL];
-    if (NPL == 4) {
-        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (st && valid) v = *(const float4*)st;
-        hv[0] = v.x;
-        hv[NPL > 1 ? 1 : 0] = v.y;
-        hv[NPL > 2 ? 2 : 0] = v.z;
-        hv[NPL > 3 ? 3 : 0] = v.w;
-    } else {
-        hv[0] = (st && valid) ? st[0] : 0.0f;
-    }
+    step_load_state<NPL>(hv, st && valid ? st : 0);
+    const float dtb = dt_bias[cc], dsk = skip[cc];
     const float xv = x[(u64)s * xs + cc];
     const float zv = z[(u64)s * zs + cc];
     const float* row = xdbl + (u64)s * xds;
@@ -84,7 +111,6 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
     if (dtpre) {
         raw = dtpre[(u64)s * dps + cc] * inv_dt;
     } else {
-        const u64 wrow = (u64)cc * rank;
         float acc = 0.0f;
         if (vec_dot) {
 #pragma unroll 4
@@ -95,21 +121,14 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
                     const float4 w0 = p[0], w1 = p[1];
                     wv[0] = w0.x; wv[1] = w0.y; wv[2] = w0.z; wv[3] = w0.w;
                     wv[4] = w1.x; wv[5] = w1.y; wv[6] = w1.z; wv[7] = w1.w;
+                    const float4* xp = (const float4*)(row + r0);
+                    const float4 p0 = xp[0], q = xp[1];
+                    acc += wv[0] * (p0.x * inv_dt) + wv[1] * (p0.y * inv_dt) + wv[2] * (p0.z * inv_dt) +
+                           wv[3] * (p0.w * inv_dt) + wv[4] * (q.x * inv_dt) + wv[5] * (q.y * inv_dt) +
+                           wv[6] * (q.z * inv_dt) + wv[7] * (q.w * inv_dt);
                 } else {
-                    const uint4 q = *(const uint4*)((const u16*)dtw + wrow + r0);
-                    const u32 words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
-                        wv[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
-                        wv[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
-                    }
+                    acc += step_dot8<DT>(*(const uint4*)((const u16*)dtw + wrow + r0), row + r0, inv_dt);
                 }
-                const float4* xp = (const float4*)(row + r0);
-                const float4 p = xp[0], q = xp[1];
-                acc += wv[0] * (p.x * inv_dt) + wv[1] * (p.y * inv_dt) + wv[2] * (p.z * inv_dt) +
-                       wv[3] * (p.w * inv_dt) + wv[4] * (q.x * inv_dt) + wv[5] * (q.y * inv_dt) +
-                       wv[6] * (q.z * inv_dt) + wv[7] * (q.w * inv_dt);
             }
         } else {
             for (int r = lane; r < rank; r += lanes) acc += load_weight<DT>(dtw, wrow + r) * (row[r] * inv_dt);
@@ -117,7 +136,7 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
         for (int o = lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
         raw = acc;
     }
-    const float dtv = softplus_f(raw + dt_bias[cc]);
+    const float dtv = softplus_f(raw + dtb);
 
     float yp = 0.0f;
     if (valid) {
@@ -136,7 +155,7 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
         else st[0] = hv[0];
     }
     for (int o = lanes / 2; o > 0; o >>= 1) yp += __shfl_xor_sync(FULL_MASK, yp, o);
-    if (lane == 0 && active) out[(u64)s * os + cc] = (yp + xv * skip[cc]) * silu_f(zv);
+    if (lane == 0 && active) out[(u64)s * os + cc] = (yp + xv * dsk) * silu_f(zv);
 }
 
 #define STEP_ARGS                                                                                                  \

@@ -163,6 +163,36 @@ fn slots_carry_nothing_over_and_restore_exactly() -> TestResult {
     Ok(())
 }
 
+/// What new buffers hold changes nothing. On a backend whose new buffers
+/// hold NaN (as device memory holds what a freed buffer left there), a
+/// freshly loaded model's slots all hold the zero state, and a prompt run
+/// in a slot nobody reset, then greedy steps, give bit for bit the logits
+/// of a backend whose new buffers hold zeros; on every fixture model.
+#[test]
+fn fresh_buffers_holding_nan_change_nothing() -> TestResult {
+    use mamba_serve::model::{Checkpoint, ModelConfig};
+    for dir in fixture_models() {
+        let r = reference(&dir);
+        let mut clean = load_cpu(&dir, opts(3, 256))?;
+        let cfg = ModelConfig::from_dir(&dir)?;
+        let mut dirty = Model::load(CpuBackend::with_poisoned_allocations(), cfg, &Checkpoint::open(&dir)?, opts(3, 256), &mut |_| {})?;
+        for slot in 0..3 {
+            let state = dirty.read_slot(slot)?;
+            assert!(state.iter().all(|&v| v == 0.0), "{}: slot {slot} of a fresh model is not all zeros", name(&dir));
+        }
+        let vocab = clean.config().vocab_size;
+        let mut tokens = r.prompts[0].ids.clone();
+        let mut is_prompt = true;
+        for step in 0..5 {
+            let chunk = [SeqChunk { slot: 2, tokens: &tokens, is_prompt }];
+            let (want, got) = (clean.forward(&chunk)?, dirty.forward(&chunk)?);
+            assert!(want == got, "{}: step {step} differs with NaN in new buffers", name(&dir));
+            (tokens, is_prompt) = (vec![argmax(&want[..vocab]) as u32], false);
+        }
+    }
+    Ok(())
+}
+
 /// The offline generator stops at an end-of-sequence id and never samples
 /// padded vocabulary rows.
 #[test]

@@ -28,13 +28,24 @@ pub struct CpuMat {
     pub data: Vec<f32>,
 }
 
-/// The CPU backend. Stateless apart from the thread count it reports.
+/// The CPU backend. Stateless apart from the thread count it reports and
+/// what its new buffers hold.
 #[derive(Debug, Clone, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    poison: bool,
+}
 
 impl CpuBackend {
+    /// New buffers ([`Backend::alloc`]) hold zeros.
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { poison: false }
+    }
+
+    /// New buffers hold NaN, as device memory holds what a freed buffer
+    /// left there: a model run on this backend shows any read of a buffer
+    /// before something wrote it.
+    pub fn with_poisoned_allocations() -> Self {
+        CpuBackend { poison: true }
     }
 }
 
@@ -76,7 +87,7 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; len])
+        Ok(vec![if self.poison { f32::NAN } else { 0.0 }; len])
     }
 
     fn alloc_ids(&self, len: usize) -> Result<Vec<u32>> {
