@@ -376,6 +376,18 @@ __device__ __forceinline__ Chunk<DT> load_chunk(const void* w, u64 i) {
     return c;
 }
 
+// The 8 16-bit values (DT 1 bf16, 2 f16) of one 16-byte word, widened.
+template <int DT>
+__device__ __forceinline__ void widen8_half(uint4 q, float* v) {
+    const u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
+        v[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
+        v[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
+    }
+}
+
 template <int DT>
 __device__ __forceinline__ void widen8(const Chunk<DT>& c, float* v) {
     if (DT == 0) {
@@ -384,12 +396,6 @@ __device__ __forceinline__ void widen8(const Chunk<DT>& c, float* v) {
         v[4] = __uint_as_float(c.b.x); v[5] = __uint_as_float(c.b.y);
         v[6] = __uint_as_float(c.b.z); v[7] = __uint_as_float(c.b.w);
     } else {
-        const u32 words[4] = {c.a.x, c.a.y, c.a.z, c.a.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
-            v[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
-            v[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
-        }
+        widen8_half<DT>(c.a, v);
     }
 }

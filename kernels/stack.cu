@@ -196,14 +196,8 @@ __device__ __forceinline__ float dot16(uint4 w, const float* x, int c) {
     }
     const float4* base = (const float4*)x + (c >> 5) * 64 + (c & 31);
     const float4 p = base[0], q = base[32];
-    const u32 words[4] = {w.x, w.y, w.z, w.w};
     float v[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
-        v[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
-        v[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
-    }
+    widen8_half<DT>(w, v);
     return (v[0] * p.x + v[1] * p.y + v[2] * p.z + v[3] * p.w) + (v[4] * q.x + v[5] * q.y + v[6] * q.z + v[7] * q.w);
 }
 

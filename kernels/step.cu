@@ -43,14 +43,8 @@ __device__ __forceinline__ void step_load_state(float (&hv)[NPL], const float* s
 // 8 16-bit dt_proj weights (one 16-byte chunk) dotted with row[0..8) * s.
 template <int DT>
 __device__ __forceinline__ float step_dot8(uint4 q, const float* row, float s) {
-    const u32 words[4] = {q.x, q.y, q.z, q.w};
     float wv[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
-        wv[2 * j] = DT == 1 ? bf16_to_f32(lo) : f16_to_f32(lo);
-        wv[2 * j + 1] = DT == 1 ? bf16_to_f32(hi) : f16_to_f32(hi);
-    }
+    widen8_half<DT>(q, wv);
     const float4* xp = (const float4*)row;
     const float4 p = xp[0], q2 = xp[1];
     return wv[0] * (p.x * s) + wv[1] * (p.y * s) + wv[2] * (p.z * s) + wv[3] * (p.w * s) + wv[4] * (q2.x * s) +
