@@ -40,15 +40,12 @@ __device__ __forceinline__ void step_load_state(float (&hv)[NPL], const float* s
     }
 }
 
-// 8 16-bit dt_proj weights (one 16-byte chunk) dotted with row[0..8) * s.
-template <int DT>
-__device__ __forceinline__ float step_dot8(uint4 q, const float* row, float s) {
-    float wv[8];
-    widen8_half<DT>(q, wv);
+// 8 dt_proj weights dotted with row[0..8) * s.
+__device__ __forceinline__ float step_dot8(const float (&wv)[8], const float* row, float s) {
     const float4* xp = (const float4*)row;
-    const float4 p = xp[0], q2 = xp[1];
-    return wv[0] * (p.x * s) + wv[1] * (p.y * s) + wv[2] * (p.z * s) + wv[3] * (p.w * s) + wv[4] * (q2.x * s) +
-           wv[5] * (q2.y * s) + wv[6] * (q2.z * s) + wv[7] * (q2.w * s);
+    const float4 p = xp[0], q = xp[1];
+    return wv[0] * (p.x * s) + wv[1] * (p.y * s) + wv[2] * (p.z * s) + wv[3] * (p.w * s) + wv[4] * (q.x * s) +
+           wv[5] * (q.y * s) + wv[6] * (q.z * s) + wv[7] * (q.w * s);
 }
 
 // Mamba-1 decode: one token per sequence (row s), with the dt projection,
@@ -115,13 +112,10 @@ __device__ void mamba1_step_impl(const float* __restrict__ x, int xs, const floa
                     const float4 w0 = p[0], w1 = p[1];
                     wv[0] = w0.x; wv[1] = w0.y; wv[2] = w0.z; wv[3] = w0.w;
                     wv[4] = w1.x; wv[5] = w1.y; wv[6] = w1.z; wv[7] = w1.w;
-                    const float4* xp = (const float4*)(row + r0);
-                    const float4 p0 = xp[0], q = xp[1];
-                    acc += wv[0] * (p0.x * inv_dt) + wv[1] * (p0.y * inv_dt) + wv[2] * (p0.z * inv_dt) +
-                           wv[3] * (p0.w * inv_dt) + wv[4] * (q.x * inv_dt) + wv[5] * (q.y * inv_dt) +
-                           wv[6] * (q.z * inv_dt) + wv[7] * (q.w * inv_dt);
+                    acc += step_dot8(wv, row + r0, inv_dt);
                 } else {
-                    acc += step_dot8<DT>(*(const uint4*)((const u16*)dtw + wrow + r0), row + r0, inv_dt);
+                    widen8_half<DT>(*(const uint4*)((const u16*)dtw + wrow + r0), wv);
+                    acc += step_dot8(wv, row + r0, inv_dt);
                 }
             }
         } else {
